@@ -1,0 +1,44 @@
+"""The `megapile` command: each subcommand lives in its own module.
+
+A module named here provides `add_cli(parser)` and `cli_main(args) -> int`. Modules are
+imported only when their subcommand runs, so `megapile data ...` does not pay for torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "data": ("megapile.data.sample_corpus", "build the small built-in Pile-format corpus"),
+    "tokenizer": ("megapile.data.tokenizer", "train a byte-level BPE tokenizer"),
+    "preprocess": ("megapile.data.preprocess", "tokenize jsonl(.zst) into Megatron .bin/.idx"),
+    "train": ("megapile.train", "train a model (same as python megapile/train.py)"),
+    "plot": ("megapile.plot", "plot loss, lr and tokens/s of one or more runs to a PNG"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: megapile COMMAND [ARGS ...]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"megapile: unknown command '{name}'\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"megapile {name}", description=COMMANDS[name][1])
+    module.add_cli(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.cli_main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

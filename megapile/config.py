@@ -1,0 +1,290 @@
+"""Run configuration: one dataclass per concern, loaded from YAML with dotted overrides.
+
+Every key a user can write is a documented field here. Unknown keys, wrong types and bad
+values raise `ConfigError` with a one-line message naming the key and the file, because a
+misspelled key that is silently ignored wastes a whole training run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message is one line."""
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape. `arch` picks the GPT-NeoX/Pythia or the GPT-2 layout of the same code."""
+
+    arch: str = "neox"  # "neox" (rotary, parallel residual, untied) | "gpt2" (learned positions, sequential, tied)
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 4
+    intermediate_size: Optional[int] = None  # MLP width; None means 4 * hidden_size
+    vocab_size: Optional[int] = None  # None: taken from data.tokenizer at start-up
+    pad_vocab_multiple: int = 128  # embedding rows are padded up to a multiple of this
+    max_seq_len: int = 2048  # learned positions (gpt2) / rotary cache length
+    rotary_pct: float = 0.25  # fraction of each head's dims that get rotary (neox)
+    rotary_base: float = 10000.0
+    parallel_residual: Optional[bool] = None  # None: True for neox, False for gpt2
+    tie_embeddings: Optional[bool] = None  # None: False for neox, True for gpt2
+    activation: Optional[str] = None  # "gelu" | "gelu_tanh"; None: gelu for neox, gelu_tanh for gpt2
+    dropout: float = 0.0  # attention-probability and residual dropout
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    attention: str = "sdpa"  # "sdpa" (torch fused/flash kernels) | "flash_attn" (the flash-attn package)
+    init_from: Optional[str] = None  # a local Hugging Face model directory to start from
+
+    def __post_init__(self) -> None:
+        defaults = {"neox": (True, False, "gelu"), "gpt2": (False, True, "gelu_tanh")}
+        if self.arch not in defaults:
+            raise ConfigError(f"model.arch must be one of {sorted(defaults)}, got {self.arch!r}")
+        parallel, tied, act = defaults[self.arch]
+        if self.parallel_residual is None:
+            self.parallel_residual = parallel
+        if self.tie_embeddings is None:
+            self.tie_embeddings = tied
+        if self.activation is None:
+            self.activation = act
+        _check_choice("model.activation", self.activation, ("gelu", "gelu_tanh"))
+        _check_choice("model.attention", self.attention, ("sdpa", "flash_attn"))
+        for key in ("num_layers", "hidden_size", "num_heads", "max_seq_len", "pad_vocab_multiple"):
+            _check_positive(f"model.{key}", getattr(self, key))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ConfigError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        if self.arch == "neox" and self.rotary_dims % 2:
+            raise ConfigError(f"model.rotary_pct gives {self.rotary_dims} rotary dims per head; it must be even")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is unknown: set it or set data.tokenizer")
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+@dataclass
+class DatasetSpec:
+    prefix: str  # path of a preprocessed dataset without .bin/.idx
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: Union[str, list[DatasetSpec], None] = None  # one prefix, or a list of {prefix, weight}
+    valid: Union[str, list[DatasetSpec], None] = None  # held-out data for validation loss
+    tokenizer: Optional[str] = None  # tokenizer.json (or HF directory) the data was made with
+    cache_dir: Optional[str] = None  # where sample indices are cached; None: beside the data
+
+    def train_specs(self) -> list[DatasetSpec]:
+        return _as_specs(self.train)
+
+    def valid_specs(self) -> list[DatasetSpec]:
+        return _as_specs(self.valid)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # None: train.max_steps
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    weight_decay: float = 0.1  # not applied to norms and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _check_positive("optim.lr", self.lr)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    seq_len: int = 128
+    micro_batch_size: int = 4  # per data-parallel rank, per forward pass
+    global_batch_size: int = 8  # samples per optimizer step, over all ranks and accumulation
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 0  # 0: validate only at the end (when data.valid is set)
+    eval_iters: int = 4  # validation batches per evaluation
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: GPU table or measured CPU matmul
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_iters"):
+            _check_positive(f"train.{key}", getattr(self, key))
+        _check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: RUN_DIR/checkpoints
+    every: int = 0  # save every N steps (0: only at the end)
+    resume: str = "auto"  # "auto": newest checkpoint in dir if any | "none" | a checkpoint path
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    wandb: bool = True  # offline when no API key is configured
+    wandb_project: str = "megapile"
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def grad_accum_steps(train: TrainConfig, dp_size: int) -> int:
+    """The one place batch arithmetic is checked: micro × accum × dp == global."""
+    per_step = train.micro_batch_size * dp_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({train.micro_batch_size}) × data-parallel size ({dp_size})"
+        )
+    return train.global_batch_size // per_step
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or nothing), apply `a.b=value` overrides, and build a checked Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    source = path or "<defaults>"
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value else None
+    return _build(Config, raw, "", source)
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}", source) for key, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except TypeError as e:  # a required field left out
+        raise ConfigError(f"{source}: {where}: {e}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        # Pick the option whose shape matches the value, so its error (not a vague one) is shown.
+        matching = [o for o in options if o is not type(None) and _same_kind(o, value)]
+        if len(matching) == 1:
+            return _coerce(matching[0], value, key, source)
+        names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+        raise ConfigError(f"{source}: {key} must be {names}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__}")
+        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.", source)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{source}: {key}: unsupported type {hint}")  # a bug in this file, not user input
+
+
+def _same_kind(hint: Any, value: Any) -> bool:
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _as_specs(value: Union[str, list[DatasetSpec], None]) -> list[DatasetSpec]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [DatasetSpec(prefix=value)]
+    return list(value)
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
