@@ -1,0 +1,84 @@
+"""Where training numbers go: console lines, RUN_DIR/metrics.jsonl, Weights & Biases, TensorBoard.
+
+Only rank 0 makes a MetricsLogger that writes; other ranks get one with every sink off.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from megapile.config import LoggingConfig
+
+# The console line shows these, in this order, when present.
+_CONSOLE = [
+    ("step", "step {}"),
+    ("loss", "loss {:.4f}"),
+    ("val_loss", "val {:.4f}"),
+    ("lr", "lr {:.3e}"),
+    ("grad_norm", "gnorm {:.3f}"),
+    ("tokens_per_s", "{:,.0f} tok/s"),
+    ("tflops_per_device", "{:.2f} TFLOP/s/dev"),
+    ("mfu", "MFU {:.1%}"),
+]
+
+
+def wandb_mode(environ: dict[str, str]) -> str:
+    """Online only when the user configured a key or a mode; never ask for a login."""
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"]
+    return "online" if environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLogger:
+    def __init__(self, cfg: LoggingConfig, run_config: dict[str, Any], enabled: bool):
+        self.enabled = enabled
+        self._wandb = None
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        self._file = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a", buffering=1)
+        if cfg.wandb:
+            import wandb
+
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                dir=cfg.run_dir,
+                config=run_config,
+                mode=wandb_mode(dict(os.environ)),
+                name=os.path.basename(os.path.abspath(cfg.run_dir)),
+            )
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
+
+    def log(self, record: dict[str, Any], console=None) -> None:
+        """Write one step's numbers to every sink; `console` prints the line (e.g. tqdm.write)."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        line = " | ".join(fmt.format(record[key]) for key, fmt in _CONSOLE if record.get(key) is not None)
+        (console or print)(line)
+        step = record["step"]
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+        if self._tb is not None:
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,82 @@
+"""ZeRO data parallelism: turn a plain model into a DeepSpeed engine.
+
+The megapile YAML is the single source of truth for batch sizes, clipping and precision. The
+DeepSpeed JSON carries the ZeRO/offload settings; any key it shares with the YAML must agree, so
+the two can never disagree silently.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import torch
+
+from megapile.config import Config, ConfigError, grad_accum_steps
+from megapile.optim import build_optimizer, build_scheduler
+
+
+def load_ds_json(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: DeepSpeed config file not found")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object")
+    return ds
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> str:
+    if cfg.train.dtype != "auto":
+        return cfg.train.dtype
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def resolve_ds_config(ds: dict[str, Any], cfg: Config, dp_size: int, dtype: str, source: str) -> dict[str, Any]:
+    """Fill the engine config from the YAML; refuse keys that contradict it."""
+    out = {k: copy.deepcopy(v) for k, v in ds.items() if not k.startswith("_")}  # "_comment" etc.
+    for key in ("optimizer", "scheduler"):
+        if key in out:
+            raise ConfigError(f"{source}: remove '{key}': megapile builds it from the optim section of the YAML")
+    accum = grad_accum_steps(cfg.train, dp_size)
+    wanted = {
+        "train_batch_size": (cfg.train.global_batch_size, "train.global_batch_size"),
+        "train_micro_batch_size_per_gpu": (cfg.train.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (accum, "global / (micro × data-parallel size)"),
+        "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
+    }
+    for key, (value, origin) in wanted.items():
+        if key in out and out[key] != value:
+            raise ConfigError(f"{source}: {key} is {out[key]} but the megapile config gives {value} ({origin})")
+        out[key] = value
+    for name in ("bf16", "fp16"):
+        enabled = bool(out.get(name, {}).get("enabled", False))
+        if name in out and enabled != (dtype == name):
+            raise ConfigError(f"{source}: {name}.enabled is {enabled} but train.dtype resolves to {dtype}")
+        out.setdefault(name, {})["enabled"] = dtype == name
+    stage = out.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    out.setdefault("steps_per_print", 10**9)  # megapile logs; keep DeepSpeed's own step prints quiet
+    return out
+
+
+def optimizer_offloaded(ds_config: dict[str, Any]) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def wrap_zero(model: torch.nn.Module, groups: list[dict], cfg: Config, ds_config: dict[str, Any]):
+    """Return (engine, optimizer, scheduler) with our AdamW and warmup+decay schedule inside DeepSpeed."""
+    import deepspeed
+
+    optimizer = build_optimizer(groups, cfg.optim, cpu_offload=optimizer_offloaded(ds_config))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler

@@ -1,0 +1,66 @@
+"""`megapile plot RUN_DIR [RUN_DIR ...]`: training/validation loss, lr and tokens/s against step, runs overlaid."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a megapile run directory?")
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+                    print(f"megapile plot: skipping unreadable line {path}:{lineno}", file=sys.stderr)
+    return records
+
+
+def plot_runs(run_dirs: list[str], output: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "training loss"), ("val_loss", "validation loss"), ("lr", "learning rate"),
+              ("tokens_per_s", "tokens / s")]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for run_dir in run_dirs:
+        records = read_metrics(run_dir)
+        label = os.path.basename(os.path.normpath(run_dir))
+        for ax, (key, _) in zip(axes.flat, panels):
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="." if len(points) < 30 else None, label=label)
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--output", "-o", default="loss.png", help="PNG to write (default loss.png)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    try:
+        plot_runs(args.run_dirs, args.output)
+    except FileNotFoundError as e:
+        print(f"megapile: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,275 @@
+"""Train a GPT on preprocessed Pile data with DeepSpeed.
+
+    deepspeed megapile/train.py --deepspeed_config ds_configs/zero2.json --config configs/tiny.yaml
+    torchrun --nproc_per_node 2 megapile/train.py --deepspeed_config ds_configs/zero1.json --config configs/tiny.yaml
+    python megapile/train.py --config configs/tiny.yaml train.max_steps=50 optim.lr=3e-4
+
+The position in training is one integer, the global sample index (step × global batch): at every
+step each data-parallel rank reads its own slice of the same global batch, so any world size sees
+the same samples in the same order.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file: the script's folder (megapile/) must not shadow stdlib or library modules,
+    # and the repository root must be importable even without `pip install`.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+
+from megapile import checkpoint, distributed
+from megapile.config import Config, ConfigError, grad_accum_steps, load_config
+
+DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero0.json")
+
+
+@dataclass
+class Batches:
+    """This rank's share of each global batch: micro-batch j of step s is rows [j*m*dp + r*m, +m)."""
+
+    stream: object  # megapile.data.samples stream: get_batch(start, count) -> (count, seq_len + 1)
+    global_batch: int
+    micro_batch: int
+    dp_rank: int
+    dp_size: int
+
+    def micro_batches(self, step: int, device: torch.device):
+        first = step * self.global_batch
+        per_micro = self.micro_batch * self.dp_size
+        for j in range(self.global_batch // per_micro):
+            start = first + j * per_micro + self.dp_rank * self.micro_batch
+            rows = torch.from_numpy(self.stream.get_batch(start, self.micro_batch))
+            yield rows[:, :-1].to(device), rows[:, 1:].to(device)
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults apply without it")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                        help=f"DeepSpeed JSON with the ZeRO settings (default {os.path.relpath(DEFAULT_DS_CONFIG)})")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; LOCAL_RANK in the environment wins")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        env = distributed.detect(os.environ)
+        summary = train(cfg, args.deepspeed_config or DEFAULT_DS_CONFIG, env)
+    except (ConfigError, distributed.LaunchError) as e:
+        print(f"megapile: error: {e}", file=sys.stderr)
+        return 1
+    if env.is_main and summary.get("val_loss") is not None:
+        print(f"final validation loss: {summary['val_loss']:.4f}")
+    return 0
+
+
+def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
+    """Run the whole job; return the final numbers (step, loss, val_loss)."""
+    from megapile.data.samples import build_samples
+    from megapile.metrics import MetricsLogger
+    from megapile.model import build_model, param_groups
+    from megapile.parallel.zero import load_ds_json, resolve_ds_config, resolve_dtype, wrap_zero
+
+    # Everything that can be checked before starting processes and building the model is checked here.
+    ds_json = load_ds_json(ds_config_path)
+    accum = grad_accum_steps(cfg.train, env.world_size)
+    _check_data_paths(cfg)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = _tokenizer_vocab_size(cfg)
+
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        _set_cpu_threads(env)
+    distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo")
+    dtype = resolve_dtype(cfg, device)
+    ds_config = resolve_ds_config(ds_json, cfg, env.world_size, dtype, ds_config_path)
+
+    _seed_everything(cfg.train.seed, env.rank)
+    seq_len = cfg.train.seq_len
+    train_specs = cfg.data.train_specs()
+    train_stream = build_samples([s.prefix for s in train_specs], [s.weight for s in train_specs],
+                                 seq_len, cfg.train.seed, cache_dir=cfg.data.cache_dir)
+    valid_specs = cfg.data.valid_specs()
+    valid_stream = (build_samples([s.prefix for s in valid_specs], [s.weight for s in valid_specs],
+                                  seq_len, cfg.train.seed, cache_dir=cfg.data.cache_dir) if valid_specs else None)
+
+    model = build_model(cfg.model, seed=cfg.train.seed, device=device)
+    flops_per_token = model.flops_per_token(seq_len)
+    n_params = model.num_params(exclude_embedding=False)
+    engine, _, scheduler = wrap_zero(model, param_groups(model, cfg.optim.weight_decay), cfg, ds_config)
+
+    logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
+    if env.is_main:
+        _write_resolved_config(cfg, ds_config)
+    ckpt_dir = checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir)
+    state = checkpoint.resume(engine, cfg.checkpoint, ckpt_dir) or {}
+    start_step = int(state.get("step", 0))
+    if start_step:
+        logger.message(f"resumed from {ckpt_dir} at step {start_step} (sample {start_step * cfg.train.global_batch_size})")
+
+    from megapile.flops import peak_tflops
+
+    peak, peak_source = peak_tflops(device, torch.float32 if dtype == "fp32" else torch.bfloat16, cfg.train.peak_tflops)
+    logger.message(
+        f"megapile: {n_params / 1e6:.2f}M parameters, world {env.world_size} ({env.launcher}), "
+        f"ZeRO-{engine.zero_optimization_stage()}, {dtype}, micro {cfg.train.micro_batch_size} × accum {accum} "
+        f"× dp {env.world_size} = global {cfg.train.global_batch_size}, seq {seq_len}; "
+        f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
+    )
+
+    batches = Batches(train_stream, cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size)
+    tokens_per_step = cfg.train.global_batch_size * seq_len
+    summary = {"step": start_step, "loss": None, "val_loss": None}
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=None if env.is_main else True,
+               unit="step", dynamic_ncols=True)
+    window_losses: list[torch.Tensor] = []
+    window_start = time.perf_counter()
+    step = start_step
+    for step in range(start_step, cfg.train.max_steps):
+        loss_sum = torch.zeros((), device=device)
+        grad_norm = None
+        for x, y in batches.micro_batches(step, device):
+            loss = engine(x, targets=y)
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                grad_norm = _stage0_grad_norm(engine)
+            engine.step()
+            loss_sum += loss.detach().float()
+        window_losses.append(loss_sum / accum)
+        bar.update(1)
+        done = step + 1
+        last = done == cfg.train.max_steps
+        val_loss = None
+        if valid_stream is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
+            val_loss = evaluate(engine, valid_stream, cfg, env, device)
+        if done % cfg.train.log_every == 0 or last or val_loss is not None:
+            elapsed = time.perf_counter() - window_start
+            loss_value = _mean_over_ranks(torch.stack(window_losses).mean(), env)
+            tokens_per_s = tokens_per_step * len(window_losses) / elapsed
+            tflops = flops_per_token * tokens_per_s / env.world_size / 1e12
+            norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
+            record = {
+                "step": done,
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": None if norm is None else float(norm),
+                "tokens_per_s": tokens_per_s,
+                "tflops_per_device": tflops,
+                "mfu": tflops / peak,
+                "samples_seen": done * cfg.train.global_batch_size,
+                "tokens_seen": done * tokens_per_step,
+            }
+            if val_loss is not None:
+                record["val_loss"] = val_loss
+            logger.log(record, console=bar.write)
+            summary.update(step=done, loss=loss_value, val_loss=val_loss if val_loss is not None else summary["val_loss"])
+            window_losses, window_start = [], time.perf_counter()
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last:
+            client_state = {"step": done, "sample_index": done * cfg.train.global_batch_size,
+                            "tokens_seen": done * tokens_per_step}
+            path = checkpoint.save(engine, ckpt_dir, done, client_state)
+            logger.message(f"saved checkpoint {path}")
+    bar.close()
+    logger.close()
+    distributed.shutdown()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(engine, stream, cfg: Config, env: distributed.DistEnv, device: torch.device) -> float:
+    """Mean loss over the first eval_iters × micro × dp validation samples, the same on any world size."""
+    engine.eval()
+    m = cfg.train.micro_batch_size
+    total = torch.zeros((), device=device)
+    for it in range(cfg.train.eval_iters):
+        rows = torch.from_numpy(stream.get_batch((it * env.world_size + env.rank) * m, m))
+        total += engine(rows[:, :-1].to(device), targets=rows[:, 1:].to(device)).float()
+    engine.train()
+    return _mean_over_ranks(total / cfg.train.eval_iters, env)
+
+
+def _mean_over_ranks(value: torch.Tensor, env: distributed.DistEnv) -> float:
+    if env.world_size > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= env.world_size
+    return float(value)
+
+
+def _stage0_grad_norm(engine) -> float | None:
+    """DeepSpeed reports the global norm only for ZeRO ≥ 1; without ZeRO every rank holds full grads."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+
+def _set_cpu_threads(env: distributed.DistEnv) -> None:
+    """The deepspeed launcher leaves OMP_NUM_THREADS unset: split the cores between local ranks."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    """Dropout and anything else random differ per rank but are fixed by (seed, rank)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def _check_data_paths(cfg: Config) -> None:
+    specs = cfg.data.train_specs()
+    if not specs:
+        raise ConfigError("data.train is not set: give a preprocessed prefix or a list of {prefix, weight}")
+    for section, items in (("data.train", specs), ("data.valid", cfg.data.valid_specs())):
+        for spec in items:
+            for ext in (".bin", ".idx"):
+                if not os.path.exists(spec.prefix + ext):
+                    raise ConfigError(f"{section}: {spec.prefix}{ext} not found (run `megapile preprocess` first)")
+            if spec.weight <= 0 or not math.isfinite(spec.weight):
+                raise ConfigError(f"{section}: weight of {spec.prefix} must be a positive number, got {spec.weight}")
+
+
+def _tokenizer_vocab_size(cfg: Config) -> int:
+    if not cfg.data.tokenizer:
+        raise ConfigError("model.vocab_size is not set and neither is data.tokenizer to read it from")
+    from megapile.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.data.tokenizer).vocab_size
+    except Exception as e:  # the data pipeline's loader says which file failed
+        raise ConfigError(f"data.tokenizer: {e}") from None
+
+
+def _write_resolved_config(cfg: Config, ds_config: dict) -> None:
+    os.makedirs(cfg.logging.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump({**cfg.to_dict(), "deepspeed": ds_config}, f, sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megapile train", description=__doc__.split("\n\n")[0])
+    add_cli(parser)
+    return cli_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
