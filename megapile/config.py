@@ -255,6 +255,11 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         return _build(hint, value, f"{key}.", source)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool):
         if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
             return value
@@ -268,7 +273,7 @@ def _same_kind(hint: Any, value: Any) -> bool:
     if dataclasses.is_dataclass(hint):
         return isinstance(value, dict)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float, str)) and not isinstance(value, bool)
     return isinstance(value, hint)
 
 

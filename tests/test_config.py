@@ -1,0 +1,114 @@
+"""Every shipped config loads; bad configs fail with one line naming the key and the file."""
+import glob
+import json
+import os
+
+import pytest
+
+from megapile.config import ConfigError, TrainConfig, grad_accum_steps, load_config
+from megapile.parallel.zero import load_ds_json, resolve_ds_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+DS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
+
+
+def test_shipped_files_exist():
+    names = {os.path.basename(p) for p in CONFIGS + DS_CONFIGS}
+    for size in ("14m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"):
+        assert f"pythia-{size}.yaml" in names
+    assert {"tiny.yaml", "neox-20b.yaml", "zero0.json", "zero1.json", "zero2.json", "zero3.json",
+            "zero3_offload.json"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+    if cfg.model.vocab_size:
+        assert cfg.model.padded_vocab_size % 128 == 0
+
+
+def test_pythia_shapes_are_the_published_ones():
+    shapes = {"14m": (6, 128, 4), "70m": (6, 512, 8), "160m": (12, 768, 12), "410m": (24, 1024, 16),
+              "1b": (16, 2048, 8), "1.4b": (24, 2048, 16), "2.8b": (32, 2560, 32), "6.9b": (32, 4096, 32),
+              "12b": (36, 5120, 40)}
+    for size, shape in shapes.items():
+        m = load_config(os.path.join(ROOT, "configs", f"pythia-{size}.yaml")).model
+        assert (m.num_layers, m.hidden_size, m.num_heads) == shape, size
+        assert m.padded_vocab_size == 50304 and m.rotary_pct == 0.25 and m.parallel_residual
+    neox = load_config(os.path.join(ROOT, "configs", "neox-20b.yaml")).model
+    assert (neox.num_layers, neox.hidden_size, neox.num_heads, neox.padded_vocab_size) == (44, 6144, 64, 50432)
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
+def test_every_ds_config_resolves(path):
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8"])
+    ds = resolve_ds_config(load_ds_json(path), cfg, dp_size=2, dtype="fp32", source=path)
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 8 and ds["bf16"]["enabled"] is False
+    assert not any(k.startswith("_") for k in ds)
+
+
+def _error(tmp_path, text, overrides=()):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), list(overrides))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_unknown_key_is_named(tmp_path):
+    assert "unknown key 'model.num_layer'" in _error(tmp_path, "model:\n  num_layer: 3\n")
+    assert "unknown key 'trian'" in _error(tmp_path, "trian:\n  max_steps: 3\n")
+
+
+def test_wrong_type_is_named(tmp_path):
+    assert "train.max_steps must be int" in _error(tmp_path, "train:\n  max_steps: ten\n")
+    assert "optim.lr must be float" in _error(tmp_path, "optim:\n  lr: fast\n")
+    assert "logging.wandb must be bool" in _error(tmp_path, "logging:\n  wandb: 3\n")
+
+
+def test_bad_values_are_named(tmp_path):
+    assert "model.hidden_size (100) must be divisible by model.num_heads (3)" in _error(
+        tmp_path, "model:\n  hidden_size: 100\n  num_heads: 3\n")
+    assert "model.arch" in _error(tmp_path, "model:\n  arch: bert\n")
+    assert "data.train[0]" in _error(tmp_path, "data:\n  train:\n    - {prefix: a, weigth: 1}\n")
+
+
+def test_overrides_apply_and_are_checked(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("train:\n  max_steps: 3\n")
+    cfg = load_config(str(path), ["train.max_steps=50", "optim.lr=3e-4", "data.train=[{prefix: a, weight: 2}]"])
+    assert cfg.train.max_steps == 50 and cfg.optim.lr == 3e-4 and cfg.data.train_specs()[0].weight == 2.0
+    assert "unknown key 'train.max_step'" in _error(tmp_path, "", ["train.max_step=5"])
+
+
+def test_batch_arithmetic_is_checked_once():
+    train = TrainConfig(micro_batch_size=4, global_batch_size=16)
+    assert grad_accum_steps(train, 2) == 2
+    with pytest.raises(ConfigError, match=r"global_batch_size \(16\) must be a multiple of .* \(4\) × data-parallel size \(3\)"):
+        grad_accum_steps(train, 3)
+
+
+def test_deepspeed_json_must_agree_with_yaml(tmp_path):
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8"])
+    for key, value in [("train_batch_size", 16), ("train_micro_batch_size_per_gpu", 4),
+                       ("gradient_accumulation_steps", 1), ("gradient_clipping", 0.5)]:
+        with pytest.raises(ConfigError, match=key):
+            resolve_ds_config({key: value}, cfg, dp_size=2, dtype="fp32", source="x.json")
+    with pytest.raises(ConfigError, match="bf16.enabled is True but train.dtype resolves to fp32"):
+        resolve_ds_config({"bf16": {"enabled": True}}, cfg, dp_size=1, dtype="fp32", source="x.json")
+    with pytest.raises(ConfigError, match="remove 'optimizer'"):
+        resolve_ds_config({"optimizer": {"type": "Adam"}}, cfg, dp_size=1, dtype="fp32", source="x.json")
+    agreeing = resolve_ds_config({"train_batch_size": 8}, cfg, dp_size=2, dtype="bf16", source="x.json")
+    assert agreeing["bf16"]["enabled"] is True
+
+
+def test_deepspeed_json_that_does_not_parse(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(ConfigError, match=r"broken.json: not valid JSON: .* line 1 column"):
+        load_ds_json(str(path))
