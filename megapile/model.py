@@ -1,0 +1,265 @@
+"""The GPT-NeoX/Pythia transformer (and GPT-2 as a configuration of it), in plain PyTorch.
+
+Nothing here knows about DeepSpeed or parallelism: wrappers in `megapile/parallel/` take a
+plain `GPT`. The model is built on the meta device and filled by `init_weights(seed)`, so
+every parallel layout starts from the same weights (`build_model` does both steps).
+
+Parameter names (stable and human-readable; layer ids are the ModuleDict keys):
+
+    embed.weight                    token embedding, (padded_vocab, C)
+    pos_embed.weight                learned positions, gpt2 only, (max_seq_len, C)
+    blocks.{i}.ln1.{weight,bias}    LayerNorm before attention
+    blocks.{i}.attn.qkv.{weight,bias}   fused QKV, (3C, C); output rows are laid out per head
+                                    as [q, k, v] (head 0: q k v, head 1: q k v, ...), like HF
+                                    GPTNeoX, so a tensor-parallel split by heads is one slice
+    blocks.{i}.attn.proj.{weight,bias}  attention output projection, (C, C)
+    blocks.{i}.ln2.{weight,bias}    LayerNorm before the MLP
+    blocks.{i}.mlp.fc_in.{weight,bias}  (F, C)
+    blocks.{i}.mlp.fc_out.{weight,bias} (C, F)
+    final_norm.{weight,bias}
+    head.weight                     output projection, (padded_vocab, C); absent when
+                                    embeddings are tied (the head then reuses embed.weight)
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megapile.config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rotary_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (T, rotary_dims), in fp32; the same numbers HF GPTNeoX computes."""
+    rd = cfg.rotary_dims
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
+    freqs = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq  # (T, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dims channels of each head of x (B, nh, T, hs); pass the rest through."""
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.flash_attn_func = _import_flash_attn() if cfg.attention == "flash_attn" else None
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, self.num_heads, 3 * self.head_dim)  # per-head [q, k, v]
+        qkv = qkv.transpose(1, 2)  # (B, nh, T, 3 hs)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, nh, T, hs)
+        if rope is not None:
+            cos, sin = (t.to(q.dtype) for t in rope)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        p = self.dropout if self.training else 0.0
+        if self.flash_attn_func is not None:
+            y = self.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
+            y = y.reshape(B, T, C)  # flash_attn returns (B, T, nh, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+            y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_size)
+        self.fc_out = nn.Linear(cfg.ffn_size, cfg.hidden_size)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(F.gelu(self.fc_in(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.parallel_residual = cfg.parallel_residual
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if self.parallel_residual:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            return x + self.attn(self.ln1(x), rope) + self.mlp(self.ln2(x))
+        x = x + self.attn(self.ln1(x), rope)  # GPT-2
+        return x + self.mlp(self.ln2(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        V, C = cfg.padded_vocab_size, cfg.hidden_size
+        self.embed = nn.Embedding(V, C)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, C) if cfg.arch == "gpt2" else None
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
+        self.final_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        # Tied: the head reuses embed.weight in `_head_weight`, so no parameter is shared between
+        # modules (sharing breaks under meta construction + to_empty and under sharding wrappers).
+        self.head = None if cfg.tie_embeddings else nn.Linear(C, V, bias=False)
+        self.use_rotary = cfg.arch == "neox" and cfg.rotary_dims > 0
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight  # (padded_vocab, C)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final-norm output, (B, T, C), before the output projection."""
+        B, T = input_ids.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed(input_ids)  # (B, T, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
+        x = self.embed_dropout(x)
+        rope = rotary_cos_sin(self.cfg, T, input_ids.device) if self.use_rotary else None
+        for block in self.blocks.values():
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        return self.final_norm(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, padded_vocab)."""
+        return F.linear(self.hidden_states(input_ids), self._head_weight())
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the real vocabulary (targets == -100 are ignored).
+
+        Only the first vocab_size rows of the head are multiplied, so the padding columns never
+        enter the softmax and the logits are materialised once, contiguous, without a slice copy.
+        """
+        x = self.hidden_states(input_ids)  # (B, T, C)
+        logits = F.linear(x, self._head_weight()[: self.cfg.vocab_size])  # (B, T, vocab)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    # ------------------------------------------------------------------------- init
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Fill every parameter from `seed`, identically on any device, world size or layout.
+
+        Each parameter draws from its own CPU generator seeded by (seed, parameter name), so the
+        values depend only on the name and the shape — not on the order parameters are visited,
+        nor on which pipeline stage holds them. Linear and embedding weights ~ N(0, init_std);
+        the projections into the residual stream (attn.proj, mlp.fc_out) use the GPT-NeoX
+        scaled init N(0, init_std / sqrt(2 * num_layers)); biases 0; LayerNorm weight 1, bias 0.
+        """
+        std = self.cfg.init_std
+        scaled_std = std / math.sqrt(2 * self.cfg.num_layers)
+        norms = {name for name, m in self.named_modules() if isinstance(m, nn.LayerNorm)}
+        for name, p in self.named_parameters():
+            module_name, _, kind = name.rpartition(".")
+            if module_name in norms:
+                p.fill_(1.0 if kind == "weight" else 0.0)
+            elif kind == "bias":
+                p.zero_()
+            else:
+                s = scaled_std if module_name.endswith(("attn.proj", "mlp.fc_out")) else std
+                g = torch.Generator(device="cpu").manual_seed(_name_seed(seed, name))
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=g))
+
+    # ------------------------------------------------------------------------- counting
+
+    def num_params(self, exclude_embedding: bool = True) -> int:
+        """Parameter count. exclude_embedding drops the token and position tables and an untied
+        head, like Pythia's "non-embedding" counts (pythia-14m: 1,189,888)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+            if self.head is not None:
+                n -= self.head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward):
+
+            6 * N_matmul + 12 * num_layers * hidden_size * seq_len
+
+        N_matmul = every parameter except the lookup tables (token and position embeddings),
+        with the output projection counted once even when tied (padded_vocab * hidden).
+        The second term is the attention score and weighted-value matmuls (QK^T and AV: 2 matmuls
+        of 2*T*C flops each per token per layer forward, times 3 for forward + backward),
+        counted without causal masking, as in the PaLM / Megatron MFU convention.
+        """
+        cfg = self.cfg
+        n_matmul = self.num_params(exclude_embedding=True) + cfg.padded_vocab_size * cfg.hidden_size
+        return 6 * n_matmul + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> GPT:
+    """Construct on the meta device (no memory, no random draws), materialise on `device`, init."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups, as GPT-NeoX does: weight decay on matrices and embeddings, none on
+    biases and norm weights (every 1-D parameter)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _import_flash_attn():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as e:
+        raise ImportError(
+            "model.attention is 'flash_attn' but the flash-attn package is not importable "
+            f"({e}); install flash-attn or set model.attention: sdpa"
+        ) from None
+    return flash_attn_func

@@ -1,0 +1,323 @@
+"""The model against transformers (the oracle), its init, checkpointing, loss and FLOP count.
+
+HF models are built from small random configs locally; nothing is downloaded.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from megapile.config import ModelConfig  # noqa: E402
+from megapile.hf_convert import (  # noqa: E402
+    config_from_hf,
+    config_to_hf,
+    load_hf_dir,
+    save_hf_dir,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
+from megapile.model import GPT, build_model, param_groups  # noqa: E402
+
+VOCAB = 300  # padded to 384: the padding rows are exercised everywhere
+
+NEOX_SHAPES = [
+    dict(arch="neox", num_layers=2, hidden_size=64, num_heads=4, rotary_pct=0.25),
+    dict(arch="neox", num_layers=2, hidden_size=64, num_heads=4, rotary_pct=1.0),
+    dict(arch="neox", num_layers=2, hidden_size=64, num_heads=4, rotary_pct=0.25, parallel_residual=False),
+    dict(arch="neox", num_layers=1, hidden_size=96, num_heads=2, rotary_pct=1.0, parallel_residual=False,
+         intermediate_size=80, activation="gelu_tanh", rotary_base=500.0),
+    dict(arch="neox", num_layers=2, hidden_size=64, num_heads=8, rotary_pct=0.5, tie_embeddings=True),
+]
+GPT2_SHAPES = [
+    dict(arch="gpt2", num_layers=2, hidden_size=64, num_heads=4),
+    dict(arch="gpt2", num_layers=1, hidden_size=48, num_heads=3, intermediate_size=100, activation="gelu"),
+    dict(arch="gpt2", num_layers=2, hidden_size=64, num_heads=4, tie_embeddings=False),
+]
+ALL_SHAPES = NEOX_SHAPES + GPT2_SHAPES
+
+
+def make_cfg(**kw) -> ModelConfig:
+    kw.setdefault("vocab_size", VOCAB)
+    kw.setdefault("max_seq_len", 64)
+    return ModelConfig(**kw)
+
+
+def hf_model(cfg: ModelConfig):
+    hf_cfg = config_to_hf(cfg)
+    hf_cfg._attn_implementation = "eager"  # the plainest reference
+    cls = transformers.GPTNeoXForCausalLM if cfg.arch == "neox" else transformers.GPT2LMHeadModel
+    torch.manual_seed(1)
+    return cls(hf_cfg).eval()
+
+
+def _ids(cfg, B=2, T=19, seed=0):
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _shape_id(kw):
+    return "-".join(f"{k}={v}" for k, v in kw.items() if k != "arch") or kw["arch"]
+
+
+# ----------------------------------------------------------------------------- HF parity
+
+
+@pytest.mark.parametrize("kw", ALL_SHAPES, ids=[f"{k['arch']}:{_shape_id(k)}" for k in ALL_SHAPES])
+def test_logits_match_hf_ours_to_hf(kw):
+    cfg = make_cfg(**kw)
+    ours = build_model(cfg, seed=3).eval()
+    hf = hf_model(cfg)
+    result = hf.load_state_dict(state_dict_to_hf(cfg, ours.state_dict()), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for B, T in [(2, 19), (1, 64)]:
+        ids = _ids(cfg, B, T)
+        with torch.no_grad():
+            a, b = ours(ids), hf(ids).logits
+        assert a.shape == (B, T, cfg.padded_vocab_size) == b.shape
+        assert (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kw", ALL_SHAPES, ids=[f"{k['arch']}:{_shape_id(k)}" for k in ALL_SHAPES])
+def test_logits_match_hf_hf_to_ours(kw):
+    cfg = make_cfg(**kw)
+    hf = hf_model(cfg)  # HF's own random init, including non-trivial norms set below
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    back = config_from_hf(hf.config, vocab_size=cfg.vocab_size)
+    assert back == cfg
+    ours = GPT(back).eval()
+    ours.load_state_dict(state_dict_from_hf(back, hf.state_dict()), strict=True)
+    ids = _ids(cfg)
+    with torch.no_grad():
+        a, b = ours(ids), hf(ids).logits
+    assert (a - b).abs().max().item() <= 1e-4
+    # And the way back reproduces HF's tensors exactly.
+    sd_back = state_dict_to_hf(cfg, ours.state_dict())
+    for k, v in hf.state_dict().items():
+        assert torch.equal(sd_back[k], v), k
+
+
+def test_hf_vocab_not_padded_is_padded_on_import():
+    """A HF model with an unpadded vocabulary (GPT-2's 50257-like): rows are zero-padded and the
+    logits over the real vocabulary match."""
+    cfg = make_cfg(arch="gpt2", num_layers=1, hidden_size=32, num_heads=2)
+    hf_cfg = config_to_hf(cfg)
+    hf_cfg.vocab_size = VOCAB
+    hf_cfg._attn_implementation = "eager"
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    back = config_from_hf(hf.config)
+    assert back.vocab_size == VOCAB and back.padded_vocab_size == 384
+    ours = GPT(back).eval()
+    ours.load_state_dict(state_dict_from_hf(back, hf.state_dict()))
+    assert torch.all(ours.embed.weight[VOCAB:] == 0)
+    ids = _ids(back)
+    with torch.no_grad():
+        assert (ours(ids)[..., :VOCAB] - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_hf_directory_round_trip(tmp_path):
+    """save_hf_dir writes what transformers' from_pretrained loads; load_hf_dir reads it back."""
+    cfg = make_cfg(arch="neox", num_layers=1, hidden_size=32, num_heads=2)
+    ours = build_model(cfg, seed=5).eval()
+    save_hf_dir(cfg, ours.state_dict(), str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    ids = _ids(cfg)
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    cfg2, sd = load_hf_dir(str(tmp_path), vocab_size=cfg.vocab_size)
+    assert cfg2 == cfg
+    assert all(torch.equal(sd[k], v) for k, v in ours.state_dict().items())
+
+
+def test_unknown_hf_keys_raise():
+    cfg = make_cfg(arch="neox", num_layers=1, hidden_size=32, num_heads=2)
+    hf_sd = dict(hf_model(cfg).state_dict())
+    hf_sd["gpt_neox.layers.0.mystery.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="mystery"):
+        state_dict_from_hf(cfg, hf_sd)
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def test_parameter_names_are_stable():
+    names = [n for n, _ in build_model(make_cfg(num_layers=1), seed=0).named_parameters()]
+    assert names == [
+        "embed.weight",
+        "blocks.0.ln1.weight", "blocks.0.ln1.bias",
+        "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
+        "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias",
+        "blocks.0.ln2.weight", "blocks.0.ln2.bias",
+        "blocks.0.mlp.fc_in.weight", "blocks.0.mlp.fc_in.bias",
+        "blocks.0.mlp.fc_out.weight", "blocks.0.mlp.fc_out.bias",
+        "final_norm.weight", "final_norm.bias",
+        "head.weight",
+    ]
+    gpt2 = [n for n, _ in build_model(make_cfg(arch="gpt2", num_layers=1), seed=0).named_parameters()]
+    assert gpt2[:2] == ["embed.weight", "pos_embed.weight"] and "head.weight" not in gpt2
+
+
+def test_same_seed_same_weights_different_seed_differs():
+    cfg = make_cfg()
+    a, b, c = build_model(cfg, seed=7), build_model(cfg, seed=7), build_model(cfg, seed=8)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["embed.weight"], sc["embed.weight"])
+    assert not torch.equal(sa["blocks.1.attn.qkv.weight"], sc["blocks.1.attn.qkv.weight"])
+
+
+def test_init_does_not_depend_on_layout_or_global_rng():
+    """A layer's weights depend on its name only: a 4-layer model's first 2 layers equal a
+    2-layer model's (with the scaled-init std fixed by num_layers, so compare unscaled ones),
+    and the global RNG does not leak in."""
+    torch.manual_seed(123)
+    a = build_model(make_cfg(num_layers=4), seed=7).state_dict()
+    torch.manual_seed(999)
+    b = build_model(make_cfg(num_layers=2), seed=7).state_dict()
+    for k in ("embed.weight", "blocks.1.attn.qkv.weight", "blocks.1.mlp.fc_in.weight", "head.weight"):
+        assert torch.equal(a[k], b[k]), k
+    # The scaled projections differ exactly by the std ratio sqrt(2*2)/sqrt(2*4).
+    torch.testing.assert_close(a["blocks.0.attn.proj.weight"] * math.sqrt(2), b["blocks.0.attn.proj.weight"])
+
+
+def test_meta_construction_then_init_statistics():
+    cfg = make_cfg(num_layers=2, hidden_size=128, init_std=0.02)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    sd = model.state_dict()
+    assert torch.all(sd["blocks.0.ln1.weight"] == 1) and torch.all(sd["blocks.0.ln1.bias"] == 0)
+    assert torch.all(sd["blocks.0.attn.qkv.bias"] == 0)
+    assert abs(sd["embed.weight"].std().item() - 0.02) < 0.002
+    assert abs(sd["blocks.0.mlp.fc_out.weight"].std().item() - 0.02 / 2) < 0.001  # 0.02/sqrt(2*2)
+    assert torch.isfinite(model(_ids(cfg))).all()
+
+
+# ----------------------------------------------------------------------------- training behaviour
+
+
+def _loss_and_grads(model, ids, targets):
+    model.zero_grad()
+    loss = model.loss(ids, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_same_loss_and_grads(dropout):
+    cfg = make_cfg(dropout=dropout)
+    plain = build_model(cfg, seed=1).train()
+    ckpt = build_model(make_cfg(dropout=dropout, activation_checkpointing=True), seed=1).train()
+    ids, targets = _ids(cfg, seed=1), _ids(cfg, seed=2)
+    torch.manual_seed(0)
+    l1, g1 = _loss_and_grads(plain, ids, targets)
+    torch.manual_seed(0)
+    l2, g2 = _loss_and_grads(ckpt, ids, targets)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_dropout_in_train_differs_from_eval():
+    cfg = make_cfg(dropout=0.1)
+    model = build_model(cfg, seed=1)
+    ids = _ids(cfg)
+    with torch.no_grad():
+        e1, e2 = model.eval()(ids), model(ids)
+        t1 = model.train()(ids)
+    assert torch.equal(e1, e2)
+    assert (t1 - e1).abs().max().item() > 1e-3
+    no_dropout = build_model(make_cfg(dropout=0.0), seed=1).train()
+    with torch.no_grad():
+        assert torch.equal(no_dropout(ids), e1)
+
+
+def test_loss_is_cross_entropy_over_real_vocab():
+    cfg = make_cfg()
+    model = build_model(cfg, seed=1).eval()
+    with torch.no_grad():  # make the padding columns the largest logits: they must not count
+        model.head.weight[cfg.vocab_size:].normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    ids, targets = _ids(cfg, seed=1), _ids(cfg, seed=2)
+    targets[0, :3] = -100
+    with torch.no_grad():
+        logits = model(ids)
+        expected = F.cross_entropy(logits[..., : cfg.vocab_size].reshape(-1, cfg.vocab_size), targets.reshape(-1))
+        got = model.loss(ids, targets)
+        full = F.cross_entropy(logits.reshape(-1, cfg.padded_vocab_size), targets.reshape(-1))
+    torch.testing.assert_close(got, expected)
+    assert (full - expected).abs().item() > 1.0
+
+
+@pytest.mark.parametrize("vocab,padded", [(300, 384), (50257, 50304), (50304, 50304), (1, 128)])
+def test_padded_vocab_multiple_of_128(vocab, padded):
+    cfg = make_cfg(vocab_size=vocab, num_layers=1, hidden_size=8, num_heads=2, rotary_pct=0.5)
+    assert cfg.padded_vocab_size == padded
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.embed.weight.shape[0] == padded and model.head.weight.shape[0] == padded
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def test_num_params_and_flops_per_token_by_hand():
+    # neox, L=1, C=8, F=32, padded vocab V=128, seq T=16.
+    cfg = make_cfg(vocab_size=100, num_layers=1, hidden_size=8, num_heads=2, rotary_pct=0.5)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    C, Fi, V, T = 8, 32, 128, 16
+    block = (C * 3 * C + 3 * C) + (C * C + C) + (C * Fi + Fi) + (Fi * C + C) + 2 * 2 * C
+    non_embedding = block + 2 * C  # + final norm
+    assert model.num_params() == non_embedding == 888
+    assert model.num_params(exclude_embedding=False) == non_embedding + 2 * V * C
+    assert model.flops_per_token(T) == 6 * (non_embedding + V * C) + 12 * 1 * C * T == 13008
+    # gpt2, tied: the head still counts in FLOPs; the position table never does.
+    g = make_cfg(arch="gpt2", vocab_size=100, num_layers=1, hidden_size=8, num_heads=2, max_seq_len=16)
+    with torch.device("meta"):
+        gm = GPT(g)
+    assert gm.num_params() == non_embedding
+    assert gm.num_params(exclude_embedding=False) == non_embedding + V * C + 16 * C
+    assert gm.flops_per_token(T) == 13008
+
+
+def test_pythia_14m_non_embedding_params():
+    cfg = ModelConfig(num_layers=6, hidden_size=128, num_heads=4, vocab_size=50304)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params() == 1_189_888  # Pythia's published non-embedding count
+
+
+def test_param_groups_no_decay_on_biases_and_norms():
+    model = build_model(make_cfg(num_layers=1), seed=0)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(
+        n for n in names.values() if n.endswith("bias") or "ln" in n or "norm" in n
+    )
+    assert {names[id(p)] for p in decay["params"]} == {
+        "embed.weight", "head.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+        "blocks.0.mlp.fc_in.weight", "blocks.0.mlp.fc_out.weight",
+    }
+
+
+def test_flash_attn_missing_is_a_clear_error():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="flash-attn"):
+            GPT(make_cfg(attention="flash_attn"))
+    else:
+        pytest.skip("flash_attn is installed")
+
+
+def test_sequence_longer_than_max_seq_len_raises():
+    cfg = make_cfg(max_seq_len=8)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        build_model(cfg, seed=0)(_ids(cfg, T=9))
