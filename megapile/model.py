@@ -157,8 +157,11 @@ class GPT(nn.Module):
                 x = block(x, rope)
         return self.final_norm(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, padded_vocab)."""
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, padded_vocab); with targets (B, T), the scalar loss
+        instead (what an engine wrapping the model calls: `engine(x, targets=y)`)."""
+        if targets is not None:
+            return self.loss(input_ids, targets)
         return F.linear(self.hidden_states(input_ids), self._head_weight())
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

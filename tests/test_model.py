@@ -249,8 +249,10 @@ def test_loss_is_cross_entropy_over_real_vocab():
         logits = model(ids)
         expected = F.cross_entropy(logits[..., : cfg.vocab_size].reshape(-1, cfg.vocab_size), targets.reshape(-1))
         got = model.loss(ids, targets)
+        via_forward = model(ids, targets=targets)
         full = F.cross_entropy(logits.reshape(-1, cfg.padded_vocab_size), targets.reshape(-1))
     torch.testing.assert_close(got, expected)
+    assert torch.equal(via_forward, got)
     assert (full - expected).abs().item() > 1.0
 
 
