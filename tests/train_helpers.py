@@ -1,0 +1,89 @@
+"""Launch megapile/train.py the way users do (python, torchrun, deepspeed) and read back its metrics."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "megapile", "train.py")
+DS = os.path.join(ROOT, "ds_configs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_run_overrides(preprocessed: dict, tokenizer_path: str, run_dir: str, **extra) -> list[str]:
+    """A 2-layer model on the test corpus, one log line per step, no wandb."""
+    values = {
+        "data.train": preprocessed["train"],
+        "data.valid": preprocessed["valid"],
+        "data.tokenizer": tokenizer_path,
+        "model.num_layers": 2,
+        "model.hidden_size": 64,
+        "model.num_heads": 4,
+        "model.max_seq_len": 64,
+        "train.seq_len": 32,
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 8,
+        "train.max_steps": 10,
+        "train.log_every": 1,
+        "train.eval_iters": 2,
+        "optim.lr": 3e-3,
+        "optim.warmup_steps": 2,
+        "logging.run_dir": run_dir,
+        "logging.wandb": False,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={_yaml(v)}" for k, v in values.items()]
+
+
+def launch(launcher: str, nproc: int, ds_config: str, overrides: list[str], timeout: float = 600,
+           config: str | None = None) -> subprocess.CompletedProcess:
+    """Run one training job to completion; raise with its output if it fails."""
+    args = ["--deepspeed_config", os.path.join(DS, ds_config)]
+    if config:
+        args += ["--config", config]
+    args += overrides
+    port = str(free_port())
+    if launcher == "python":
+        assert nproc == 1
+        cmd = [sys.executable, TRAIN] + args
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", port, TRAIN] + args
+    elif launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", port, TRAIN] + args
+    else:
+        raise ValueError(launcher)
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(run_dir: str) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def assert_close(a: list[float], b: list[float], rel: float) -> None:
+    assert len(a) == len(b), (a, b)
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    assert worst <= rel, f"relative difference {worst:.2e} > {rel:.0e}\n{a}\n{b}"
+
+
+def _yaml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
