@@ -153,7 +153,17 @@ class TrainConfig:
 class CheckpointConfig:
     dir: Optional[str] = None  # None: RUN_DIR/checkpoints
     every: int = 0  # save every N steps (0: only at the end)
-    resume: str = "auto"  # "auto": newest checkpoint in dir if any | "none" | a checkpoint path
+    resume: str = "auto"  # "auto": newest good checkpoint in dir if any | "none" | a checkpoint path
+    keep_last: int = 3  # keep the newest N checkpoints ...
+    keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this (0: none)
+    verify: str = "checksum"  # before resuming: "checksum" every file, or only "size"
+    allow_data_change: bool = False  # resume onto different data/weights at the same sample index
+
+    def __post_init__(self) -> None:
+        _check_positive("checkpoint.keep_last", self.keep_last)
+        _check_choice("checkpoint.verify", self.verify, ("checksum", "size"))
+        if self.every < 0 or self.keep_every < 0:
+            raise ConfigError("checkpoint.every and checkpoint.keep_every must be >= 0")
 
 
 @dataclass

@@ -29,7 +29,9 @@ import torch
 import yaml
 
 from megapile import checkpoint, distributed
+from megapile.checkpoint import compat
 from megapile.config import Config, ConfigError, grad_accum_steps, load_config
+from megapile.signals import EXIT_CHECKPOINTED, StopFlag
 
 DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero0.json")
 
@@ -72,12 +74,44 @@ def cli_main(args: argparse.Namespace) -> int:
         return 1
     if env.is_main and summary.get("val_loss") is not None:
         print(f"final validation loss: {summary['val_loss']:.4f}")
-    return 0
+    return summary["exit_code"]
+
+
+@dataclass
+class Run:
+    """Everything a training loop needs, built once by `setup`."""
+
+    cfg: Config
+    env: distributed.DistEnv
+    device: torch.device
+    engine: object
+    scheduler: object
+    batches: Batches
+    valid_stream: object
+    logger: object
+    ckpt_dir: str
+    accum: int
+    flops_per_token: int
+    peak_tflops: float
+    fingerprints: dict
 
 
 def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
-    """Run the whole job; return the final numbers (step, loss, val_loss)."""
+    """Run the whole job; return the final numbers (step, loss, val_loss, exit_code)."""
+    stop = StopFlag()
+    stop.install()  # before the slow start-up: a signal then still ends in a clean exit
+    run = setup(cfg, ds_config_path, env)
+    try:
+        start_step = resume(run)
+        return loop(run, start_step, stop)
+    finally:
+        run.logger.close()
+        distributed.shutdown()
+
+
+def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     from megapile.data.samples import build_samples
+    from megapile.flops import peak_tflops
     from megapile.metrics import MetricsLogger
     from megapile.model import build_model, param_groups
     from megapile.parallel.zero import load_ds_json, resolve_ds_config, resolve_dtype, wrap_zero
@@ -86,8 +120,7 @@ def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
     ds_json = load_ds_json(ds_config_path)
     accum = grad_accum_steps(cfg.train, env.world_size)
     _check_data_paths(cfg)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = _tokenizer_vocab_size(cfg)
+    tokenizer_print = _tokenizer_facts(cfg)
 
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -115,14 +148,6 @@ def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
     logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
     if env.is_main:
         _write_resolved_config(cfg, ds_config)
-    ckpt_dir = checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir)
-    state = checkpoint.resume(engine, cfg.checkpoint, ckpt_dir) or {}
-    start_step = int(state.get("step", 0))
-    if start_step:
-        logger.message(f"resumed from {ckpt_dir} at step {start_step} (sample {start_step * cfg.train.global_batch_size})")
-
-    from megapile.flops import peak_tflops
-
     peak, peak_source = peak_tflops(device, torch.float32 if dtype == "fp32" else torch.bfloat16, cfg.train.peak_tflops)
     logger.message(
         f"megapile: {n_params / 1e6:.2f}M parameters, world {env.world_size} ({env.launcher}), "
@@ -130,65 +155,111 @@ def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
         f"× dp {env.world_size} = global {cfg.train.global_batch_size}, seq {seq_len}; "
         f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
     )
-
     batches = Batches(train_stream, cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size)
-    tokens_per_step = cfg.train.global_batch_size * seq_len
-    summary = {"step": start_step, "loss": None, "val_loss": None}
+    return Run(cfg, env, device, engine, scheduler, batches, valid_stream, logger,
+               checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir), accum, flops_per_token, peak,
+               {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint})
+
+
+def resume(run: Run) -> int:
+    """Load the checkpoint `checkpoint.resume` asks for; return the step to start from."""
+    cfg = run.cfg.checkpoint
+    if cfg.resume == "none":
+        return 0
+    checksums = cfg.verify == "checksum"
+    if cfg.resume == "auto":
+        found = checkpoint.find_resumable(run.ckpt_dir, checksums, warn=run.logger.message if run.env.is_main else
+                                          (lambda text: None))
+        if found is None:
+            return 0
+    else:
+        found = checkpoint.find_resumable(os.path.dirname(cfg.resume.rstrip("/")) or ".", checksums)
+        if found is None or os.path.normpath(found.path) != os.path.normpath(cfg.resume):
+            raise ConfigError(f"checkpoint.resume: {cfg.resume} is not a complete, intact checkpoint")
+    compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, cfg.allow_data_change, found.path)
+    checkpoint.load(run.engine, found, run.env.rank, run.env.world_size)
+    run.logger.message(f"resumed from {found.path} at step {found.step} "
+                       f"(sample {found.state['sample_index']}, {found.state['tokens_seen']:,} tokens seen)")
+    return found.step
+
+
+def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
     from tqdm import tqdm
 
+    cfg, env, engine = run.cfg, run.env, run.engine
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    summary = {"step": start_step, "loss": None, "val_loss": None, "exit_code": 0}
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=None if env.is_main else True,
                unit="step", dynamic_ncols=True)
     window_losses: list[torch.Tensor] = []
     window_start = time.perf_counter()
-    step = start_step
     for step in range(start_step, cfg.train.max_steps):
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=run.device)
         grad_norm = None
-        for x, y in batches.micro_batches(step, device):
+        for x, y in run.batches.micro_batches(step, run.device):
             loss = engine(x, targets=y)
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
                 grad_norm = _stage0_grad_norm(engine)
             engine.step()
             loss_sum += loss.detach().float()
-        window_losses.append(loss_sum / accum)
+        window_losses.append(loss_sum / run.accum)
         bar.update(1)
         done = step + 1
         last = done == cfg.train.max_steps
+        stopping = _any_rank(stop.requested, env)
         val_loss = None
-        if valid_stream is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
-            val_loss = evaluate(engine, valid_stream, cfg, env, device)
-        if done % cfg.train.log_every == 0 or last or val_loss is not None:
+        if run.valid_stream is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
+            val_loss = evaluate(engine, run.valid_stream, cfg, env, run.device)
+        if done % cfg.train.log_every == 0 or last or stopping or val_loss is not None:
             elapsed = time.perf_counter() - window_start
             loss_value = _mean_over_ranks(torch.stack(window_losses).mean(), env)
             tokens_per_s = tokens_per_step * len(window_losses) / elapsed
-            tflops = flops_per_token * tokens_per_s / env.world_size / 1e12
+            tflops = run.flops_per_token * tokens_per_s / env.world_size / 1e12
             norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
             record = {
                 "step": done,
                 "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": run.scheduler.get_last_lr()[0],
                 "grad_norm": None if norm is None else float(norm),
                 "tokens_per_s": tokens_per_s,
                 "tflops_per_device": tflops,
-                "mfu": tflops / peak,
+                "mfu": tflops / run.peak_tflops,
                 "samples_seen": done * cfg.train.global_batch_size,
                 "tokens_seen": done * tokens_per_step,
             }
             if val_loss is not None:
                 record["val_loss"] = val_loss
-            logger.log(record, console=bar.write)
+            run.logger.log(record, console=bar.write)
             summary.update(step=done, loss=loss_value, val_loss=val_loss if val_loss is not None else summary["val_loss"])
             window_losses, window_start = [], time.perf_counter()
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last:
-            client_state = {"step": done, "sample_index": done * cfg.train.global_batch_size,
-                            "tokens_seen": done * tokens_per_step}
-            path = checkpoint.save(engine, ckpt_dir, done, client_state)
-            logger.message(f"saved checkpoint {path}")
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping:
+            save(run, done)
+        if stopping:
+            run.logger.message(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {done}; "
+                               f"exit code {EXIT_CHECKPOINTED} (restart the same command to resume)")
+            summary["exit_code"] = EXIT_CHECKPOINTED
+            break
     bar.close()
-    logger.close()
-    distributed.shutdown()
     return summary
+
+
+def save(run: Run, step: int) -> None:
+    cfg = run.cfg
+    state = {
+        "step": step,
+        "sample_index": step * cfg.train.global_batch_size,
+        "tokens_seen": step * cfg.train.global_batch_size * cfg.train.seq_len,
+        "world_size": run.env.world_size,
+        "zero_stage": run.engine.zero_optimization_stage(),
+        "config": cfg.to_dict(),
+        "fingerprints": run.fingerprints,
+        "versions": _versions(),
+    }
+    figures = checkpoint.save(run.engine, run.ckpt_dir, step, state, cfg.checkpoint, run.env.is_main)
+    if figures:
+        run.logger.message(f"saved checkpoint {run.ckpt_dir}/global_step{step}: {figures['save_mb']:.1f} MB in "
+                           f"{figures['save_seconds']:.2f} s ({figures['save_mb_per_s']:.0f} MB/s)")
 
 
 @torch.no_grad()
@@ -248,15 +319,43 @@ def _check_data_paths(cfg: Config) -> None:
                 raise ConfigError(f"{section}: weight of {spec.prefix} must be a positive number, got {spec.weight}")
 
 
-def _tokenizer_vocab_size(cfg: Config) -> int:
+def _tokenizer_facts(cfg: Config) -> str | None:
+    """Fill model.vocab_size from data.tokenizer when unset; return the tokenizer's fingerprint."""
     if not cfg.data.tokenizer:
-        raise ConfigError("model.vocab_size is not set and neither is data.tokenizer to read it from")
+        if cfg.model.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set and neither is data.tokenizer to read it from")
+        return None
+    from megapile.data import DataError
     from megapile.data.tokenizer import load_tokenizer
 
     try:
-        return load_tokenizer(cfg.data.tokenizer).vocab_size
-    except Exception as e:  # the data pipeline's loader says which file failed
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except DataError as e:
         raise ConfigError(f"data.tokenizer: {e}") from None
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    return tokenizer.fingerprint
+
+
+def _any_rank(flag: bool, env: distributed.DistEnv) -> bool:
+    """True on every rank when it is true on one: all ranks must stop at the same step."""
+    if env.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+
+    import megapile
+
+    return {"megapile": megapile.__version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__}
 
 
 def _write_resolved_config(cfg: Config, ds_config: dict) -> None:

@@ -1,0 +1,82 @@
+"""A checkpoint's list of files with sizes and CRC32s: how a resume tells a good checkpoint from a damaged one."""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+MANIFEST = "manifest.json"
+_CHUNK = 8 << 20
+
+
+def crc32_of(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(directory: str) -> list[str]:
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel != MANIFEST:
+                found.append(rel)
+    return sorted(found)
+
+
+def write(directory: str) -> dict:
+    """Checksum every file under `directory`, fsync them, and write manifest.json (fsynced too)."""
+    entries = {}
+    for rel in _files(directory):
+        path = os.path.join(directory, rel)
+        _fsync(path)
+        entries[rel] = {"size": os.path.getsize(path), "crc32": crc32_of(path)}
+    manifest = {"format": 1, "files": entries}
+    path = os.path.join(directory, MANIFEST)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
+
+
+def verify(directory: str, checksums: bool = True) -> list[str]:
+    """Problems found, each naming a file; an empty list means the checkpoint is complete and intact."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return [f"{path} is missing (the save did not finish)"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return [f"{path} is unreadable"]
+    problems = []
+    for rel, entry in files.items():
+        file = os.path.join(directory, rel)
+        if not os.path.exists(file):
+            problems.append(f"{file} is missing")
+        elif os.path.getsize(file) != entry["size"]:
+            problems.append(f"{file} has {os.path.getsize(file)} bytes, the manifest says {entry['size']}")
+        elif checksums and crc32_of(file) != entry["crc32"]:
+            problems.append(f"{file} fails its checksum (the bytes changed after saving)")
+    return problems
+
+
+def total_bytes(directory: str) -> int:
+    return sum(os.path.getsize(os.path.join(directory, rel)) for rel in _files(directory))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename inside `directory` durable."""
+    _fsync(directory)
