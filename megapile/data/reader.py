@@ -1,0 +1,395 @@
+"""Stream documents from the Pile's on-disk format, or from a Hugging Face dataset.
+
+The Pile is JSON lines, one document per line, usually zstandard-compressed:
+
+    {"text": "...", "meta": {"pile_set_name": "Github"}}
+
+`JsonlSource` reads `*.jsonl.zst`, `*.jsonl.gz` and plain `*.jsonl` files in constant memory
+(a real shard is ~14 GB compressed): it decompresses 16 KB of input at a time and splits lines
+itself, so no whole file and no line longer than `max_doc_bytes` is ever held. `HFSource`
+wraps any `datasets.Dataset` with a text column behind the same interface.
+
+Two kinds of bad input are told apart:
+- a broken *file* (missing, truncated or corrupt compression) raises `DataError` naming the
+  file, the line reached and the compressed byte offset;
+- a bad *document* (not JSON, no string "text", invalid UTF-8, empty, too long) is skipped and
+  counted by reason in a `Skips`, which keeps the first few locations for the summary.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional, Union
+
+from megapile.data import DataError
+
+DEFAULT_MAX_DOC_BYTES = 256 << 20  # longer JSON lines are skipped ("too_long") without being held
+_READ_SIZE = 1 << 14  # compressed bytes per decompress call: bounds memory on very compressible data
+_BLOCK_SIZE = 1 << 20  # decompressed bytes handed to the line splitter at a time
+SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".json.zst", ".json.gz", ".json")
+
+SKIP_REASONS = {
+    "blank_line": "empty line",
+    "invalid_json": "line is not valid JSON",
+    "invalid_utf8": "not valid UTF-8",
+    "missing_text": 'no "text" field',
+    "text_not_string": '"text" is not a string',
+    "empty_text": '"text" is empty',
+    "too_long": "document longer than the maximum size",
+    "no_component": 'no meta.pile_set_name (needed to split by component)',
+}
+
+
+@dataclass
+class Document:
+    text: str
+    component: Optional[str]  # meta.pile_set_name, e.g. "Github"; None when absent
+    location: str  # "path:line" (or "name:row" for a Hugging Face dataset)
+
+
+@dataclass
+class Skips:
+    """Documents skipped, counted by reason, with the first `keep` locations of each reason."""
+
+    keep: int = 5
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, location: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        seen = self.examples.setdefault(reason, [])
+        if len(seen) < self.keep:
+            seen.append(location)
+
+    def update(self, other: "Skips") -> None:
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            seen = self.examples.setdefault(reason, [])
+            seen.extend(other.examples.get(reason, [])[: self.keep - len(seen)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {r: {"count": n, "first": self.examples.get(r, [])} for r, n in sorted(self.counts.items())}
+
+    def lines(self) -> list[str]:
+        """One human-readable line per reason, for the end-of-run summary."""
+        out = []
+        for reason, n in sorted(self.counts.items()):
+            where = ", ".join(self.examples.get(reason, []))
+            more = ", ..." if n > len(self.examples.get(reason, [])) else ""
+            out.append(f"{reason} ({SKIP_REASONS.get(reason, reason)}): {n} at {where}{more}")
+        return out
+
+
+def expand_inputs(inputs: Union[str, Iterable[str]]) -> list[str]:
+    """Files named by paths, globs or directories, sorted; a DataError if any names nothing."""
+    patterns = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not patterns:
+        raise DataError("no input files given")
+    paths: list[str] = []
+    for pattern in map(str, patterns):
+        if glob.has_magic(pattern):
+            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise DataError(f"no files match '{pattern}'")
+            paths += found
+        elif os.path.isdir(pattern):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(pattern)
+                for name in names
+                if name.endswith(SUFFIXES)
+            )
+            if not found:
+                raise DataError(f"no .jsonl/.jsonl.zst/.jsonl.gz files in directory '{pattern}'")
+            paths += found
+        elif os.path.isfile(pattern):
+            paths.append(pattern)
+        else:
+            raise DataError(f"input file not found: '{pattern}'")
+    return paths
+
+
+def _iter_blocks(path: str) -> Iterator[tuple[bytes, int]]:
+    """Decompressed blocks of `path` with the compressed byte offset reached after each.
+
+    Raises _StreamError(offset, message) for truncated or corrupt compressed data.
+    """
+    kind = "zst" if path.endswith((".zst", ".zstd")) else "gz" if path.endswith(".gz") else "plain"
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot open '{path}': {e.strerror}") from None
+    with raw:
+        if kind == "plain":
+            while block := raw.read(_BLOCK_SIZE):
+                yield block, raw.tell()
+        elif kind == "gz":
+            gz = gzip.GzipFile(fileobj=raw, mode="rb")
+            try:
+                while block := gz.read(_BLOCK_SIZE):
+                    yield block, raw.tell()
+            except EOFError:
+                raise _StreamError(raw.tell(), "truncated gzip stream (file ends before the end of data)")
+            except (gzip.BadGzipFile, zlib.error, OSError) as e:
+                raise _StreamError(raw.tell(), f"corrupt gzip data ({e})")
+        else:
+            yield from _iter_zstd_blocks(raw)
+
+
+def _iter_zstd_blocks(raw) -> Iterator[tuple[bytes, int]]:
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame = dctx.decompressobj(), False
+    pieces: list[bytes] = []
+    size = 0
+    while data := raw.read(_READ_SIZE):
+        while data:
+            try:
+                out = dobj.decompress(data)
+            except zstandard.ZstdError as e:
+                raise _StreamError(raw.tell(), f"corrupt zstd data ({e})") from None
+            in_frame = not dobj.eof
+            data = dobj.unused_data if dobj.eof else b""
+            if dobj.eof:  # the file may hold several frames, one after another
+                dobj = dctx.decompressobj()
+            if out:
+                pieces.append(out)
+                size += len(out)
+        if size >= _BLOCK_SIZE:
+            yield b"".join(pieces), raw.tell()
+            pieces, size = [], 0
+    if in_frame:
+        raise _StreamError(raw.tell(), "truncated zstd stream (file ends inside a frame)")
+    if pieces:
+        yield b"".join(pieces), raw.tell()
+
+
+class _StreamError(Exception):
+    def __init__(self, offset: int, message: str):
+        super().__init__(message)
+        self.offset = offset
+        self.message = message
+
+
+def iter_lines(path: str, max_line_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[tuple[int, Optional[bytes], int]]:
+    """Yield (line number from 1, line without newline or None if longer than max, compressed offset)."""
+    pending: list[bytes] = []
+    pending_len, too_long, lineno, offset = 0, False, 0, 0
+    try:
+        for block, offset in _iter_blocks(path):
+            parts = block.split(b"\n")
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                if not too_long:
+                    pending.append(part)
+                    pending_len += len(part)
+                    if pending_len > max_line_bytes:
+                        pending, pending_len, too_long = [], 0, True
+                if last:
+                    break
+                lineno += 1
+                if too_long:
+                    yield lineno, None, offset
+                else:
+                    yield lineno, pending[0] if len(pending) == 1 else b"".join(pending), offset
+                pending, pending_len, too_long = [], 0, False
+    except _StreamError as e:
+        raise DataError(
+            f"{path}: {e.message} at compressed byte {e.offset}, after line {lineno}"
+        ) from None
+    if too_long or pending_len:  # last line without a trailing newline
+        lineno += 1
+        yield lineno, None if too_long else b"".join(pending), offset
+
+
+def check_text(text: Any) -> Optional[str]:
+    """The skip reason for a "text" value, or None if it is a usable document."""
+    if text is None:
+        return "missing_text"
+    if not isinstance(text, str):
+        return "text_not_string"
+    if not text:
+        return "empty_text"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")  # lone surrogates (from "\ud800" escapes) cannot be tokenized
+        except UnicodeEncodeError:
+            return "invalid_utf8"
+    return None
+
+
+def parse_line(line: Optional[bytes]) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """(text, component, skip_reason) for one JSON line; exactly one of text/skip_reason is set."""
+    if line is None:
+        return None, None, "too_long"
+    if not line.strip():
+        return None, None, "blank_line"
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError:
+        return None, None, "invalid_utf8"
+    except ValueError:
+        return None, None, "invalid_json"
+    if not isinstance(record, dict):
+        return None, None, "missing_text"
+    text = record.get("text")
+    reason = check_text(text)
+    if reason:
+        return None, None, reason
+    meta = record.get("meta")
+    component = meta.get("pile_set_name") if isinstance(meta, dict) else None
+    return text, component if isinstance(component, str) else None, None
+
+
+@dataclass
+class Chunk:
+    """A batch of raw documents for a preprocess worker: JSON lines, or already-parsed texts."""
+
+    source: str  # file path or dataset name
+    first: int  # line number (or row) of the first item
+    lines: Optional[list[Optional[bytes]]] = None
+    texts: Optional[list[Any]] = None
+    components: Optional[list[Optional[str]]] = None
+    progress: int = 0  # input bytes consumed so far in this source (for progress bars)
+
+    def __len__(self) -> int:
+        return len(self.lines if self.lines is not None else self.texts)
+
+
+class JsonlSource:
+    """Documents of one or more jsonl(.zst/.gz) files, in file order, in constant memory.
+
+    `components`: keep only documents whose meta.pile_set_name is in this set.
+    Iterating yields `Document`s and counts bad lines in `self.skips`; `strict=True` raises
+    DataError at the first bad line instead.
+    """
+
+    def __init__(
+        self,
+        inputs: Union[str, Iterable[str]],
+        components: Optional[Iterable[str]] = None,
+        max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+        strict: bool = False,
+    ):
+        self.paths = expand_inputs(inputs)
+        self.components = set(components) if components else None
+        self.max_doc_bytes = max_doc_bytes
+        self.strict = strict
+        self.skips = Skips()
+        self.filtered = 0  # documents dropped by the component filter
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(p) for p in self.paths)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in self.paths]
+
+    def __iter__(self) -> Iterator[Document]:
+        for path in self.paths:
+            for lineno, line, _ in iter_lines(path, self.max_doc_bytes):
+                text, component, reason = parse_line(line)
+                if reason:
+                    self.skip(reason, f"{path}:{lineno}")
+                elif self.components is None or component in self.components:
+                    yield Document(text, component, f"{path}:{lineno}")
+                else:
+                    self.filtered += 1
+
+    def skip(self, reason: str, location: str) -> None:
+        if self.strict:
+            raise DataError(f"{location}: {SKIP_REASONS.get(reason, reason)}")
+        self.skips.add(reason, location)
+
+    def iter_chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
+        """Raw lines in chunks of about `chunk_bytes`, for parsing in worker processes."""
+        done = 0
+        for path in self.paths:
+            lines: list[Optional[bytes]] = []
+            size, first, offset = 0, 1, 0
+            for lineno, line, offset in iter_lines(path, self.max_doc_bytes):
+                lines.append(line)
+                size += len(line) if line is not None else 0
+                if size >= chunk_bytes:
+                    yield Chunk(path, first, lines=lines, progress=done + offset)
+                    lines, size, first = [], 0, lineno + 1
+            if lines:
+                yield Chunk(path, first, lines=lines, progress=done + offset)
+            done += os.path.getsize(path)
+
+
+class HFSource:
+    """A Hugging Face `datasets.Dataset` with a text column, behind the JsonlSource interface.
+
+    Example: `HFSource(datasets.load_dataset("json", data_files="x.jsonl", split="train"))`.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        text_column: str = "text",
+        component_column: Optional[str] = None,
+        components: Optional[Iterable[str]] = None,
+        name: str = "dataset",
+        strict: bool = False,
+    ):
+        if text_column not in dataset.column_names:
+            raise DataError(f"{name}: no column '{text_column}' (columns: {', '.join(dataset.column_names)})")
+        self.dataset = dataset
+        self.text_column = text_column
+        self.component_column = component_column
+        self.components = set(components) if components else None
+        self.name = name
+        self.strict = strict
+        self.skips = Skips()
+        self.filtered = 0
+        self.paths = [name]
+
+    @property
+    def total_bytes(self) -> int:
+        return int(getattr(self.dataset, "dataset_size", 0) or 0)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"dataset": self.name, "rows": len(self.dataset), "fingerprint": getattr(self.dataset, "_fingerprint", None)}]
+
+    def _batches(self, batch_size: int) -> Iterator[tuple[int, list[Any], list[Optional[str]]]]:
+        columns = [self.text_column] + ([self.component_column] if self.component_column else [])
+        row = 0
+        for batch in self.dataset.select_columns(columns).iter(batch_size=batch_size):
+            texts = batch[self.text_column]
+            comps = batch[self.component_column] if self.component_column else [None] * len(texts)
+            yield row, texts, comps
+            row += len(texts)
+
+    def __iter__(self) -> Iterator[Document]:
+        for row, texts, comps in self._batches(1000):
+            for i, (text, comp) in enumerate(zip(texts, comps)):
+                reason = check_text(text)
+                if reason:
+                    self.skip(reason, f"{self.name}:{row + i}")
+                elif self.components is None or comp in self.components:
+                    yield Document(text, comp, f"{self.name}:{row + i}")
+                else:
+                    self.filtered += 1
+
+    def skip(self, reason: str, location: str) -> None:
+        if self.strict:
+            raise DataError(f"{location}: {SKIP_REASONS.get(reason, reason)}")
+        self.skips.add(reason, location)
+
+    def iter_chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
+        rows = max(1, chunk_bytes // 4096)  # rows are not sized up front; assume ~4 KB each
+        for row, texts, comps in self._batches(rows):
+            yield Chunk(self.name, row, texts=texts, components=comps, progress=0)
+
+
+Source = Union[JsonlSource, HFSource]
