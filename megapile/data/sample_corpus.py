@@ -8,8 +8,9 @@ in `meta.pile_set_name`:
     ManPages    English man pages (/usr/share/man/man*), macros stripped to plain text
     Docs        READMEs, changelogs and text files under /usr/share/doc
 
-Layout, as the Pile's: OUT_DIR/train/00.jsonl.zst, 01.jsonl.zst ..., OUT_DIR/val.jsonl.zst,
-OUT_DIR/test.jsonl.zst, plus OUT_DIR/manifest.json with the counts. Documents are shuffled
+Layout: OUT_DIR/train/00.jsonl.zst, 01.jsonl.zst ..., OUT_DIR/val/00.jsonl.zst,
+OUT_DIR/test/00.jsonl.zst (the Pile's own shards, one directory per split, so that
+'OUT_DIR/SPLIT/*.jsonl.zst' names a split), plus OUT_DIR/manifest.json with the counts. Documents are shuffled
 across components with a fixed seed and split by document (4% val, 4% test). On one machine
 the output is byte-for-byte deterministic (sorted file lists, fixed seed, fixed zstd level);
 on another it differs only as far as the installed files differ. `--max-mb` caps the raw text.
@@ -218,7 +219,7 @@ def collect_documents(max_bytes: int, seed: int) -> list[dict]:
 
 
 def build_sample_corpus(out_dir: str, max_mb: float = 20.0, seed: int = 1234, train_shards: int = 2) -> dict:
-    """Write OUT_DIR/train/NN.jsonl.zst, val.jsonl.zst, test.jsonl.zst and manifest.json; return the manifest."""
+    """Write OUT_DIR/{train,val,test}/NN.jsonl.zst and manifest.json; return the manifest."""
     import zstandard
 
     if max_mb <= 0:
@@ -227,12 +228,13 @@ def build_sample_corpus(out_dir: str, max_mb: float = 20.0, seed: int = 1234, tr
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for i, record in enumerate(records):
         splits["test" if i % HELD_OUT == 0 else "val" if i % HELD_OUT == 1 else "train"].append(record)
-    os.makedirs(os.path.join(out_dir, "train"), exist_ok=True)
+    for split in splits:
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
     n = len(splits["train"])
     shards = max(1, min(train_shards, n))
     files = {f"train/{k:02d}.jsonl.zst": splits["train"][k * n // shards : (k + 1) * n // shards] for k in range(shards)}
-    files["val.jsonl.zst"] = splits["val"]
-    files["test.jsonl.zst"] = splits["test"]
+    files["val/00.jsonl.zst"] = splits["val"]
+    files["test/00.jsonl.zst"] = splits["test"]
     compressor = zstandard.ZstdCompressor(level=3)
     manifest = {"seed": seed, "max_mb": max_mb, "files": {}}
     for name, recs in files.items():
