@@ -28,7 +28,8 @@ from typing import Any, Iterable, Iterator, Optional, Union
 from megapile.data import DataError
 
 DEFAULT_MAX_DOC_BYTES = 256 << 20  # longer JSON lines are skipped ("too_long") without being held
-_READ_SIZE = 1 << 14  # compressed bytes per decompress call: bounds memory on very compressible data
+_READ_SIZE = 1 << 16  # most compressed bytes per decompress call
+_MIN_READ = 1 << 6  # fewest, for extremely compressible data (see _iter_zstd_blocks)
 _BLOCK_SIZE = 1 << 20  # decompressed bytes handed to the line splitter at a time
 SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".json.zst", ".json.gz", ".json")
 
@@ -145,13 +146,20 @@ def _iter_blocks(path: str) -> Iterator[tuple[bytes, int]]:
 
 
 def _iter_zstd_blocks(raw) -> Iterator[tuple[bytes, int]]:
+    """zstd via decompressobj (which, unlike stream_reader, tells a truncated frame from a whole one).
+
+    decompressobj returns all the output of the input it is given, so the input is fed in pieces
+    sized by the compression ratio seen so far: about _BLOCK_SIZE of output per call even for
+    extremely compressible data.
+    """
     import zstandard
 
     dctx = zstandard.ZstdDecompressor()
     dobj, in_frame = dctx.decompressobj(), False
     pieces: list[bytes] = []
-    size = 0
-    while data := raw.read(_READ_SIZE):
+    size, feed = 0, _MIN_READ
+    while data := raw.read(feed):
+        produced = 0
         while data:
             try:
                 out = dobj.decompress(data)
@@ -164,6 +172,9 @@ def _iter_zstd_blocks(raw) -> Iterator[tuple[bytes, int]]:
             if out:
                 pieces.append(out)
                 size += len(out)
+                produced += len(out)
+        target = feed * 2 if produced == 0 else feed * _BLOCK_SIZE // produced // 4
+        feed = min(_READ_SIZE, 2 * feed, max(_MIN_READ, target))
         if size >= _BLOCK_SIZE:
             yield b"".join(pieces), raw.tell()
             pieces, size = [], 0
