@@ -40,7 +40,8 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
-        self._file = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a", buffering=1)
+        self._path = os.path.join(cfg.run_dir, "metrics.jsonl")
+        self._file = open(self._path, "a", buffering=1)
         if cfg.wandb:
             import wandb
 
@@ -70,6 +71,27 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in numbers.items():
                 self._tb.add_scalar(key, value, step)
+
+    def rewind(self, step: int) -> None:
+        """On resume: drop records past the checkpoint's step (they will be recomputed) and any line
+        cut short by a kill, so metrics.jsonl reads as one uninterrupted run."""
+        if not self.enabled:
+            return
+        self._file.close()
+        kept = []
+        with open(self._path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self._path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self._path)
+        self._file = open(self._path, "a", buffering=1)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -94,6 +94,7 @@ class Run:
     flops_per_token: int
     peak_tflops: float
     fingerprints: dict
+    param_order: list  # parameter names in the order the optimizer numbers them
 
 
 def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
@@ -143,7 +144,10 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     model = build_model(cfg.model, seed=cfg.train.seed, device=device)
     flops_per_token = model.flops_per_token(seq_len)
     n_params = model.num_params(exclude_embedding=False)
-    engine, _, scheduler = wrap_zero(model, param_groups(model, cfg.optim.weight_decay), cfg, ds_config)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    param_order = [names[id(p)] for g in groups for p in g["params"]]  # before ZeRO rewrites the groups
+    engine, _, scheduler = wrap_zero(model, groups, cfg, ds_config)
 
     logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
     if env.is_main:
@@ -158,7 +162,7 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     batches = Batches(train_stream, cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size)
     return Run(cfg, env, device, engine, scheduler, batches, valid_stream, logger,
                checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir), accum, flops_per_token, peak,
-               {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint})
+               {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order)
 
 
 def resume(run: Run) -> int:
@@ -177,7 +181,22 @@ def resume(run: Run) -> int:
         if found is None or os.path.normpath(found.path) != os.path.normpath(cfg.resume):
             raise ConfigError(f"checkpoint.resume: {cfg.resume} is not a complete, intact checkpoint")
     compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, cfg.allow_data_change, found.path)
-    checkpoint.load(run.engine, found, run.env.rank, run.env.world_size)
+    old_layout = (found.state["zero_stage"], found.state["world_size"])
+    new_layout = (run.engine.zero_optimization_stage(), run.env.world_size)
+    if old_layout == new_layout:
+        checkpoint.load(run.engine, found, run.env.rank, run.env.world_size)
+    else:
+        from megapile.checkpoint import portable
+
+        run.logger.message(
+            f"checkpoint {found.path} is ZeRO-{old_layout[0]} on {old_layout[1]} ranks, this run ZeRO-{new_layout[0]} "
+            f"on {new_layout[1]}: resharding through full fp32 weights and Adam moments. Dropout RNG streams "
+            "cannot follow a change of world size; they are reseeded from (seed, step, rank)."
+        )
+        full = portable.read_full_state(found.path, old_layout[0], run.param_order)
+        portable.apply_full_state(run.engine, full)
+        _seed_everything(run.cfg.train.seed + found.step, run.env.rank)
+    run.logger.rewind(found.step)
     run.logger.message(f"resumed from {found.path} at step {found.step} "
                        f"(sample {found.state['sample_index']}, {found.state['tokens_seen']:,} tokens seen)")
     return found.step

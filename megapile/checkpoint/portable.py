@@ -1,0 +1,155 @@
+"""Move a checkpoint between layouts: any ZeRO stage and data-parallel size to any other.
+
+DeepSpeed can only load its shards into the layout that wrote them (its universal checkpoint covers
+ZeRO-1/2 <-> ZeRO-1/2 and ZeRO-3 <-> ZeRO-3, and needs Megatron's client state). megapile goes through
+the one form every layout shares: the full fp32 value of each named parameter and its two Adam moments.
+
+- Reading: DeepSpeed's own `zero_to_fp32` merge functions reassemble the flat per-rank partitions. They are
+  written for the fp32 master weights; the Adam moments are partitioned exactly the same way, so the same
+  functions reassemble them too. A ZeRO-0 checkpoint holds a plain torch optimizer state dict.
+- Writing: DeepSpeed's tensor-fragment API (`safe_set_full_fp32_param`, `safe_set_full_optimizer_state`)
+  puts each full tensor into whatever partition this rank owns, in the new layout.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def read_full_state(path: str, zero_stage: int, param_order: list[str]) -> dict[str, Any]:
+    """{"fp32": {name: tensor}, "exp_avg": {...}, "exp_avg_sq": {...}, "step": int, "lr_scheduler": dict}.
+
+    `param_order` names the parameters in the order the optimizer numbers them (its groups, in order),
+    which is how a ZeRO-0 checkpoint's plain torch optimizer state refers to them.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_model_state_file
+
+    model_file = get_model_state_file(path, zero_stage)  # ZeRO-3 names it per rank; rank 0 holds the schedule
+    # DeepSpeed's own files hold pickled Python objects; they are only ever loaded from our checkpoint dir.
+    model_state = torch.load(model_file, map_location="cpu", weights_only=False)
+    if zero_stage == 0:
+        full = _read_stage0(model_state, param_order)
+    else:
+        full = _read_zero(path, zero_stage)
+    full["lr_scheduler"] = model_state.get("lr_scheduler")
+    return full
+
+
+def _read_stage0(model_state: dict, param_order: list[str]) -> dict[str, Any]:
+    optim = model_state.get("optimizer") or {}
+    state = optim.get("state", {})
+    full = {"fp32": {n: t.float() for n, t in model_state["module"].items() if n in set(param_order)}}
+    for key in MOMENTS:
+        full[key] = {param_order[i]: s[key].float() for i, s in state.items() if key in s}
+    full["step"] = int(max((float(s["step"]) for s in state.values()), default=0))
+    return full
+
+
+def _read_zero(path: str, zero_stage: int) -> dict[str, Any]:
+    from deepspeed.utils import zero_to_fp32 as z
+
+    zero_model_states = z.parse_model_states(z.get_model_state_files(path))
+    optim_files = z.get_optim_files(path)
+    shards = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in optim_files]
+    world_size = len(shards)
+    flat_key = "single_partition_of_fp32_groups" if zero_stage <= 2 else "fp32_flat_groups"
+
+    def merge(flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if zero_stage <= 2:
+            merged = z._get_fp32_state_dict_from_zero2_checkpoint(
+                world_size, flat_groups, zero_model_states, False, shards[0].get("param_alignment_paddings"))
+        else:
+            merged = z._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_groups, zero_model_states, False)
+        return {n: t.float() for n, t in z.to_torch_tensor(merged).items()}  # ZeRO-3 merges lazily
+
+    full = {"fp32": merge([s[flat_key] for s in shards])}
+    for key in MOMENTS:
+        full[key] = merge([_moment_groups(s, key, zero_stage) for s in shards])
+    step_values = [float(st["step"]) for st in _base_states(shards[0], zero_stage) if "step" in st]
+    full["step"] = int(max(step_values, default=0))
+    return full
+
+
+def _base_states(shard: dict, zero_stage: int) -> list[dict]:
+    base = shard["optimizer_state_dict"] if zero_stage == 3 else shard["base_optimizer_state"]
+    if isinstance(base, dict) and "state" in base:
+        return [base["state"][k] for k in sorted(base["state"])]
+    return list(base)
+
+
+def _moment_groups(shard: dict, key: str, zero_stage: int) -> list[torch.Tensor]:
+    return [st[key] for st in _base_states(shard, zero_stage)]
+
+
+def apply_full_state(engine, full: dict[str, Any]) -> None:
+    """Load full weights, Adam moments, step and schedule into a freshly built engine of any layout."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    stage = engine.zero_optimization_stage()
+    params = dict(engine.module.named_parameters())
+    missing = sorted(set(params) - set(full["fp32"]))
+    if missing:
+        raise ValueError(f"the checkpoint has no value for {', '.join(missing[:5])}")
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            for name, p in params.items():
+                p.data.copy_(full["fp32"][name].to(p.device, p.dtype))
+    else:
+        for name, p in params.items():
+            p.data.copy_(full["fp32"][name].to(p.device, p.dtype))
+    if stage == 0:
+        _apply_stage0_optimizer(engine.optimizer, params, full)
+    else:
+        # ZeRO-3's base optimizer sees its flat fp32 partitions only inside step(); ZeRO-1/2 lists them.
+        base = engine.optimizer.optimizer
+        flats = (engine.optimizer.fp32_partitioned_groups_flat if stage == 3
+                 else [p for g in base.param_groups for p in g["params"]])
+        _ensure_adam_state(base, flats)
+        if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: point each
+            engine.optimizer._lazy_init_hp_params_optimizer_state()  # parameter's fragment at the new state
+        for name, p in params.items():
+            safe_set_full_fp32_param(p, full["fp32"][name].to(p.device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, full[key][name].to(p.device), key)
+        for state in engine.optimizer.optimizer.state.values():
+            if "step" in state:
+                state["step"] = _like(state["step"], full["step"])
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and full.get("lr_scheduler"):
+        scheduler.load_state_dict(full["lr_scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the next step must use the resumed schedule's lr, not the initial one
+
+
+def _apply_stage0_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter],
+                            full: dict[str, Any]) -> None:
+    by_id = {id(p): n for n, p in params.items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = by_id[id(p)]
+            optimizer.state[p] = {
+                "step": torch.tensor(float(full["step"])),
+                "exp_avg": full["exp_avg"][name].to(p.device, p.dtype).clone(),
+                "exp_avg_sq": full["exp_avg_sq"][name].to(p.device, p.dtype).clone(),
+            }
+
+
+def _ensure_adam_state(optimizer: torch.optim.Optimizer, flats: list[torch.Tensor]) -> None:
+    """ZeRO-3 (and CPU Adam) create Adam state at the first step; the moments need somewhere to go before it."""
+    int_step = type(optimizer).__name__ == "DeepSpeedCPUAdam"  # its C++ kernel takes a Python int
+    for p in flats:
+        state = optimizer.state[p]
+        state.setdefault("step", 0 if int_step else torch.tensor(0.0))
+        for key in MOMENTS:
+            state.setdefault(key, torch.zeros_like(p))
+
+
+def _like(reference: Any, value: int) -> Any:
+    if torch.is_tensor(reference):
+        return torch.full_like(reference, value)
+    return value

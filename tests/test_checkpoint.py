@@ -1,0 +1,184 @@
+"""Checkpoints: bit-exact resume, fallback past damaged checkpoints, kills during a save, SIGTERM."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megapile.checkpoint import find_resumable, list_complete, manifest, prune
+from megapile.config import CheckpointConfig
+from megapile.signals import EXIT_CHECKPOINTED
+from train_helpers import ROOT, TRAIN, DS, launch, losses, read_metrics, small_run_overrides
+
+
+def _overrides(preprocessed, tokenizer_path, run_dir, **extra):
+    """Dropout on, so an exact resume needs the RNG streams restored too."""
+    extra.setdefault("model__dropout", 0.1)
+    extra.setdefault("optim__decay_steps", 8)
+    extra.setdefault("train__max_steps", 8)
+    return small_run_overrides(preprocessed, tokenizer_path, run_dir, **extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_is_bit_identical(stage, tmp_path, preprocessed, tokenizer_path):
+    straight = str(tmp_path / "straight")
+    launch("torchrun", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, straight))
+    split = str(tmp_path / "split")
+    launch("torchrun", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, split, train__max_steps=4))
+    launch("torchrun", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, split))
+    assert [r["step"] for r in read_metrics(split)] == list(range(1, 9))
+    assert losses(split) == losses(straight)  # bit-identical, not merely close
+    assert read_metrics(split)[-1]["val_loss"] == read_metrics(straight)[-1]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, preprocessed, tokenizer_path):
+    """One process, a checkpoint after every step: global_step1 … global_step4."""
+    run_dir = str(tmp_path_factory.mktemp("saved") / "run")
+    launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=4,
+                                                  checkpoint__every=1, checkpoint__keep_last=10))
+    return run_dir
+
+
+def _damaged_copy(saved_run, tmp_path, damage):
+    ckpt = str(tmp_path / "checkpoints")
+    shutil.copytree(os.path.join(saved_run, "checkpoints"), ckpt)
+    newest = os.path.join(ckpt, "global_step4")
+    shard = sorted(f for f in os.listdir(newest) if f.endswith(".pt"))[0]
+    damage(os.path.join(newest, shard))
+    return ckpt, shard
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damage", [os.remove, _truncate, _flip_byte], ids=["deleted", "truncated", "flipped"])
+def test_damaged_checkpoint_falls_back_with_a_warning(damage, saved_run, tmp_path):
+    ckpt, shard = _damaged_copy(saved_run, tmp_path, damage)
+    warnings = []
+    found = find_resumable(ckpt, warn=warnings.append)
+    assert found.step == 3 and found.tag == "global_step3"
+    assert len(warnings) == 1 and "global_step4" in warnings[0] and shard in warnings[0]
+
+
+def test_size_only_verification_misses_a_flipped_byte_but_not_truncation(saved_run, tmp_path):
+    ckpt, _ = _damaged_copy(saved_run, tmp_path / "a", _flip_byte)
+    assert find_resumable(ckpt, checksums=False, warn=lambda _: None).step == 4
+    ckpt, _ = _damaged_copy(saved_run, tmp_path / "b", _truncate)
+    assert find_resumable(ckpt, checksums=False, warn=lambda _: None).step == 3
+
+
+def test_state_and_manifest_contents(saved_run):
+    path = os.path.join(saved_run, "checkpoints", "global_step4")
+    assert manifest.verify(path) == []
+    with open(os.path.join(path, "megapile_state.json")) as f:
+        state = json.load(f)
+    assert state["step"] == 4 and state["sample_index"] == 32 and state["tokens_seen"] == 32 * 32
+    assert len(state["rng"]) == 1 and {"python", "numpy", "torch"} <= set(state["rng"][0])
+    assert state["fingerprints"]["tokenizer"] and state["fingerprints"]["train_data"]
+    assert set(state["versions"]) == {"megapile", "deepspeed", "torch"}
+    with open(os.path.join(saved_run, "checkpoints", "latest")) as f:
+        assert f.read() == "global_step4"
+
+
+def test_prune_keeps_last_and_every_mth(tmp_path):
+    for step in range(1, 11):
+        os.makedirs(tmp_path / f"global_step{step}")
+    os.makedirs(tmp_path / "global_step3.tmp")  # a killed save, older than the newest good one
+    prune(str(tmp_path), CheckpointConfig(keep_last=2, keep_every=4))
+    assert [s for s, _ in list_complete(str(tmp_path))] == [10, 9, 8, 4]
+    assert not os.path.exists(tmp_path / "global_step3.tmp")
+
+
+def test_resume_with_a_changed_model_names_the_key(saved_run, tmp_path, preprocessed, tokenizer_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(saved_run, run_dir)
+    proc = subprocess.run(
+        [sys.executable, TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")]
+        + _overrides(preprocessed, tokenizer_path, run_dir, model__hidden_size=128, train__max_steps=6),
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "different model (model.hidden_size: 64 -> 128)" in proc.stderr.strip().splitlines()[-1]
+
+
+def _start(run_dir, preprocessed, tokenizer_path, **extra):
+    cmd = [sys.executable, TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")] + _overrides(
+        preprocessed, tokenizer_path, run_dir, **extra)
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise AssertionError("timed out waiting for the training process")
+
+
+@pytest.mark.slow
+def test_sigkill_during_saves_leaves_a_resumable_run(tmp_path, preprocessed, tokenizer_path):
+    """Kill the trainer inside a checkpoint save, at a random instant, several times; the restarted runs
+    finish with exactly the losses of an uninterrupted run."""
+    straight = str(tmp_path / "straight")
+    launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, straight, train__max_steps=12,
+                                                  optim__decay_steps=12))
+    run_dir = str(tmp_path / "killed")
+    ckpt = os.path.join(run_dir, "checkpoints")
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(4):
+        proc = _start(run_dir, preprocessed, tokenizer_path, train__max_steps=12, optim__decay_steps=12,
+                      checkpoint__every=1, logging__run_dir=run_dir)
+        saving = lambda: os.path.isdir(ckpt) and any(n.endswith(".tmp") for n in os.listdir(ckpt))
+        if _wait_for(saving, proc):
+            time.sleep(rng.uniform(0, 0.03))
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.communicate()
+    assert kills >= 2
+    final = launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=12,
+                                                          optim__decay_steps=12, checkpoint__every=1))
+    assert "resumed from" in final.stdout
+    assert losses(run_dir) == losses(straight)  # steps recomputed after a kill are logged once
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_with_the_documented_code(tmp_path, preprocessed, tokenizer_path):
+    straight = str(tmp_path / "straight")
+    launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, straight, train__max_steps=40,
+                                                  optim__decay_steps=40))
+    run_dir = str(tmp_path / "run")
+    proc = _start(run_dir, preprocessed, tokenizer_path, train__max_steps=40, optim__decay_steps=40)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    assert _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)  # a second signal during the save must not corrupt it
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_CHECKPOINTED, err[-3000:]
+    stopped_at = read_metrics(run_dir)[-1]["step"]
+    assert stopped_at < 40 and f"global_step{stopped_at}" in out
+    assert find_resumable(os.path.join(run_dir, "checkpoints")).step == stopped_at
+    launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=40,
+                                                  optim__decay_steps=40))
+    assert losses(run_dir) == losses(straight)
