@@ -184,12 +184,17 @@ def text_docs(files: list[str]) -> Iterator[tuple[str, str]]:
 
 
 def _take(docs: Iterator[tuple[str, str]], budget: int, component: str) -> list[dict]:
-    out, size = [], 0
+    """Documents that fit in `budget` bytes, in the given order; gives up after 100 that do not fit."""
+    out, size, misses = [], 0, 0
     for path, text in docs:
-        if size >= budget:
-            break
+        n = len(text.encode("utf-8"))
+        if size + n > budget:
+            misses += 1
+            if misses > 100 or budget - size < MIN_DOC_CHARS:
+                break
+            continue
         out.append({"text": text, "meta": {"pile_set_name": component, "source": path}})
-        size += len(text.encode("utf-8"))
+        size += n
     return out
 
 
@@ -210,7 +215,8 @@ def collect_documents(max_bytes: int, seed: int) -> list[dict]:
     for component, (files, make_docs) in sources.items():
         files = list(files)
         rng.shuffle(files)
-        budget = max_bytes - used if component == "Github" else int(max_bytes * SHARES[component])
+        share = int(max_bytes * SHARES[component])
+        budget = max(share, max_bytes - used) if component == "Github" else share
         taken = _take(make_docs(files), budget, component)
         used += sum(len(r["text"].encode("utf-8")) for r in taken)
         records += taken
