@@ -119,6 +119,55 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+# ----------------------------------------------------------------------------- loss
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross_entropy(x @ w.T, targets), ignoring targets == -100, for training.
+
+    The gradient of cross-entropy with respect to the logits is softmax - one_hot, so the
+    forward computes the gradients of x and w too, a chunk of rows at a time, and keeps them
+    instead of the logits: the (N, vocab) logits are never stored whole (a memory win on GPU)
+    and are touched by fewer passes than log_softmax + nll_loss + their backwards (a speed win
+    on CPU). Logits, softmax and the weight-gradient sum are at least fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 25):
+        # x (N, C), w (V, C), targets (N,)
+        N, V = x.shape[0], w.shape[0]
+        rows = max(1, chunk_elems // V)  # 2^25 fp32 logits: 128 MiB a chunk, few chunks on CPU
+        valid = targets != -100
+        inv_count = 1.0 / valid.sum().clamp(min=1).float()
+        safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows are masked below
+        loss = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32))
+        for s in range(0, N, rows):
+            xs, ts = x[s : s + rows], safe_targets[s : s + rows]
+            scale = valid[s : s + rows, None] * inv_count  # (n, 1): 1/count, or 0 for ignored rows
+            logits = xs @ w.t()  # (n, V)
+            if logits.element_size() < 4:
+                logits = logits.float()  # softmax in fp32 under bf16/fp16
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            loss += ((lse - logits.gather(1, ts)) * scale).sum()
+            grad = logits.sub_(lse).exp_()  # softmax, in place
+            grad.scatter_add_(1, ts, torch.full_like(lse, -1.0)).mul_(scale)  # (softmax - one_hot) / count
+            grad = grad.to(x.dtype)
+            grad_x[s : s + rows] = grad @ w  # (n, C)
+            if grad_w.dtype == grad.dtype:
+                grad_w.addmm_(grad.t(), xs)  # (V, C)
+            else:
+                grad_w += (grad.t() @ xs).float()
+        ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -171,7 +220,10 @@ class GPT(nn.Module):
         enter the softmax and the logits are materialised once, contiguous, without a slice copy.
         """
         x = self.hidden_states(input_ids)  # (B, T, C)
-        logits = F.linear(x, self._head_weight()[: self.cfg.vocab_size])  # (B, T, vocab)
+        w = self._head_weight()[: self.cfg.vocab_size]  # (vocab, C), a view: no copy
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten())
+        logits = F.linear(x, w)  # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     # ------------------------------------------------------------------------- init

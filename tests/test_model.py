@@ -19,7 +19,7 @@ from megapile.hf_convert import (  # noqa: E402
     state_dict_from_hf,
     state_dict_to_hf,
 )
-from megapile.model import GPT, build_model, param_groups  # noqa: E402
+from megapile.model import GPT, LinearCrossEntropy, build_model, param_groups  # noqa: E402
 
 VOCAB = 300  # padded to 384: the padding rows are exercised everywhere
 
@@ -254,6 +254,51 @@ def test_loss_is_cross_entropy_over_real_vocab():
     torch.testing.assert_close(got, expected)
     assert torch.equal(via_forward, got)
     assert (full - expected).abs().item() > 1.0
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 25, 7 * 100, 1])  # one chunk, 7 rows a chunk, 1 row
+def test_linear_cross_entropy_matches_autograd(chunk_elems):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(100, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 100, (40,), generator=g)
+    t[::5] = -100
+    expected = F.cross_entropy(x @ w.t(), t)
+    gx, gw = torch.autograd.grad(expected * 3.0, (x, w))
+    got = LinearCrossEntropy.apply(x, w, t, chunk_elems)
+    fx, fw = torch.autograd.grad(got * 3.0, (x, w))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fx, gx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fw, gw, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_bf16_close_to_fp32():
+    g = torch.Generator().manual_seed(0)
+    x32, w32 = torch.randn(64, 32, generator=g), torch.randn(200, 32, generator=g) * 0.2
+    t = torch.randint(0, 200, (64,), generator=g)
+    x, w = x32.bfloat16().requires_grad_(), w32.bfloat16().requires_grad_()
+    loss = LinearCrossEntropy.apply(x, w, t, 16 * 200)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == w.grad.dtype == torch.bfloat16
+    ref_x, ref_w = x32.clone().requires_grad_(), w32.clone().requires_grad_()
+    ref = F.cross_entropy(ref_x @ ref_w.t(), t)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad.float(), ref_w.grad, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(x.grad.float(), ref_x.grad, rtol=2e-2, atol=2e-3)
+
+
+def test_model_loss_grads_match_plain_cross_entropy():
+    cfg = make_cfg(tie_embeddings=True)  # the head's gradient adds to the embedding's
+    model = build_model(cfg, seed=1).train()
+    ids, targets = _ids(cfg, seed=1), _ids(cfg, seed=2)
+    targets[1, 5:] = -100
+    _, fused = _loss_and_grads(model, ids, targets)
+    model.zero_grad()
+    logits = model(ids)[..., : cfg.vocab_size]
+    F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1)).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
 @pytest.mark.parametrize("vocab,padded", [(300, 384), (50257, 50304), (50304, 50304), (1, 128)])
