@@ -65,7 +65,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
@@ -74,8 +73,9 @@ class Attention(nn.Module):
         self.flash_attn_func = _import_flash_attn() if cfg.attention == "flash_attn" else None
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, self.num_heads, 3 * self.head_dim)  # per-head [q, k, v]
+        B, T, _ = x.shape
+        # -1 heads: a tensor-parallel shard of qkv (whole heads) runs this code unchanged.
+        qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim)  # per-head [q, k, v]
         qkv = qkv.transpose(1, 2)  # (B, nh, T, 3 hs)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, nh, T, hs)
         if rope is not None:
@@ -84,10 +84,10 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.flash_attn_func is not None:
             y = self.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
-            y = y.reshape(B, T, C)  # flash_attn returns (B, T, nh, hs)
+            y = y.reshape(B, T, -1)  # flash_attn returns (B, T, nh, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
-            y = y.transpose(1, 2).reshape(B, T, C)
+            y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
         return self.resid_dropout(self.proj(y))
 
 
