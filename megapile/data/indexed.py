@@ -184,6 +184,12 @@ class IndexedDataset:
     def __len__(self) -> int:
         return len(self.sequence_lengths)
 
+    def __getstate__(self) -> dict:  # pickle by path (for spawned workers), never the mapped arrays
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 import warnings
 from typing import Optional, Sequence
 
@@ -202,7 +203,7 @@ class PackedDataset:
         return np.stack([order, ends])
 
     def _save(self, path: str, table: np.ndarray) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # unique across ranks and nodes
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
             with open(tmp, "wb") as f:
