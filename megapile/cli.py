@@ -14,6 +14,7 @@ COMMANDS = {
     "tokenizer": ("megapile.data.tokenizer", "train a byte-level BPE tokenizer"),
     "preprocess": ("megapile.data.preprocess", "tokenize jsonl(.zst) into Megatron .bin/.idx"),
     "train": ("megapile.train", "train a model (same as python megapile/train.py)"),
+    "ckpt": ("megapile.checkpoint.tools", "inspect, verify or consolidate a checkpoint"),
     "plot": ("megapile.plot", "plot loss, lr and tokens/s of one or more runs to a PNG"),
 }
 

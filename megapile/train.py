@@ -23,6 +23,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ class Run:
     engine: object
     scheduler: object
     batches: Batches
-    valid_stream: object
+    valid_batches: Optional[Batches]
     logger: object
     ckpt_dir: str
     accum: int
@@ -159,8 +160,11 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
         f"× dp {env.world_size} = global {cfg.train.global_batch_size}, seq {seq_len}; "
         f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
     )
-    batches = Batches(train_stream, cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size)
-    return Run(cfg, env, device, engine, scheduler, batches, valid_stream, logger,
+    def batches(stream):
+        return Batches(stream, cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size)
+
+    return Run(cfg, env, device, engine, scheduler, batches(train_stream),
+               batches(valid_stream) if valid_stream is not None else None, logger,
                checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir), accum, flops_per_token, peak,
                {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order)
 
@@ -228,8 +232,8 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
         last = done == cfg.train.max_steps
         stopping = _any_rank(stop.requested, env)
         val_loss = None
-        if run.valid_stream is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
-            val_loss = evaluate(engine, run.valid_stream, cfg, env, run.device)
+        if run.valid_batches is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
+            val_loss = evaluate(engine, run.valid_batches, cfg.train.eval_iters, env, run.device)
         if done % cfg.train.log_every == 0 or last or stopping or val_loss is not None:
             elapsed = time.perf_counter() - window_start
             loss_value = _mean_over_ranks(torch.stack(window_losses).mean(), env)
@@ -282,16 +286,13 @@ def save(run: Run, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine, stream, cfg: Config, env: distributed.DistEnv, device: torch.device) -> float:
-    """Mean loss over the first eval_iters × micro × dp validation samples, the same on any world size."""
+def evaluate(engine, batches: Batches, iters: int, env: distributed.DistEnv, device: torch.device) -> float:
+    """Mean loss over the first `iters` global batches of validation data, split across ranks like
+    training batches, so every world size scores exactly the same samples."""
     engine.eval()
-    m = cfg.train.micro_batch_size
-    total = torch.zeros((), device=device)
-    for it in range(cfg.train.eval_iters):
-        rows = torch.from_numpy(stream.get_batch((it * env.world_size + env.rank) * m, m))
-        total += engine(rows[:, :-1].to(device), targets=rows[:, 1:].to(device)).float()
+    losses = [engine(x, targets=y).float() for it in range(iters) for x, y in batches.micro_batches(it, device)]
     engine.train()
-    return _mean_over_ranks(total / cfg.train.eval_iters, env)
+    return _mean_over_ranks(torch.stack(losses).mean(), env)
 
 
 def _mean_over_ranks(value: torch.Tensor, env: distributed.DistEnv) -> float:

@@ -13,7 +13,7 @@ import pytest
 from megapile.checkpoint import find_resumable, list_complete, manifest, prune
 from megapile.config import CheckpointConfig
 from megapile.signals import EXIT_CHECKPOINTED
-from train_helpers import ROOT, TRAIN, DS, launch, losses, read_metrics, small_run_overrides
+from train_helpers import DS, ROOT, TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
 
 
 def _overrides(preprocessed, tokenizer_path, run_dir, **extra):
@@ -182,3 +182,46 @@ def test_sigterm_saves_and_exits_with_the_documented_code(tmp_path, preprocessed
     launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=40,
                                                   optim__decay_steps=40))
     assert losses(run_dir) == losses(straight)
+
+
+@pytest.mark.slow
+def test_reshard_across_world_sizes_and_zero_stages(tmp_path, preprocessed, tokenizer_path):
+    """2 ranks ZeRO-2 -> 1 rank ZeRO-3 -> 2 ranks ZeRO-1 -> 1 rank ZeRO-0 continues like one uninterrupted run."""
+    straight = str(tmp_path / "straight")
+    launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, straight, model__dropout=0.0,
+                                                  train__max_steps=10, optim__decay_steps=10))
+    run_dir = str(tmp_path / "chain")
+    chain = [("torchrun", 2, "zero2.json", 3), ("python", 1, "zero3.json", 5), ("torchrun", 2, "zero1.json", 8),
+             ("python", 1, "zero0.json", 10)]
+    for launcher, nproc, ds, steps in chain:
+        proc = launch(launcher, nproc, ds, _overrides(preprocessed, tokenizer_path, run_dir, model__dropout=0.0,
+                                                      train__max_steps=steps, optim__decay_steps=10))
+        if steps > 3:
+            assert "resharding through full fp32 weights and Adam moments" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 11))
+    assert_close(losses(run_dir), losses(straight), rel=1e-5)
+
+
+def test_ckpt_tools(saved_run, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from megapile.cli import main
+
+    ckpt = os.path.join(saved_run, "checkpoints")
+    assert main(["ckpt", "info", ckpt]) == 0
+    out = capsys.readouterr().out
+    assert "step         4 (global sample index 32" in out and "ZeRO-1 on 1" in out
+    assert main(["ckpt", "verify", ckpt]) == 0
+    assert "global_step4: ok" in capsys.readouterr().out
+    output = str(tmp_path / "model.safetensors")
+    assert main(["ckpt", "consolidate", ckpt, "--output", output]) == 0
+    weights = load_file(output)
+    module = torch.load(os.path.join(ckpt, "global_step4", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    assert set(weights) == set(module)
+    for name, value in module.items():
+        assert torch.equal(weights[name], value.float()), name
+    damaged, _ = _damaged_copy(saved_run, tmp_path / "d", _flip_byte)
+    assert main(["ckpt", "verify", damaged]) == 1
+    assert "global_step4: DAMAGED" in capsys.readouterr().out
+    assert main(["ckpt", "info", str(tmp_path / "nothing")]) == 1

@@ -19,6 +19,16 @@ import torch
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def read_full_weights(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The fp32 value of every parameter, from a checkpoint of any layout."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    if zero_stage == 0:
+        model_state = torch.load(z.get_model_state_file(path, 0), map_location="cpu", weights_only=False)
+        return {n: t.float() for n, t in model_state["module"].items()}
+    return {n: t.float() for n, t in z.to_torch_tensor(z._get_fp32_state_dict_from_zero_checkpoint(path, False)).items()}
+
+
 def read_full_state(path: str, zero_stage: int, param_order: list[str]) -> dict[str, Any]:
     """{"fp32": {name: tensor}, "exp_avg": {...}, "exp_avg_sq": {...}, "step": int, "lr_scheduler": dict}.
 
