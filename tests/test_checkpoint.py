@@ -149,7 +149,8 @@ def test_sigkill_during_saves_leaves_a_resumable_run(tmp_path, preprocessed, tok
     for attempt in range(4):
         proc = _start(run_dir, preprocessed, tokenizer_path, train__max_steps=12, optim__decay_steps=12,
                       checkpoint__every=1, logging__run_dir=run_dir)
-        saving = lambda: os.path.isdir(ckpt) and any(n.endswith(".tmp") for n in os.listdir(ckpt))
+        tmp = os.path.join(ckpt, f"global_step{2 + 3 * attempt}.tmp")  # a later save each time: progress
+        saving = lambda: os.path.isdir(tmp)
         if _wait_for(saving, proc):
             time.sleep(rng.uniform(0, 0.03))
             os.killpg(proc.pid, signal.SIGKILL)
