@@ -9,11 +9,12 @@ measured in the same run.
     python bench/train_throughput.py --preset pythia-14m --threads 2 --steps 4
     python bench/train_throughput.py --preset tiny --deepspeed      # ours inside a ZeRO-0 engine
 
-"Our step" is megapile's: GPT (model.py) + AdamW over param_groups (no decay on biases and
-norms) + global grad-norm clipping; with --deepspeed, the same model and optimizer wrapped by
+"Our step" is megapile's: GPT (model.py) + torch AdamW over param_groups (no decay on biases
+and norms) + global grad-norm clipping; with --deepspeed, the same model and optimizer wrapped by
 deepspeed.initialize on one rank. "Their step" is the plain transformers loop: model(input_ids,
 labels=...) -> loss.backward() -> clip -> torch.optim.AdamW.step(), with transformers' default
-attention (sdpa) unless --hf-attn says otherwise.
+attention (sdpa) unless --hf-attn says otherwise. Both use the same AdamW implementation
+(--adam, default fused as the transformers Trainer does), so the ratio measures the models.
 """
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ PRESETS = {
     "pythia-14m": (dict(num_layers=6, hidden_size=128, num_heads=4, vocab_size=50304, max_seq_len=2048), 4, 512),
 }
 LR, WEIGHT_DECAY, BETAS, CLIP = 1e-3, 0.1, (0.9, 0.95), 1.0
+# torch.optim.AdamW implementations; both sides always use the same one. "fused" is what the
+# transformers Trainer uses by default with torch >= 2.8; "plain" is torch's default on CPU (a
+# per-tensor loop, ~10x slower than fused on CPU).
+ADAM_IMPL = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}
 
 
-def ours_step_fn(cfg: ModelConfig, seed: int, compile_model: bool, deepspeed_engine: bool, batch: int):
+def ours_step_fn(cfg: ModelConfig, seed: int, compile_model: bool, deepspeed_engine: bool, batch: int, adam: str):
     from megapile.model import build_model, param_groups
 
     model = build_model(cfg, seed=seed).train()
-    opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
+    opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, **ADAM_IMPL[adam])
     if deepspeed_engine:
         engine = _deepspeed_engine(model, opt, batch)
 
@@ -65,7 +70,7 @@ def ours_step_fn(cfg: ModelConfig, seed: int, compile_model: bool, deepspeed_eng
     return model, step
 
 
-def hf_step_fn(cfg: ModelConfig, attn: str):
+def hf_step_fn(cfg: ModelConfig, attn: str, adam: str):
     import transformers
 
     from megapile.hf_convert import config_to_hf
@@ -73,7 +78,7 @@ def hf_step_fn(cfg: ModelConfig, attn: str):
     hf_cfg = config_to_hf(cfg)
     torch.manual_seed(0)
     model = transformers.GPTNeoXForCausalLM._from_config(hf_cfg, attn_implementation=attn).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **ADAM_IMPL[adam])
 
     def step(x, y):
         # HF shifts labels itself; passing the inputs as labels trains on the same next tokens.
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--deepspeed", action="store_true", help="wrap ours in a one-rank ZeRO-0 engine")
+    p.add_argument("--adam", choices=sorted(ADAM_IMPL), default="fused", help="AdamW implementation, both sides")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
     args = p.parse_args(argv)
 
@@ -129,8 +135,8 @@ def main(argv=None) -> int:
     cfg = ModelConfig(arch="neox", **shape)
 
     ours_model, ours = ours_step_fn(cfg, seed=0, compile_model=args.compile, deepspeed_engine=args.deepspeed,
-                                    batch=batch)
-    _, theirs = hf_step_fn(cfg, args.hf_attn)
+                                    batch=batch, adam=args.adam)
+    _, theirs = hf_step_fn(cfg, args.hf_attn, args.adam)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
     label = "megapile" + (" (deepspeed ZeRO-0)" if args.deepspeed else "") + (" (compiled)" if args.compile else "")
     print(f"preset {args.preset}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
           f"vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size}), batch {batch} x seq {seq_len}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, AdamW {args.adam}, torch {torch.__version__}")
     print(f"{ours_model.num_params(exclude_embedding=False) / 1e6:.2f}M parameters, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token; fp32 matmul peak {peak * 1e3:.1f} GFLOP/s (measured, 2048^2 mm)")
     tps = {}
