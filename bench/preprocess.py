@@ -21,8 +21,12 @@ import time
 import zstandard
 
 
-def hf_tokenize(files: list[str], tokenizer_path: str, workers: int, cache_dir: str) -> tuple[float, float, int]:
-    """(seconds to load, seconds to map, documents) for load_dataset("json") + map(batched=True)."""
+def hf_tokenize(files: list[str], tokenizer_path: str, workers: int, cache_dir: str, call: str) -> tuple[float, float, int]:
+    """(seconds to load, seconds to map, documents) for load_dataset("json") + map(batched=True).
+
+    call="fast": the very call megapile makes (Tokenizer.encode_batch_fast, no offsets);
+    call="classic": tokenizers' documented Tokenizer.encode_batch, which also computes offsets.
+    """
     import datasets
 
     from megapile.data.tokenizer import load_tokenizer
@@ -34,8 +38,12 @@ def hf_tokenize(files: list[str], tokenizer_path: str, workers: int, cache_dir: 
     ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache_dir)
     t1 = time.perf_counter()
 
+    backend = tok.backend
+
     def encode(batch):
-        return {"input_ids": [ids + [eod] for ids in tok.encode_batch(batch["text"])]}
+        if call == "fast":
+            return {"input_ids": [ids + [eod] for ids in tok.encode_batch(batch["text"])]}
+        return {"input_ids": [e.ids + [eod] for e in backend.encode_batch(batch["text"], add_special_tokens=False)]}
 
     out = ds.map(encode, batched=True, batch_size=1000, num_proc=workers if workers > 1 else None,
                  remove_columns=ds.column_names)
@@ -94,18 +102,28 @@ def main() -> None:
             train_tokenizer((d.text for d in JsonlSource(files)), args.vocab, tok_path)
 
         ours = run_ours(files, tok_path, os.path.join(tmp, "ours"), args.workers)
-        load_s, map_s, docs = hf_tokenize(files, tok_path, args.workers, os.path.join(tmp, "hf"))
-        assert docs == ours["documents"], (docs, ours["documents"])
         mb = ours["input_bytes"] / 1e6
-        hf_s = load_s + map_s
+        docs = ours["documents"]
         print(f"input: {docs:,} documents, {mb:.1f} MB of JSON lines, {ours['tokens']:,} tokens; {args.workers} workers")
-        print(f"megapile preprocess (to .bin/.idx): {ours['seconds']:6.2f} s  {docs / ours['seconds']:8,.0f} docs/s  {mb / ours['seconds']:6.2f} MB/s")
-        print(f"HF load_dataset + map(batched)    : {hf_s:6.2f} s  {docs / hf_s:8,.0f} docs/s  {mb / hf_s:6.2f} MB/s"
-              f"  (load {load_s:.2f} s + map {map_s:.2f} s)")
-        print(f"speed-up: {hf_s / ours['seconds']:.2f}x end to end, {map_s / ours['seconds']:.2f}x against map alone")
+        print(f"megapile preprocess (to .bin/.idx)     : {ours['seconds']:6.2f} s  {docs / ours['seconds']:8,.0f} docs/s  {mb / ours['seconds']:6.2f} MB/s")
+        for call in ("fast", "classic"):
+            load_s, map_s, n = hf_tokenize(files, tok_path, args.workers, os.path.join(tmp, f"hf-{call}"), call)
+            assert n == docs, (n, docs)
+            hf_s = load_s + map_s
+            name = "encode_batch_fast" if call == "fast" else "encode_batch"
+            print(f"HF load_dataset + map, {name:<17}: {hf_s:6.2f} s  {docs / hf_s:8,.0f} docs/s  {mb / hf_s:6.2f} MB/s"
+                  f"  (load {load_s:.2f} s + map {map_s:.2f} s) -> megapile is {hf_s / ours['seconds']:.2f}x faster")
+        t = time.perf_counter()
+        from megapile.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tok_path)
+        for chunk in JsonlSource(files).iter_chunks(2 << 20):
+            tok.encode_batch([json.loads(line)["text"] for line in chunk.lines])
+        alone = time.perf_counter() - t
+        print(f"floor: encode_batch_fast alone, 1 process: {alone:.2f} s = {mb / alone:.2f} MB/s per core "
+              f"(x{args.workers} workers = {args.workers * mb / alone:.2f} MB/s if perfectly parallel)")
 
         small = repeat_corpus(files, 1, os.path.join(tmp, "small.jsonl.zst"))
-        base_mb = os.path.getsize(small)  # compressed; cut to the requested raw size below
         cut = JsonlSource(small)
         part = os.path.join(tmp, "base.jsonl.zst")
         with open(part, "wb") as f, zstandard.ZstdCompressor().stream_writer(f) as w:
@@ -117,7 +135,6 @@ def main() -> None:
                 if size >= args.memory_base_mb * 1e6:
                     break
         big = repeat_corpus([part], 10, os.path.join(tmp, "big.jsonl.zst"))
-        del base_mb
         for label, path in (("1x", part), ("10x", big)):
             r = run_ours([path], tok_path, os.path.join(tmp, f"mem{label}"), args.workers)
             print(f"memory, {label:>3} input ({r['input_bytes'] / 1e6:6.1f} MB, {r['documents']:,} docs): "

@@ -150,3 +150,17 @@ def test_user_errors(sample_corpus, tokenizer_path, tmp_path):
     with pytest.raises(DataError, match="no files match"):
         preprocess(str(tmp_path / "*.jsonl.zst"), tokenizer_path, str(tmp_path / "pile"))
     assert sorted(os.listdir(tmp_path)) == ["tok.json"]
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(sample_corpus, tokenizer_path, tmp_path):
+    from concurrent.futures.process import BrokenProcessPool
+
+    copy = tmp_path / "tok.json"
+    copy.write_bytes(open(tokenizer_path, "rb").read())
+    tok = load_tokenizer(str(copy))
+    copy.unlink()  # the workers cannot load it: their start-up fails
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(BrokenProcessPool):
+        preprocess(os.path.join(sample_corpus, "val", "*.jsonl.zst"), tok, str(out / "pile"), workers=2)
+    assert os.listdir(out) == []

@@ -26,6 +26,8 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
@@ -225,16 +227,19 @@ def preprocess(
             for chunk in chunks:
                 consume(_process(chunk, filter_, split_by_component, dtype))
         else:
-            pool = stack.enter_context(
-                multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok.path,))
+            # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory, or
+            # unable to start) raises BrokenProcessPool here instead of hanging the run forever.
+            pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tok.path,)
             )
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
             pending: collections.deque = collections.deque()
             for chunk in chunks:
-                pending.append(pool.apply_async(_process, (chunk, filter_, split_by_component, dtype)))
+                pending.append(pool.submit(_process, chunk, filter_, split_by_component, dtype))
                 if len(pending) > 2 * workers:
-                    consume(pending.popleft().get())
+                    consume(pending.popleft().result())
             while pending:
-                consume(pending.popleft().get())
+                consume(pending.popleft().result())
 
         result.skips.update(source.skips)
         result.seconds = time.perf_counter() - start
@@ -326,6 +331,10 @@ def cli_main(args: argparse.Namespace) -> int:
         )
     except DataError as e:
         print(f"megapile: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool:
+        print("megapile: error: a tokenizer worker process died (out of memory? try fewer --workers); nothing was written",
+              file=sys.stderr)
         return 1
     print("\n".join(result.summary()))
     return 0
