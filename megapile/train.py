@@ -19,6 +19,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import copy
 import math
 import random
 import time
@@ -70,7 +71,7 @@ def cli_main(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         env = distributed.detect(os.environ)
         summary = train(cfg, args.deepspeed_config or DEFAULT_DS_CONFIG, env)
-    except (ConfigError, distributed.LaunchError) as e:
+    except (ConfigError, distributed.LaunchError, TrainingError) as e:
         print(f"megapile: error: {e}", file=sys.stderr)
         return 1
     if env.is_main and summary.get("val_loss") is not None:
@@ -206,6 +207,10 @@ def resume(run: Run) -> int:
     return found.step
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message is one line."""
+
+
 def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
     from tqdm import tqdm
 
@@ -216,21 +221,20 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
                unit="step", dynamic_ncols=True)
     window_losses: list[torch.Tensor] = []
     window_start = time.perf_counter()
+    skipped_total, first_bad = 0, None
     for step in range(start_step, cfg.train.max_steps):
-        loss_sum = torch.zeros((), device=run.device)
-        grad_norm = None
-        for x, y in run.batches.micro_batches(step, run.device):
-            loss = engine(x, targets=y)
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary():
-                grad_norm = _stage0_grad_norm(engine)
-            engine.step()
-            loss_sum += loss.detach().float()
-        window_losses.append(loss_sum / run.accum)
+        loss, grad_norm, skipped = train_step(run, step)
+        window_losses.append(loss)
         bar.update(1)
         done = step + 1
         last = done == cfg.train.max_steps
-        stopping = _any_rank(stop.requested, env)
+        stopping, bad_loss = _any_rank([stop.requested, not bool(torch.isfinite(loss))], env)
+        if skipped or bad_loss:  # every rank agrees: the grad norm is global, the flags all-reduced
+            skipped_total += 1
+            first_bad = first_bad or done
+            _check_bad_streak(run, first_bad, done)
+        else:
+            first_bad = None
         val_loss = None
         if run.valid_batches is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
             val_loss = evaluate(engine, run.valid_batches, cfg.train.eval_iters, env, run.device)
@@ -239,24 +243,25 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
             loss_value = _mean_over_ranks(torch.stack(window_losses).mean(), env)
             tokens_per_s = tokens_per_step * len(window_losses) / elapsed
             tflops = run.flops_per_token * tokens_per_s / env.world_size / 1e12
-            norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
             record = {
                 "step": done,
                 "loss": loss_value,
                 "lr": run.scheduler.get_last_lr()[0],
-                "grad_norm": None if norm is None else float(norm),
+                "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_s,
                 "tflops_per_device": tflops,
                 "mfu": tflops / run.peak_tflops,
                 "samples_seen": done * cfg.train.global_batch_size,
                 "tokens_seen": done * tokens_per_step,
+                "skipped_steps": skipped_total,
             }
             if val_loss is not None:
                 record["val_loss"] = val_loss
             run.logger.log(record, console=bar.write)
             summary.update(step=done, loss=loss_value, val_loss=val_loss if val_loss is not None else summary["val_loss"])
             window_losses, window_start = [], time.perf_counter()
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping:
+        scheduled = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping
+        if scheduled and first_bad is None:  # never checkpoint inside a run of skipped steps
             save(run, done)
         if stopping:
             run.logger.message(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {done}; "
@@ -265,6 +270,60 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
             break
     bar.close()
     return summary
+
+
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, Optional[float], bool]:
+    """One optimizer step over this rank's micro-batches: (mean loss, global grad norm, update skipped).
+
+    A non-finite gradient norm skips the update: DeepSpeed's ZeRO optimizers do that themselves (and
+    count it in `skipped_steps`); for ZeRO-0's plain torch optimizer megapile does it here.
+    """
+    engine = run.engine
+    skipped_before = engine.skipped_steps
+    loss_sum = torch.zeros((), device=run.device)
+    grad_norm = None
+    for x, y in run.batches.micro_batches(step, run.device):
+        loss = engine(x, targets=y)
+        engine.backward(loss)
+        loss_sum += loss.detach().float()
+        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+            grad_norm = _stage0_grad_norm(engine)  # gradients are all-reduced by now: same on every rank
+            if not math.isfinite(grad_norm):
+                _drop_stage0_update(engine)
+                continue
+        engine.step()
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    return loss_sum / run.accum, grad_norm, engine.skipped_steps > skipped_before
+
+
+def _drop_stage0_update(engine) -> None:
+    """Skip this optimizer step on ZeRO-0, as DeepSpeed's ZeRO optimizers skip an overflowed one: no parameter
+    or Adam state changes, the LR schedule does not advance, and the skip is counted. Bad steps are rare, so
+    a snapshot and restore around DeepSpeed's step (which keeps its micro-step bookkeeping) costs nothing."""
+    params = [p.detach().clone() for p in engine.module.parameters()]
+    optimizer_state = copy.deepcopy(engine.optimizer.state_dict())
+    schedule = engine.lr_scheduler.state_dict()
+    engine.step()
+    with torch.no_grad():
+        for p, saved in zip(engine.module.parameters(), params):
+            p.copy_(saved)
+    engine.optimizer.load_state_dict(optimizer_state)  # moments, step counts and the groups' lr
+    engine.lr_scheduler.load_state_dict(schedule)
+    engine.skipped_steps += 1
+
+
+def _check_bad_streak(run: Run, first_bad: int, done: int) -> None:
+    limit = run.cfg.train.max_bad_steps
+    if done - first_bad + 1 < limit:
+        return
+    g = run.cfg.train.global_batch_size
+    raise TrainingError(
+        f"steps {first_bad}-{done}: {done - first_bad + 1} consecutive steps had a non-finite loss or gradient "
+        f"norm and their updates were skipped (train.max_bad_steps={limit}); the first bad batch is global samples "
+        f"[{(first_bad - 1) * g}, {first_bad * g}) of data.train; the weights are those after step {first_bad - 1} "
+        f"and no checkpoint was written since"
+    )
 
 
 def save(run: Run, step: int) -> None:
@@ -279,6 +338,8 @@ def save(run: Run, step: int) -> None:
         "fingerprints": run.fingerprints,
         "versions": _versions(),
     }
+    if _any_rank([not _weights_finite(run.engine)], run.env)[0]:
+        raise TrainingError(f"step {step}: the weights contain NaN or Inf; refusing to save a checkpoint over good ones")
     figures = checkpoint.save(run.engine, run.ckpt_dir, step, state, cfg.checkpoint, run.env.is_main)
     if figures:
         run.logger.message(f"saved checkpoint {run.ckpt_dir}/global_step{step}: {figures['save_mb']:.1f} MB in "
@@ -303,12 +364,12 @@ def _mean_over_ranks(value: torch.Tensor, env: distributed.DistEnv) -> float:
     return float(value)
 
 
-def _stage0_grad_norm(engine) -> float | None:
+def _stage0_grad_norm(engine) -> float:
     """DeepSpeed reports the global norm only for ZeRO ≥ 1; without ZeRO every rank holds full grads."""
     if engine.zero_optimization_stage() != 0:
         return None
     norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _set_cpu_threads(env: distributed.DistEnv) -> None:
@@ -359,15 +420,20 @@ def _tokenizer_facts(cfg: Config) -> str | None:
     return tokenizer.fingerprint
 
 
-def _any_rank(flag: bool, env: distributed.DistEnv) -> bool:
-    """True on every rank when it is true on one: all ranks must stop at the same step."""
+def _any_rank(flags: list[bool], env: distributed.DistEnv) -> list[bool]:
+    """Each flag true on every rank when it is true on one (one all-reduce): ranks must act at the same step."""
     if env.world_size == 1:
-        return flag
-    t = torch.tensor([int(flag)])
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags])
     if torch.distributed.get_backend() == "nccl":
         t = t.cuda()
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
+
+
+def _weights_finite(engine) -> bool:
+    """This rank's share of the weights (ZeRO-3 keeps a partition in ds_tensor) is all finite."""
+    return all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
 
 
 def _versions() -> dict[str, str]:

@@ -1,0 +1,56 @@
+"""A NaN loss or gradient skips the update on every rank; a streak of them stops the run, naming the batch,
+with the last good checkpoint untouched; non-finite weights are never saved."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megapile.checkpoint import list_complete
+from megapile.checkpoint.portable import read_full_weights
+from train_helpers import DS, ROOT, free_port, read_metrics, small_run_overrides
+
+HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
+
+
+def _run(nproc, ds, overrides, nan_steps, accum):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_NAN_STEPS=nan_steps,
+               MEGAPILE_NAN_ACCUM=str(accum))
+    args = [HARNESS, "--deepspeed_config", os.path.join(DS, ds)] + overrides
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())] + args
+    return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_one_nan_batch_skips_that_update_on_every_rank(stage, tmp_path, preprocessed, tokenizer_path):
+    run_dir = str(tmp_path / "run")
+    proc = _run(2, f"zero{stage}.json", small_run_overrides(
+        preprocessed, tokenizer_path, run_dir, train__max_steps=6, checkpoint__every=1, checkpoint__keep_last=10),
+        nan_steps="3", accum=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
+    assert records[2]["loss"] != records[2]["loss"]  # NaN at step 3 (on one rank, averaged over both)
+    assert all(r["loss"] == r["loss"] for i, r in enumerate(records) if i != 2)
+    for rank in (0, 1):
+        assert f"rank {rank} step 3 weights unchanged: True" in proc.stdout
+    ckpt = os.path.join(run_dir, "checkpoints")
+    assert [s for s, _ in list_complete(ckpt)][::-1] == [1, 2, 4, 5, 6]  # nothing saved at the bad step
+    weights = read_full_weights(os.path.join(ckpt, "global_step6"), stage)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.slow
+def test_a_streak_of_nans_stops_with_the_batch_named(tmp_path, preprocessed, tokenizer_path):
+    run_dir = str(tmp_path / "run")
+    proc = _run(1, "zero1.json", small_run_overrides(
+        preprocessed, tokenizer_path, run_dir, train__max_steps=10, checkpoint__every=2, train__max_bad_steps=3),
+        nan_steps="3,4,5,6,7,8,9,10", accum=4)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("megapile: error: steps 3-5: 3 consecutive steps had a non-finite loss")
+    assert "global samples [16, 24)" in last and "weights are those after step 2" in last
+    assert [s for s, _ in list_complete(os.path.join(run_dir, "checkpoints"))] == [2]  # no save during the streak
