@@ -138,27 +138,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         N, V = x.shape[0], w.shape[0]
         rows = max(1, chunk_elems // V)  # 2^25 fp32 logits: 128 MiB a chunk, few chunks on CPU
         valid = targets != -100
-        inv_count = 1.0 / valid.sum().clamp(min=1).float()
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)  # logits, softmax and sums: >= fp32
+        inv_count = 1.0 / valid.sum().clamp(min=1).to(acc_dtype)
         safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows are masked below
-        loss = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        loss = torch.zeros((), dtype=acc_dtype, device=x.device)
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32))
+        grad_w = torch.zeros_like(w, dtype=acc_dtype)
         for s in range(0, N, rows):
             xs, ts = x[s : s + rows], safe_targets[s : s + rows]
             scale = valid[s : s + rows, None] * inv_count  # (n, 1): 1/count, or 0 for ignored rows
-            logits = xs @ w.t()  # (n, V)
-            if logits.element_size() < 4:
-                logits = logits.float()  # softmax in fp32 under bf16/fp16
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-            loss += ((lse - logits.gather(1, ts)) * scale).sum()
-            grad = logits.sub_(lse).exp_()  # softmax, in place
-            grad.scatter_add_(1, ts, torch.full_like(lse, -1.0)).mul_(scale)  # (softmax - one_hot) / count
+            logits = (xs @ w.t()).to(acc_dtype)  # (n, V); fp32 under bf16/fp16, no copy in fp32
+            target_logit = logits.gather(1, ts)  # (n, 1)
+            top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            exp = logits.sub_(top).exp_()  # in place: the logits are not needed any more
+            sum_exp = exp.sum(dim=-1, keepdim=True)  # (n, 1)
+            loss += ((top + sum_exp.log() - target_logit) * scale).sum()  # logsumexp - target logit
+            grad = exp.mul_(scale / sum_exp).scatter_add_(1, ts, -scale)  # (softmax - one_hot) / count
             grad = grad.to(x.dtype)
-            grad_x[s : s + rows] = grad @ w  # (n, C)
+            torch.mm(grad, w, out=grad_x[s : s + rows])  # (n, C)
             if grad_w.dtype == grad.dtype:
                 grad_w.addmm_(grad.t(), xs)  # (V, C)
             else:
-                grad_w += (grad.t() @ xs).float()
+                grad_w += (grad.t() @ xs).to(acc_dtype)
         ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
         return loss
 
