@@ -12,7 +12,6 @@ import argparse
 import glob
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,11 @@ def hf_tokenize(files: list[str], tokenizer_path: str, workers: int, cache_dir: 
 
 
 def run_ours(files: list[str], tokenizer_path: str, prefix: str, workers: int) -> dict:
-    """Preprocess in a fresh process; report its time and the peak RSS of it and of its workers."""
+    """Preprocess in a fresh process; report its time and the peak RSS of it and of its workers.
+
+    The main's peak is VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so it would
+    report this (large) benchmark process instead.
+    """
     code = (
         "import json, resource, sys, time\n"
         "from megapile.data.preprocess import preprocess\n"
@@ -61,7 +64,7 @@ def run_ours(files: list[str], tokenizer_path: str, prefix: str, workers: int) -
         f"r = preprocess({files!r}, {tokenizer_path!r}, {prefix!r}, workers={workers})\n"
         "print(json.dumps({'seconds': time.perf_counter() - t, 'documents': r.documents, 'tokens': r.tokens,\n"
         "  'input_bytes': r.input_bytes,\n"
-        "  'rss_main_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
+        "  'rss_main_mb': int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024,\n"
         "  'rss_worker_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
