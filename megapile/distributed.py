@@ -1,13 +1,27 @@
 """One place that turns any launcher's environment into rank/world/master and starts the process group.
 
-torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; OpenMPI's
-mpirun sets OMPI_COMM_WORLD_*; a plain `python megapile/train.py` sets nothing and runs as a world of one.
+Launchers, in the order they are recognised (the first that matches wins):
+
+    env     torchrun, the deepspeed launcher, slurm/train.sh, launch/*.sh: RANK, WORLD_SIZE, LOCAL_RANK,
+            MASTER_ADDR, MASTER_PORT
+    mpi     OpenMPI's mpirun (OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK) or MPICH/Intel MPI (PMI_RANK, PMI_SIZE,
+            MPI_LOCALRANKID). The master is MASTER_ADDR/MASTER_PORT when set; otherwise rank 0's host name
+            and a free port on it, broadcast with mpi4py; without mpi4py MASTER_ADDR is required.
+    slurm   `srun python megapile/train.py` inside an allocation: SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+            SLURM_LOCALID; the master is the first host of the step's node list (`scontrol show hostnames`),
+            the port derived from the job id (both overridable with MASTER_ADDR/MASTER_PORT)
+    single  nothing set: a world of one
+
+mpirun is checked before SLURM because a job step's variables leak into processes that mpirun starts inside
+an allocation; SLURM counts only inside a job step (the batch shell itself has SLURM_PROCID=0 too).
 """
 from __future__ import annotations
 
 import datetime
 import os
 import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -23,36 +37,45 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    launcher: str  # "env" (torchrun/deepspeed), "mpi" or "single"
+    launcher: str  # "env" (torchrun/deepspeed/scripts), "mpi", "slurm" or "single"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+DEFAULT_PORT = 29500
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000  # the port a SLURM job uses: base + job id % span
+
+
 def detect(environ: Mapping[str, str]) -> DistEnv:
-    """Read the launcher's variables; raise LaunchError when they contradict each other."""
+    """Read the launcher's variables; raise LaunchError when they contradict each other.
+
+    Under mpirun without MASTER_ADDR this is a collective (an mpi4py broadcast): every rank must call it.
+    """
     if "RANK" in environ or "WORLD_SIZE" in environ:
         rank, world, local = (_int(environ, k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-        launcher = "env"
-    elif "OMPI_COMM_WORLD_RANK" in environ:
-        rank = _int(environ, "OMPI_COMM_WORLD_RANK")
-        world = _int(environ, "OMPI_COMM_WORLD_SIZE")
-        local = _int(environ, "OMPI_COMM_WORLD_LOCAL_RANK")
-        launcher = "mpi"
-    else:
-        return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
-    if world < 1 or not 0 <= rank < world:
-        raise LaunchError(f"rank {rank} is not within world size {world}")
-    if world > 1 and "MASTER_ADDR" not in environ:
-        raise LaunchError("MASTER_ADDR is not set: the launcher must name the rank-0 host")
-    addr = environ.get("MASTER_ADDR", "127.0.0.1")
-    port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 29500
-    return DistEnv(rank, world, local, addr, port, launcher)
+        _check_ranks(rank, world, local, "RANK", "WORLD_SIZE", "LOCAL_RANK")
+        addr, port = _env_master(environ, world, "the launcher must name the rank-0 host")
+        return DistEnv(rank, world, local, addr, port, "env")
+    for rank_key, size_key, local_key in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                                          ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")):
+        if rank_key in environ:
+            rank, world, local = (_int(environ, k) for k in (rank_key, size_key, local_key))
+            _check_ranks(rank, world, local, rank_key, size_key, local_key)
+            addr, port = _mpi_master(environ, rank, world)
+            return DistEnv(rank, world, local, addr, port, "mpi")
+    if "SLURM_STEP_ID" in environ and "SLURM_PROCID" in environ:
+        return _slurm(environ)
+    return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
 def init(env: DistEnv, backend: str, timeout_s: float = 600.0) -> None:
-    """Start torch.distributed through DeepSpeed (which every engine here needs) for this env."""
+    """Start torch.distributed through DeepSpeed (which every engine here needs) for this env.
+
+    A master that cannot be resolved, a port already taken on rank 0, or a master that does not answer
+    within `timeout_s` raises LaunchError with one line saying which.
+    """
     os.environ.update(
         RANK=str(env.rank),
         WORLD_SIZE=str(env.world_size),
@@ -60,13 +83,48 @@ def init(env: DistEnv, backend: str, timeout_s: float = 600.0) -> None:
         MASTER_ADDR=env.master_addr,
         MASTER_PORT=str(env.master_port),
     )
+    if env.world_size > 1:
+        try:
+            socket.getaddrinfo(env.master_addr, env.master_port)
+        except socket.gaierror as e:
+            raise LaunchError(f"MASTER_ADDR={env.master_addr} does not resolve ({e.strerror})") from None
+    if env.rank != 0:
+        _wait_for_master(env, timeout_s)
     import deepspeed
+    import torch.distributed as dist
 
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    except (dist.DistError, RuntimeError, TimeoutError) as e:
+        where = f"{env.master_addr}:{env.master_port}"
+        text = " ".join(str(e).split())
+        if env.rank == 0 and ("address already in use" in text.lower() or "EADDRINUSE" in text):
+            raise LaunchError(f"rank 0 cannot listen on {where}: MASTER_PORT {env.master_port} is in use "
+                              "(pick another MASTER_PORT)") from None
+        raise LaunchError(f"rank {env.rank}/{env.world_size} could not join the process group at {where} within "
+                          f"{timeout_s:g} s (is rank 0 running, and MASTER_ADDR/MASTER_PORT reachable from here?): "
+                          f"{text[:300]}") from None
+
+
+def _wait_for_master(env: DistEnv, timeout_s: float) -> None:
+    """Poll rank 0's port until it accepts a connection: a clean one-line error instead of c10d's retry log."""
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    while True:
+        try:
+            with socket.create_connection((env.master_addr, env.master_port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise LaunchError(f"rank {env.rank}/{env.world_size}: the master {env.master_addr}:{env.master_port} did not "
+                              f"answer within {timeout_s:g} s ({last.strerror or last}); is rank 0 running, and "
+                              "MASTER_ADDR/MASTER_PORT reachable from this host?")
+        time.sleep(0.5)
 
 
 def shutdown() -> None:
@@ -78,6 +136,105 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand a SLURM node list (`node[01-04],gpu7`) with `scontrol show hostnames`."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LaunchError(f"cannot expand SLURM node list {nodelist!r} with scontrol ({e}); set MASTER_ADDR") from None
+    hosts = out.stdout.split()
+    if out.returncode != 0 or not hosts:
+        raise LaunchError(f"`scontrol show hostnames {nodelist}` failed: {out.stderr.strip() or 'no hosts'}; "
+                          "set MASTER_ADDR")
+    return hosts
+
+
+def slurm_port(job_id: str) -> int:
+    """The rendezvous port of a SLURM job: fixed by its job id, so every node computes the same one."""
+    try:
+        return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+    except ValueError:
+        raise LaunchError(f"SLURM_JOB_ID={job_id!r} is not an integer") from None
+
+
+def _slurm(environ: Mapping[str, str]) -> DistEnv:
+    world_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
+    rank, world, local = (_int(environ, k) for k in ("SLURM_PROCID", world_key, "SLURM_LOCALID"))
+    _check_ranks(rank, world, local, "SLURM_PROCID", world_key, "SLURM_LOCALID")
+    if "MASTER_ADDR" in environ:
+        addr = environ["MASTER_ADDR"]
+    elif world == 1:
+        addr = "127.0.0.1"
+    else:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise LaunchError("SLURM_STEP_NODELIST/SLURM_JOB_NODELIST are not set: cannot find the rank-0 host; "
+                              "set MASTER_ADDR")
+        addr = slurm_hostnames(nodelist)[0]
+    if "MASTER_PORT" in environ:
+        port = _port(environ)
+    else:
+        port = slurm_port(environ["SLURM_JOB_ID"]) if "SLURM_JOB_ID" in environ else DEFAULT_PORT
+    return DistEnv(rank, world, local, addr, port, "slurm")
+
+
+def _mpi_master(environ: Mapping[str, str], rank: int, world: int) -> tuple[str, int]:
+    if "MASTER_ADDR" in environ or world == 1:
+        return _env_master(environ, world, "")
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise LaunchError("MASTER_ADDR is not set under mpirun and mpi4py is not installed to agree on one: "
+                          "pass -x MASTER_ADDR=<rank-0 host> (and -x MASTER_PORT) or pip install mpi4py") from None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != world or comm.Get_rank() != rank:
+        raise LaunchError(f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()}, the environment rank {rank} "
+                          f"of {world}: mpi4py is built against another MPI than the mpirun that started this")
+    if rank == 0:
+        port = _port(environ) if "MASTER_PORT" in environ else _free_port("")
+        master = (_routable_host(), port)
+    else:
+        master = None
+    addr, port = comm.bcast(master, root=0)
+    return addr, port
+
+
+def _routable_host() -> str:
+    """This host's name if it resolves, else its address: what other nodes use to reach rank 0."""
+    name = socket.gethostname()
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except socket.gaierror:
+        return "127.0.0.1"
+
+
+def _env_master(environ: Mapping[str, str], world: int, why: str) -> tuple[str, int]:
+    if world > 1 and "MASTER_ADDR" not in environ:
+        raise LaunchError("MASTER_ADDR is not set" + (f": {why}" if why else ""))
+    if "MASTER_ADDR" in environ and not environ["MASTER_ADDR"].strip():
+        raise LaunchError("MASTER_ADDR is empty")
+    port = _port(environ) if "MASTER_PORT" in environ else DEFAULT_PORT
+    return environ.get("MASTER_ADDR", "127.0.0.1"), port
+
+
+def _check_ranks(rank: int, world: int, local: int, rank_key: str, world_key: str, local_key: str) -> None:
+    if world < 1:
+        raise LaunchError(f"{world_key}={world}: the world needs at least one process")
+    if not 0 <= rank < world:
+        raise LaunchError(f"{rank_key}={rank} is not within {world_key}={world} (ranks are 0..{world - 1})")
+    if not 0 <= local <= rank:
+        raise LaunchError(f"{local_key}={local} is impossible for {rank_key}={rank} (0 <= local rank <= rank)")
+
+
+def _port(environ: Mapping[str, str]) -> int:
+    port = _int(environ, "MASTER_PORT")
+    if not 0 < port < 65536:
+        raise LaunchError(f"MASTER_PORT={port} is not a TCP port (1..65535)")
+    return port
+
+
 def _int(environ: Mapping[str, str], key: str) -> int:
     if key not in environ:
         raise LaunchError(f"{key} is not set while other launcher variables are")
@@ -87,7 +244,7 @@ def _int(environ: Mapping[str, str], key: str) -> int:
         raise LaunchError(f"{key}={environ[key]!r} is not an integer") from None
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
