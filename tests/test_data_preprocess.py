@@ -55,7 +55,7 @@ def test_split_by_component_and_filter(sample_corpus, tokenizer_path, tmp_path):
     pattern = os.path.join(sample_corpus, "val", "*.jsonl.zst")
     docs = list(JsonlSource(pattern))
     prefix = str(tmp_path / "pile")
-    result = preprocess(pattern, tok, prefix, split_by_component=True)
+    result = preprocess(pattern, tok, prefix, split_by_component=True, progress=True)  # with a tqdm bar
     components = sorted({d.component for d in docs})
     assert sorted(result.outputs) == components
     for comp in components:

@@ -8,12 +8,15 @@ in `meta.pile_set_name`:
     ManPages    English man pages (/usr/share/man/man*), macros stripped to plain text
     Docs        READMEs, changelogs and text files under /usr/share/doc
 
-Layout: OUT_DIR/train/00.jsonl.zst, 01.jsonl.zst ..., OUT_DIR/val/00.jsonl.zst,
-OUT_DIR/test/00.jsonl.zst (the Pile's own shards, one directory per split, so that
-'OUT_DIR/SPLIT/*.jsonl.zst' names a split), plus OUT_DIR/manifest.json with the counts. Documents are shuffled
-across components with a fixed seed and split by document (4% val, 4% test). On one machine
-the output is byte-for-byte deterministic (sorted file lists, fixed seed, fixed zstd level);
-on another it differs only as far as the installed files differ. `--max-mb` caps the raw text.
+Layout: OUT_DIR/train/00.jsonl.zst, 01.jsonl.zst ..., OUT_DIR/val/00.jsonl.zst and
+OUT_DIR/test/00.jsonl.zst (like the Pile's shards, but one directory per split, so that
+'OUT_DIR/SPLIT/*.jsonl.zst' names a split), plus OUT_DIR/manifest.json with the counts.
+
+Files are picked and documents shuffled across components by a seeded hash of each file's path
+(relative to its root), then split by document (4% val, 4% test). On one machine the output is
+byte-for-byte deterministic (fixed seed, fixed zstd level); on another it differs only as far as
+the installed files differ, and a file added or removed does not reorder the others.
+`--max-mb` caps the raw text.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import gzip
 import inspect
 import json
 import os
-import random
+import hashlib
 import re
 import sys
 import sysconfig
@@ -198,9 +201,21 @@ def _take(docs: Iterator[tuple[str, str]], budget: int, component: str) -> list[
     return out
 
 
+_ROOTS = (os.path.join(sysconfig.get_paths()["stdlib"], ""), os.path.join(DOC_ROOT, ""), os.path.join(MAN_ROOT, ""))
+
+
+def _rank(seed: int, component: str, path: str) -> bytes:
+    """Shuffle key of a file: a hash of its path below its root, so that a file added or removed on
+    a machine leaves the order of all the others unchanged (and the same Python gives the same order)."""
+    for root in _ROOTS:
+        if path.startswith(root):
+            path = path[len(root) :]
+            break
+    return hashlib.sha256(f"{seed}\0{component}\0{path}".encode()).digest()
+
+
 def collect_documents(max_bytes: int, seed: int) -> list[dict]:
     """Pile-format records, about `max_bytes` of text in all, in a fixed shuffled order."""
-    rng = random.Random(seed)
     py = stdlib_files()
     if not py:
         raise DataError(f"no Python standard library sources found under {sysconfig.get_paths()['stdlib']}")
@@ -214,13 +229,14 @@ def collect_documents(max_bytes: int, seed: int) -> list[dict]:
     used = 0
     for component, (files, make_docs) in sources.items():
         files = list(files)
-        rng.shuffle(files)
+        files = sorted(files, key=lambda path: _rank(seed, component, path))
         share = int(max_bytes * SHARES[component])
         budget = max(share, max_bytes - used) if component == "Github" else share
         taken = _take(make_docs(files), budget, component)
         used += sum(len(r["text"].encode("utf-8")) for r in taken)
         records += taken
-    rng.shuffle(records)
+    # the documents' order: another hash, as the one above chose exactly the files with small values
+    records.sort(key=lambda r: _rank(seed, "order " + r["meta"]["pile_set_name"], r["meta"]["source"]))
     return records
 
 
@@ -241,6 +257,10 @@ def build_sample_corpus(out_dir: str, max_mb: float = 20.0, seed: int = 1234, tr
     files = {f"train/{k:02d}.jsonl.zst": splits["train"][k * n // shards : (k + 1) * n // shards] for k in range(shards)}
     files["val/00.jsonl.zst"] = splits["val"]
     files["test/00.jsonl.zst"] = splits["test"]
+    stale = [n for n in os.listdir(os.path.join(out_dir, "train")) if re.fullmatch(r"\d\d\.jsonl\.zst", n)]
+    for name in stale:  # shards of an earlier run with more --train-shards: a glob would pick them up
+        if f"train/{name}" not in files:
+            os.unlink(os.path.join(out_dir, "train", name))
     compressor = zstandard.ZstdCompressor(level=3)
     manifest = {"seed": seed, "max_mb": max_mb, "files": {}}
     for name, recs in files.items():
