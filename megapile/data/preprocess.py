@@ -85,10 +85,12 @@ class PreprocessResult:
 _tokenizer: Optional[Tokenizer] = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str, fingerprint: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; the pool is the parallelism
     global _tokenizer
     _tokenizer = load_tokenizer(tokenizer_path)
+    if _tokenizer.fingerprint != fingerprint:
+        raise DataError(f"{tokenizer_path}: the tokenizer file changed while preprocessing started")
 
 
 @dataclass
@@ -230,7 +232,7 @@ def preprocess(
             # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory, or
             # unable to start) raises BrokenProcessPool here instead of hanging the run forever.
             pool = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tok.path,)
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tok.path, tok.fingerprint)
             )
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
             pending: collections.deque = collections.deque()
