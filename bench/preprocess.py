@@ -4,7 +4,7 @@ Same input (the built-in sample corpus, train split), same tokenizer, same numbe
 Prints documents/s and MB/s of both and their ratio, then the peak memory of preprocess on an
 input 10x larger, to show that memory does not grow with the input.
 
-    python bench/preprocess.py [--mb 10] [--workers 2] [--vocab 8192] [--tokenizer PATH]
+    python bench/preprocess.py [--mb 20] [--workers 2] [--vocab 8192] [--tokenizer PATH]
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def hf_tokenize(files: list[str], tokenizer_path: str, workers: int, cache_dir: 
     return t1 - t0, t2 - t1, len(ds)
 
 
-def run_ours(files: list[str], tokenizer_path: str, prefix: str, workers: int) -> dict:
+def run_ours(files: list[str], tokenizer_path: str, prefix: str, workers: int, chunk_bytes: int = 2 << 20) -> dict:
     """Preprocess in a fresh process; report its time and the peak RSS of it and of its workers.
 
     The main's peak is VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so it would
@@ -61,7 +61,7 @@ def run_ours(files: list[str], tokenizer_path: str, prefix: str, workers: int) -
         "import json, resource, sys, time\n"
         "from megapile.data.preprocess import preprocess\n"
         "t = time.perf_counter()\n"
-        f"r = preprocess({files!r}, {tokenizer_path!r}, {prefix!r}, workers={workers})\n"
+        f"r = preprocess({files!r}, {tokenizer_path!r}, {prefix!r}, workers={workers}, chunk_bytes={chunk_bytes})\n"
         "print(json.dumps({'seconds': time.perf_counter() - t, 'documents': r.documents, 'tokens': r.tokens,\n"
         "  'input_bytes': r.input_bytes,\n"
         "  'rss_main_mb': int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024,\n"
@@ -85,11 +85,11 @@ def repeat_corpus(files: list[str], times: int, out: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mb", type=float, default=10.0, help="sample corpus size for the speed comparison")
+    p.add_argument("--mb", type=float, default=20.0, help="sample corpus size for the speed comparison")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--tokenizer", help="use this tokenizer instead of training one")
-    p.add_argument("--memory-base-mb", type=float, default=2.0, help="memory test: this input, then 10x it")
+    p.add_argument("--memory-base-mb", type=float, default=5.0, help="memory test: this input, then 10x it")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # both sides: one thread per process
 
@@ -139,7 +139,8 @@ def main() -> None:
                     break
         big = repeat_corpus([part], 10, os.path.join(tmp, "big.jsonl.zst"))
         for label, path in (("1x", part), ("10x", big)):
-            r = run_ours([path], tok_path, os.path.join(tmp, f"mem{label}"), args.workers)
+            # 256 KB chunks: the pipeline (2 x workers + 1 chunks in flight) is full in both runs
+            r = run_ours([path], tok_path, os.path.join(tmp, f"mem{label}"), args.workers, chunk_bytes=256 << 10)
             print(f"memory, {label:>3} input ({r['input_bytes'] / 1e6:6.1f} MB, {r['documents']:,} docs): "
                   f"peak RSS main {r['rss_main_mb']:.0f} MB, largest worker {r['rss_worker_mb']:.0f} MB, {r['seconds']:.1f} s")
 

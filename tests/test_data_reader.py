@@ -71,7 +71,8 @@ def test_hf_dataset_source_matches_jsonl(tmp_path):
 
 
 def test_lines_are_streamed_in_constant_memory(tmp_path):
-    # 40 MB of JSON lines decompressed through the reader without holding more than a few MB
+    # 40 MB of JSON lines decompressed through the reader without holding more than a few MB,
+    # although the data compresses 1000:1 and more
     line = json.dumps({"text": "x" * 4000}).encode() + b"\n"
     c = zstandard.ZstdCompressor()
     path = tmp_path / "big.jsonl.zst"
@@ -136,6 +137,23 @@ def test_truncated_zstd_names_file_line_and_offset(tmp_path):
     msg = str(e.value)
     assert "cut.jsonl.zst" in msg and "truncated zstd" in msg and f"compressed byte {len(data) // 2}" in msg
     assert "after line" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("checksum,content_size", [(False, False), (True, True)])
+def test_zstd_cut_anywhere_inside_a_frame_is_an_error(tmp_path, checksum, content_size):
+    c = zstandard.ZstdCompressor(write_checksum=checksum, write_content_size=content_size)
+    first, second = c.compress(_jsonl(DOCS)), c.compress(_jsonl(DOCS[:1]) * 50)
+    skippable = (0x184D2A53).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    data = first + skippable + second
+    boundaries = {0, len(first), len(first) + len(skippable), len(data)}
+    path = tmp_path / "cut.jsonl.zst"
+    for cut in range(len(data) + 1):
+        path.write_bytes(data[:cut])
+        if cut in boundaries:
+            assert len(list(JsonlSource(str(path)))) == {0: 0, len(data): 53}.get(cut, 3)
+        else:
+            with pytest.raises(DataError, match="cut.jsonl.zst: (truncated|corrupt) zstd"):
+                list(JsonlSource(str(path)))
 
 
 def test_corrupt_zstd_is_an_error(tmp_path):

@@ -5,8 +5,9 @@ The Pile is JSON lines, one document per line, usually zstandard-compressed:
     {"text": "...", "meta": {"pile_set_name": "Github"}}
 
 `JsonlSource` reads `*.jsonl.zst`, `*.jsonl.gz` and plain `*.jsonl` files in constant memory
-(a real shard is ~14 GB compressed): it decompresses 16 KB of input at a time and splits lines
-itself, so no whole file and no line longer than `max_doc_bytes` is ever held. `HFSource`
+(a real shard is ~14 GB compressed): it decompresses 1 MB of output at a time, however
+compressible the data, and splits lines itself, so no whole file and no line longer than
+`max_doc_bytes` is ever held. `HFSource`
 wraps any `datasets.Dataset` with a text column behind the same interface.
 
 Two kinds of bad input are told apart:
@@ -28,8 +29,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 from megapile.data import DataError
 
 DEFAULT_MAX_DOC_BYTES = 256 << 20  # longer JSON lines are skipped ("too_long") without being held
-_READ_SIZE = 1 << 16  # most compressed bytes per decompress call
-_MIN_READ = 1 << 6  # fewest, for extremely compressible data (see _iter_zstd_blocks)
+_READ_SIZE = 1 << 16  # compressed bytes read at a time
 _BLOCK_SIZE = 1 << 20  # decompressed bytes handed to the line splitter at a time
 SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".json.zst", ".json.gz", ".json")
 
@@ -146,42 +146,90 @@ def _iter_blocks(path: str) -> Iterator[tuple[bytes, int]]:
 
 
 def _iter_zstd_blocks(raw) -> Iterator[tuple[bytes, int]]:
-    """zstd via decompressobj (which, unlike stream_reader, tells a truncated frame from a whole one).
+    """zstd through stream_reader, whose reads are bounded whatever the compression ratio.
 
-    decompressobj returns all the output of the input it is given, so the input is fed in pieces
-    sized by the compression ratio seen so far: about _BLOCK_SIZE of output per call even for
-    extremely compressible data.
+    stream_reader ends silently at a truncated frame, so the compressed bytes it reads pass
+    through a `_FrameWalker` that follows the frame and block headers and knows whether the
+    file ended between frames.
     """
     import zstandard
 
-    dctx = zstandard.ZstdDecompressor()
-    dobj, in_frame = dctx.decompressobj(), False
-    pieces: list[bytes] = []
-    size, feed = 0, _MIN_READ
-    while data := raw.read(feed):
-        produced = 0
-        while data:
-            try:
-                out = dobj.decompress(data)
-            except zstandard.ZstdError as e:
-                raise _StreamError(raw.tell(), f"corrupt zstd data ({e})") from None
-            in_frame = not dobj.eof
-            data = dobj.unused_data if dobj.eof else b""
-            if dobj.eof:  # the file may hold several frames, one after another
-                dobj = dctx.decompressobj()
-            if out:
-                pieces.append(out)
-                size += len(out)
-                produced += len(out)
-        target = feed * 2 if produced == 0 else feed * _BLOCK_SIZE // produced // 4
-        feed = min(_READ_SIZE, 2 * feed, max(_MIN_READ, target))
-        if size >= _BLOCK_SIZE:
-            yield b"".join(pieces), raw.tell()
-            pieces, size = [], 0
-    if in_frame:
+    walker = _FrameWalker()
+    tap = _Tap(raw, walker)
+    reader = zstandard.ZstdDecompressor().stream_reader(tap, read_size=_READ_SIZE, read_across_frames=True)
+    try:
+        while block := reader.read(_BLOCK_SIZE):
+            yield block, raw.tell()
+    except zstandard.ZstdError as e:
+        raise _StreamError(raw.tell(), f"corrupt zstd data ({e})") from None
+    if not walker.between_frames:
         raise _StreamError(raw.tell(), "truncated zstd stream (file ends inside a frame)")
-    if pieces:
-        yield b"".join(pieces), raw.tell()
+
+
+class _Tap:
+    """A read-only file that shows every byte it reads to `walker`."""
+
+    def __init__(self, raw, walker: "_FrameWalker"):
+        self.raw, self.walker = raw, walker
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.walker.feed(data)
+        return data
+
+
+class _FrameWalker:
+    """Follows zstd's frame format (RFC 8878) header by header, skipping block contents."""
+
+    MAGIC, SKIPPABLE = 0xFD2FB528, 0x184D2A50
+
+    def __init__(self) -> None:
+        self.state, self.need, self.skip = "magic", 4, 0
+        self.buf = b""
+        self.checksum = False
+
+    @property
+    def between_frames(self) -> bool:
+        return self.state == "magic" and not self.buf and not self.skip
+
+    def feed(self, data: bytes) -> None:
+        pos, n = 0, len(data)
+        while pos < n:
+            if self.skip:
+                take = min(self.skip, n - pos)
+                pos += take
+                self.skip -= take
+                continue
+            take = min(self.need - len(self.buf), n - pos)
+            self.buf += data[pos : pos + take]
+            pos += take
+            if len(self.buf) == self.need:
+                header, self.buf = self.buf, b""
+                self._header(header)
+
+    def _header(self, h: bytes) -> None:
+        if self.state == "magic":
+            magic = int.from_bytes(h, "little")
+            if magic & 0xFFFFFFF0 == self.SKIPPABLE:
+                self.state, self.need = "skippable", 4
+            else:  # not a frame: the decompressor reports the corruption
+                self.state, self.need = "descriptor", 1
+        elif self.state == "skippable":
+            self.state, self.need, self.skip = "magic", 4, int.from_bytes(h, "little")
+        elif self.state == "descriptor":
+            d = h[0]
+            single = (d >> 5) & 1
+            self.checksum = bool((d >> 2) & 1)
+            fcs = (single, 2, 4, 8)[d >> 6]
+            self.skip = (0 if single else 1) + (0, 1, 2, 4)[d & 3] + fcs
+            self.state, self.need = "block", 3
+        elif self.state == "block":
+            value = int.from_bytes(h, "little")
+            last, kind, size = value & 1, (value >> 1) & 3, value >> 3
+            self.skip = 1 if kind == 1 else size  # RLE blocks store one byte
+            if last:
+                self.skip += 4 if self.checksum else 0
+                self.state, self.need = "magic", 4
 
 
 class _StreamError(Exception):
