@@ -160,10 +160,12 @@ class CheckpointConfig:
     keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this (0: none)
     verify: str = "checksum"  # before resuming: "checksum" every file, or only "size"
     allow_data_change: bool = False  # resume onto different data/weights at the same sample index
+    on_save_error: str = "continue"  # a failed periodic save (disk full): "continue" training, or "stop"
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.keep_last", self.keep_last)
         _check_choice("checkpoint.verify", self.verify, ("checksum", "size"))
+        _check_choice("checkpoint.on_save_error", self.on_save_error, ("continue", "stop"))
         if self.every < 0 or self.keep_every < 0:
             raise ConfigError("checkpoint.every and checkpoint.keep_every must be >= 0")
 

@@ -124,6 +124,8 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     accum = grad_accum_steps(cfg.train, env.world_size)
     _check_data_paths(cfg)
     tokenizer_print = _tokenizer_facts(cfg)
+    ckpt_dir = checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir)
+    checkpoint.check_writable(ckpt_dir, env.rank)  # on every rank, so no rank waits for one that gave up
 
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -166,7 +168,7 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
 
     return Run(cfg, env, device, engine, scheduler, batches(train_stream),
                batches(valid_stream) if valid_stream is not None else None, logger,
-               checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir), accum, flops_per_token, peak,
+               ckpt_dir, accum, flops_per_token, peak,
                {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order)
 
 
@@ -262,7 +264,7 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
             window_losses, window_start = [], time.perf_counter()
         scheduled = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping
         if scheduled and first_bad is None:  # never checkpoint inside a run of skipped steps
-            save(run, done)
+            save(run, done, must_succeed=last or stopping)
         if stopping:
             run.logger.message(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {done}; "
                                f"exit code {EXIT_CHECKPOINTED} (restart the same command to resume)")
@@ -326,7 +328,9 @@ def _check_bad_streak(run: Run, first_bad: int, done: int) -> None:
     )
 
 
-def save(run: Run, step: int) -> None:
+def save(run: Run, step: int, must_succeed: bool = False) -> None:
+    """Checkpoint `step`. A failed save raises when `must_succeed` (last step, stop signal) or when
+    checkpoint.on_save_error is "stop"; otherwise it is reported and training goes on."""
     cfg = run.cfg
     state = {
         "step": step,
@@ -340,7 +344,13 @@ def save(run: Run, step: int) -> None:
     }
     if _any_rank([not _weights_finite(run.engine)], run.env)[0]:
         raise TrainingError(f"step {step}: the weights contain NaN or Inf; refusing to save a checkpoint over good ones")
-    figures = checkpoint.save(run.engine, run.ckpt_dir, step, state, cfg.checkpoint, run.env.is_main)
+    try:
+        figures = checkpoint.save(run.engine, run.ckpt_dir, step, state, cfg.checkpoint, run.env.is_main)
+    except checkpoint.CheckpointError as e:
+        if must_succeed or cfg.checkpoint.on_save_error == "stop":
+            raise TrainingError(str(e)) from None
+        run.logger.message(f"error: {e}; training continues (checkpoint.on_save_error=continue)")
+        return
     if figures:
         run.logger.message(f"saved checkpoint {run.ckpt_dir}/global_step{step}: {figures['save_mb']:.1f} MB in "
                            f"{figures['save_seconds']:.2f} s ({figures['save_mb_per_s']:.0f} MB/s)")

@@ -16,6 +16,7 @@ verifies, so a damaged newest checkpoint falls back to the previous good one wit
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -68,37 +69,102 @@ def find_resumable(directory: str, checksums: bool = True, warn=None) -> Optiona
     return None
 
 
+class CheckpointError(RuntimeError):
+    """A save failed (e.g. disk full); the previous checkpoint and `latest` are untouched. One-line message."""
+
+
 def save(engine, directory: str, step: int, state: dict[str, Any], cfg: CheckpointConfig,
          is_main: bool) -> dict[str, float]:
-    """Collective: every rank writes its shards, rank 0 seals the checkpoint. Returns timing figures."""
-    import torch.distributed as dist
+    """Collective: every rank writes its shards, rank 0 seals the checkpoint. Returns timing figures.
 
+    A write that fails on any rank (disk full, I/O error) fails the save on every rank with CheckpointError,
+    after removing the partial `.tmp` folder; nothing that existed before is touched.
+    """
     tag = f"global_step{step}"
     tmp_tag, tmp, final = tag + ".tmp", os.path.join(directory, tag + ".tmp"), os.path.join(directory, tag)
     start = time.perf_counter()
+    error = None
     if is_main:
-        os.makedirs(directory, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-    _barrier()
-    with _torch_zip_crc_off():  # our manifest checksums every file; torch's per-record CRC32 costs ~35% of a save
-        engine.save_checkpoint(directory, tag=tmp_tag, save_latest=False)
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng.capture())
-    _barrier()  # every rank's shards are on disk before rank 0 seals them
+        try:
+            os.makedirs(directory, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, tag, tmp, is_main)
+    try:
+        with _torch_zip_crc_off():  # our manifest checksums every file; torch's zip CRC32 costs ~35% of a save
+            engine.save_checkpoint(directory, tag=tmp_tag, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("iostream error")
+        error = _as_os_error(e, directory)
+        _barrier()  # DeepSpeed's save ends in a barrier that the other ranks are waiting in
+    states = _gather(rng.capture())
+    _raise_if_any_failed(error, tag, tmp, is_main)  # every rank's shards are on disk past this point
     figures = {}
     if is_main:
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump({**state, "rng": states}, f)
-        manifest.write(tmp)
-        _replace_dir(tmp, final)
-        manifest.fsync_dir(directory)
-        _write_latest(directory, tag)
-        prune(directory, cfg)
+        try:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump({**state, "rng": states}, f)
+            manifest.write(tmp)
+            _replace_dir(tmp, final)
+            manifest.fsync_dir(directory)
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, tag, tmp, is_main)
+    if is_main:
+        # The checkpoint is complete and found by a directory scan from here on; a failure to update
+        # `latest` or to prune old checkpoints is reported but does not undo it.
+        try:
+            _write_latest(directory, tag)
+            prune(directory, cfg)
+        except OSError as e:
+            print(f"warning: checkpoint {final} is complete, but updating latest/pruning failed: {e}", file=sys.stderr)
         seconds = time.perf_counter() - start
         size = manifest.total_bytes(final)
         figures = {"save_seconds": seconds, "save_mb": size / 1e6, "save_mb_per_s": size / 1e6 / max(seconds, 1e-9)}
     _barrier()
     return figures
+
+
+def check_writable(directory: str, rank: int) -> None:
+    """Fail at start-up, on every rank, when checkpoints could never be written, not hours later."""
+    probe = os.path.join(directory, f".write_probe_rank{rank}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"checkpoint.dir: cannot write to {directory}: {e.strerror or e}") from None
+
+
+def _as_os_error(error: Exception, directory: str) -> OSError:
+    if isinstance(error, OSError):
+        return error
+    free = shutil.disk_usage(directory).free
+    reason = os.strerror(errno.ENOSPC) if free < (1 << 20) else f"write failed: {error}"
+    return OSError(errno.ENOSPC if free < (1 << 20) else errno.EIO, f"{reason}, {free / 1e6:.1f} MB free", directory)
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _raise_if_any_failed(error: Optional[OSError], tag: str, tmp: str, is_main: bool) -> None:
+    """Collective: if any rank failed, every rank raises the same CheckpointError (rank 0 cleans up)."""
+    errors = _gather(None if error is None else f"{error.strerror or error} ({getattr(error, 'filename', '') or ''})")
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rank, text = failed[0]
+    raise CheckpointError(f"saving {tag} failed on rank {rank}: {text}; the previous checkpoint and 'latest' are untouched")
 
 
 def prune(directory: str, cfg: CheckpointConfig) -> list[str]:
