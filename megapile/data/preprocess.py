@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
-import json
 import multiprocessing
 import os
 import re
