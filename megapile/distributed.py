@@ -137,17 +137,53 @@ def shutdown() -> None:
 
 
 def slurm_hostnames(nodelist: str) -> list[str]:
-    """Expand a SLURM node list (`node[01-04],gpu7`) with `scontrol show hostnames`."""
+    """Expand a SLURM node list (`node[01-04],gpu7`) with `scontrol show hostnames`, or, where scontrol is
+    missing or has no configuration, with `expand_nodelist`."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise LaunchError(f"cannot expand SLURM node list {nodelist!r} with scontrol ({e}); set MASTER_ADDR") from None
-    hosts = out.stdout.split()
-    if out.returncode != 0 or not hosts:
-        raise LaunchError(f"`scontrol show hostnames {nodelist}` failed: {out.stderr.strip() or 'no hosts'}; "
-                          "set MASTER_ADDR")
+        hosts = out.stdout.split() if out.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):
+        hosts = []
+    return hosts or expand_nodelist(nodelist)
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's host list syntax without scontrol: `gpu[01-03,07],login1`, `rack[1-2]-n[1-2]`."""
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist.strip()):
+        hosts += _expand_one(item, nodelist)
+    if not hosts:
+        raise LaunchError(f"SLURM node list {nodelist!r} is empty; set MASTER_ADDR")
     return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item]
+
+
+def _expand_one(item: str, whole: str) -> list[str]:
+    if "[" not in item:
+        return [item]
+    head, _, rest = item.partition("[")
+    body, sep, tail = rest.partition("]")
+    if not sep:
+        raise LaunchError(f"SLURM node list {whole!r}: unbalanced '['; set MASTER_ADDR")
+    names = []
+    for part in body.split(","):
+        lo, dash, hi = part.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise LaunchError(f"SLURM node list {whole!r}: bad range {part!r}; set MASTER_ADDR")
+        for n in range(int(lo), int(hi or lo) + 1):
+            names.append(f"{head}{n:0{len(lo)}d}")
+    return [name + t for name in names for t in _expand_one(tail, whole)] if tail else names
 
 
 def slurm_port(job_id: str) -> int:
