@@ -143,10 +143,11 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: GPU table or measured CPU matmul
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
+    collective_timeout_s: float = 600.0  # a rank that waits longer than this for the others fails the job
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_iters",
-                    "max_bad_steps"):
+                    "max_bad_steps", "collective_timeout_s"):
             _check_positive(f"train.{key}", getattr(self, key))
         _check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
 

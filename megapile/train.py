@@ -74,6 +74,13 @@ def cli_main(args: argparse.Namespace) -> int:
     except (ConfigError, distributed.LaunchError, TrainingError) as e:
         print(f"megapile: error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if not _is_collective_timeout(e):
+            raise
+        print(f"megapile: error: a collective did not complete within train.collective_timeout_s="
+              f"{cfg.train.collective_timeout_s:g} s: another rank stopped responding or died; restart the job "
+              f"to resume from the last checkpoint ({' '.join(str(e).split())[:200]})", file=sys.stderr)
+        return 1
     if env.is_main and summary.get("val_loss") is not None:
         print(f"final validation loss: {summary['val_loss']:.4f}")
     return summary["exit_code"]
@@ -132,7 +139,7 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
         torch.cuda.set_device(device)
     else:
         _set_cpu_threads(env)
-    distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo")
+    distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo", timeout_s=cfg.train.collective_timeout_s)
     dtype = resolve_dtype(cfg, device)
     ds_config = resolve_ds_config(ds_json, cfg, env.world_size, dtype, ds_config_path)
 
@@ -428,6 +435,11 @@ def _tokenizer_facts(cfg: Config) -> str | None:
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     return tokenizer.fingerprint
+
+
+def _is_collective_timeout(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def _any_rank(flags: list[bool], env: distributed.DistEnv) -> list[bool]:
