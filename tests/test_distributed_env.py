@@ -1,0 +1,140 @@
+"""megapile.distributed.detect: every launcher's variables give the same DistEnv, and bad ones a one-line error."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megapile import distributed
+from megapile.distributed import DistEnv, LaunchError, detect, expand_nodelist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_nothing_set_is_a_world_of_one():
+    env = detect({})
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (0, 1, 0, "single")
+
+
+def test_torchrun_and_deepspeed_variables():
+    env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "1234"})
+    assert env == DistEnv(3, 4, 1, "node0", 1234, "env")
+
+
+def test_openmpi_variables_with_master():
+    env = detect({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                  "MASTER_ADDR": "10.0.0.1"})
+    assert env == DistEnv(1, 2, 1, "10.0.0.1", distributed.DEFAULT_PORT, "mpi")
+
+
+def test_mpich_variables():
+    env = detect({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MASTER_ADDR": "h", "MASTER_PORT": "7"})
+    assert env == DistEnv(2, 4, 0, "h", 7, "mpi")
+
+
+def test_mpirun_without_master_and_without_mpi4py(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # `import mpi4py` now raises ImportError
+    with pytest.raises(LaunchError, match="MASTER_ADDR is not set under mpirun and mpi4py is not installed"):
+        detect({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0"})
+
+
+def test_srun_step_uses_first_host_and_job_id_port():
+    env = detect({"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8",
+                  "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[03-06]", "SLURM_JOB_NODELIST": "gpu[03-06]",
+                  "SLURM_JOB_ID": "4242"})
+    assert env == DistEnv(5, 8, 1, "gpu03", 20000 + 4242, "slurm")
+
+
+def test_srun_master_variables_win():
+    env = detect({"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0",
+                  "SLURM_STEP_NODELIST": "a[1-2]", "SLURM_JOB_ID": "9", "MASTER_ADDR": "ib-a1", "MASTER_PORT": "555"})
+    assert (env.master_addr, env.master_port, env.launcher) == ("ib-a1", 555, "slurm")
+
+
+def test_batch_shell_is_not_a_step():
+    """sbatch's shell has SLURM_PROCID=0 and SLURM_NTASKS=N but is not one of N ranks: a plain python there is alone."""
+    assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"}).launcher \
+        == "single"
+
+
+def test_mpirun_wins_over_leaked_slurm_variables():
+    env = detect({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0",
+                  "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                  "MASTER_ADDR": "h"})
+    assert (env.rank, env.world_size, env.launcher) == (1, 2, "mpi")
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "MASTER_ADDR is not set"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h"}, "RANK=2 is not within WORLD_SIZE=2"),
+    ({"RANK": "-1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h"}, "RANK=-1 is not within"),
+    ({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE=0"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, "LOCAL_RANK is not set"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h"}, "RANK is not set"),
+    ({"RANK": "one", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h"}, "RANK='one' is not an integer"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "3", "MASTER_ADDR": "h"}, "LOCAL_RANK=3 is impossible"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "70000"},
+     "MASTER_PORT=70000 is not a TCP port"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": ""}, "MASTER_ADDR is empty"),
+    ({"OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+      "MASTER_ADDR": "h"}, "OMPI_COMM_WORLD_RANK=4 is not within OMPI_COMM_WORLD_SIZE=4"),
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"},
+     "SLURM_PROCID=3 is not within SLURM_STEP_NUM_TASKS=2"),
+])
+def test_inconsistent_variables_name_the_problem(environ, message):
+    with pytest.raises(LaunchError) as err:
+        detect(environ)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("localhost", ["localhost"]),
+    ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+    ("rack[1-2]-n[8-9]", ["rack1-n8", "rack1-n9", "rack2-n8", "rack2-n9"]),
+    ("n[098-100]", ["n098", "n099", "n100"]),
+])
+def test_nodelist_expansion_matches_scontrol_syntax(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["gpu[01-", "gpu[a-b]", ""])
+def test_bad_nodelist_is_a_launch_error(nodelist):
+    with pytest.raises(LaunchError):
+        expand_nodelist(nodelist)
+
+
+@pytest.fixture
+def restore_environ(monkeypatch):
+    """distributed.init exports RANK/WORLD_SIZE/...: undo that after the test."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "unset-by-test")
+        monkeypatch.delenv(key)
+
+
+def test_unreachable_master_times_out_with_one_line(restore_environ):
+    from train_helpers import free_port
+
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as err:
+        distributed.init(DistEnv(1, 2, 1, "127.0.0.1", free_port(), "env"), "gloo", timeout_s=1.5)
+    assert time.monotonic() - start < 10
+    assert "did not answer within 1.5 s" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unresolvable_master_is_named(restore_environ):
+    with pytest.raises(LaunchError, match="MASTER_ADDR=no-such-host.invalid does not resolve"):
+        distributed.init(DistEnv(1, 2, 1, "no-such-host.invalid", 29500, "env"), "gloo", timeout_s=1)
+
+
+def test_hostfile_script_writes_deepspeed_and_mpich_formats():
+    def hostfile(*args):
+        proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "hostfile.sh"), *args], capture_output=True,
+                              text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "SLURM_CONF"})
+        return proc.returncode, proc.stdout, proc.stderr
+
+    assert hostfile("gpu[01-02],cpu7", "4")[:2] == (0, "gpu01 slots=4\ngpu02 slots=4\ncpu7 slots=4\n")
+    assert hostfile("--format", "mpich", "n[1-2]", "8")[:2] == (0, "n1:8\nn2:8\n")
+    rc, _, err = hostfile("n[1-", "8")
+    assert rc != 0 and "unbalanced" in err
