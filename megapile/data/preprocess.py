@@ -23,6 +23,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -297,7 +298,8 @@ def _progress_bar(source, enabled: bool):
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=source.total_bytes or None, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, dynamic_ncols=True)
+    width = shutil.get_terminal_size((100, 24)).columns  # a terminal that reports 0 columns gets 100
+    return tqdm(total=source.total_bytes or None, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, ncols=width)
 
 
 # ---- command line ----------------------------------------------------------------------------
