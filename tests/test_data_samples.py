@@ -103,6 +103,7 @@ def test_blend_proportions_within_one_percent(three):
     assert np.allclose(sizes.weights, expected)
     zero = build_samples(three, [1.0, 0.0, 1.0], seq_len=16, seed=3)
     assert set(np.unique(zero.datasets_of(0, 1000))) == {0, 2}
+    assert zero.num_samples_per_epoch == zero.parts[0].samples_per_epoch + zero.parts[2].samples_per_epoch
 
 
 def test_order_is_a_function_of_the_seed(three):
@@ -206,5 +207,6 @@ def test_real_preprocessed_data(preprocessed, tokenizer_path):
     every = stream.get_batch(0, stream.num_samples_per_epoch)[:, :-1]  # the last column repeats in the next sample
     docs = stream.parts[0].num_documents
     assert docs - 5 <= int((every == eod).sum()) <= docs  # one EOD per document, bar the dropped tail
+    assert stream.tokenizer_sha256 == load_tokenizer(tokenizer_path).fingerprint
     valid = build_samples([preprocessed["valid"]], None, seq_len=64, seed=1234)
     assert valid.num_samples_per_epoch > 10

@@ -248,13 +248,15 @@ class PackedDataset:
 class SampleStream:
     """Samples of one or more datasets in a fixed blended order; see the module docstring."""
 
-    def __init__(self, parts: list[PackedDataset], weights: np.ndarray, seq_len: int, seed: int):
+    def __init__(self, parts: list[PackedDataset], weights: np.ndarray, seq_len: int, seed: int,
+                 tokenizer_sha256: Optional[str] = None):
         self.parts = parts
         self.weights = weights
         self.seq_len = seq_len
         self.seed = seed
-        self.num_samples_per_epoch = int(sum(p.samples_per_epoch for p in parts))
+        self.tokenizer_sha256 = tokenizer_sha256  # from the datasets' .json sidecars; None if they have none
         self._active = np.nonzero(weights > 0)[0]
+        self.num_samples_per_epoch = int(sum(parts[k].samples_per_epoch for k in self._active))
         self.fingerprint = hashlib.sha256(
             json.dumps(
                 {
@@ -335,4 +337,4 @@ def build_samples(
         raise DataError("datasets were made with different tokenizers: " + ", ".join(f"{p} ({h[:12]})" for p, h in hashes.items()))
     parts = [PackedDataset(p, seq_len, seed, doc_range, cache_dir) for p in prefixes]
     w = np.array([p.samples_per_epoch for p in parts] if weights is None else weights, dtype=np.float64)
-    return SampleStream(parts, w / w.sum(), seq_len, seed)
+    return SampleStream(parts, w / w.sum(), seq_len, seed, next(iter(hashes.values()), None))
