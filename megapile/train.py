@@ -115,7 +115,10 @@ def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
         start_step = resume(run)
         return loop(run, start_step, stop)
     finally:
+        # In order: sinks, the engine (ZeRO-3 hooks and threads), then the process group. Leaving them to
+        # interpreter teardown lets DeepSpeed's ZeRO-3 abort a finished process on CPU.
         run.logger.close()
+        run.engine.destroy()
         distributed.shutdown()
 
 
