@@ -133,10 +133,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 25):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 26):
         # x (N, C), w (V, C), targets (N,)
         N, V = x.shape[0], w.shape[0]
-        rows = max(1, chunk_elems // V)  # 2^25 fp32 logits: 128 MiB a chunk, few chunks on CPU
+        chunks = max(1, math.ceil(N * V / chunk_elems))  # 2^26 fp32 logits: 256 MiB a chunk at most
+        rows = math.ceil(N / chunks)  # equal chunks: no slow sliver at the end
         valid = targets != -100
         acc_dtype = torch.promote_types(x.dtype, torch.float32)  # logits, softmax and sums: >= fp32
         inv_count = 1.0 / valid.sum().clamp(min=1).to(acc_dtype)
