@@ -124,14 +124,14 @@ class SlurmCluster:
         return out.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, RestartCnt, ExitCode, ...); {} once the job is forgotten."""
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} once the job is forgotten."""
         out = self.run(["scontrol", "show", "job", "-o", job_id], check=False)
         if out.returncode != 0:
             return {}
         return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
 
     def wait_for(self, job_id: str, states: set[str], timeout: float, since_restart: int = 0) -> dict[str, str]:
-        """Poll until the job is in one of `states` with RestartCnt >= since_restart; fail on a final state."""
+        """Poll until the job is in one of `states` with Restarts >= since_restart; fail on a final state."""
         final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                  "DEADLINE", "PREEMPTED"}
         deadline = time.monotonic() + timeout
@@ -140,7 +140,7 @@ class SlurmCluster:
             self._check_alive()
             info = self.job(job_id)
             state = info.get("JobState", "")
-            if state in states and int(info.get("RestartCnt", 0)) >= since_restart:
+            if state in states and int(info.get("Restarts", 0)) >= since_restart:
                 return info
             if state in final and state not in states:
                 raise SlurmError(f"job {job_id} ended {state} (exit {info.get('ExitCode')}), waiting for {states}")
