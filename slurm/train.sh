@@ -19,7 +19,8 @@
 # `scontrol requeue`: the same job id starts again later, resumes (checkpoint.resume: auto) and logs
 # SLURM_RESTART_COUNT. Preemption's SIGTERM takes the same path. Exit 0 = finished, no requeue. Any other exit
 # is a crash: requeued at most MEGAPILE_MAX_CRASHES times in a row (default 2; a checkpointed exit resets
-# the count), then the job fails with the training's exit code.
+# the count), then the job fails with the training's exit code. `scancel` also makes the ranks save, but a
+# cancelled job is never requeued.
 #
 #SBATCH --job-name=megapile
 #SBATCH --nodes=1
@@ -127,6 +128,14 @@ case "$rc" in
              "${MEGAPILE_MAX_CRASHES:-2}); requeueing to resume from the last checkpoint" >&2 ;;
 esac
 trap '' TERM   # requeueing ends this script's step with SIGTERM; the exit below is ours
+# Requeue only a running job: after `scancel` (state CANCELLED) the ranks saved and exited 75 too, and the
+# user wants the job gone; SLURM's own preemption requeue (state PREEMPTED/REQUEUED) needs no help.
+state="$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^JobState=//p')"
+if [ "$state" != "RUNNING" ]; then
+    echo "megapile: job ${SLURM_JOB_ID} is ${state:-gone}, not running: not requeueing (resubmit the same" \
+         "command to resume from the checkpoint)"
+    exit "$rc"
+fi
 if ! scontrol requeue "$SLURM_JOB_ID"; then
     echo "megapile: scontrol requeue ${SLURM_JOB_ID} failed (was the job cancelled, or submitted with" \
          "--no-requeue?); resubmit the same command to resume" >&2

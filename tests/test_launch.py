@@ -77,6 +77,15 @@ def _submit_train(slurm, tmp_path, overrides, env=None, ds="zero2.json"):
     return job
 
 
+def _wait_for_steps(slurm, job, run_dir, steps):
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + 180
+    while not (os.path.exists(metrics) and len(read_metrics(run_dir)) >= steps):
+        assert time.monotonic() < deadline, f"no training progress: {slurm.job(job)}"
+        assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), slurm.job(job)
+        time.sleep(0.2)
+
+
 def _batch_log(tmp_path, job):
     with open(tmp_path / f"megapile-{job}.out") as f:
         return f.read()
@@ -119,12 +128,7 @@ def test_slurm_signal_checkpoints_requeues_and_resumes_without_losing_a_step(slu
     run_dir = str(tmp_path / "run")
     job = _submit_train(slurm, tmp_path, small_run_overrides(preprocessed, tokenizer_path, run_dir,
                                                              train__max_steps=STEPS))
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.monotonic() + 180
-    while not (os.path.exists(metrics) and len(read_metrics(run_dir)) >= 3):
-        assert time.monotonic() < deadline, f"no training progress: {slurm.job(job)}"
-        assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), slurm.job(job)
-        time.sleep(0.2)
+    _wait_for_steps(slurm, job, run_dir, 3)
     # What --signal=B:USR1@N does at the time limit, without waiting for SLURM's 30 s signal tick:
     slurm.run(["scancel", "--batch", "--signal=USR1", job])
     info = slurm.wait_for(job, {"COMPLETED"}, timeout=240, since_restart=1)
@@ -141,6 +145,25 @@ def test_slurm_signal_checkpoints_requeues_and_resumes_without_losing_a_step(slu
     # Every step exactly once, and the losses of the uninterrupted job on the same layout, bit for bit.
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, STEPS + 1))
     assert losses(run_dir) == losses(uninterrupted["run_dir"])
+
+
+@pytest.mark.slow
+def test_slurm_cancelled_job_saves_but_is_not_requeued(slurm, tmp_path, preprocessed, tokenizer_path):
+    run_dir = str(tmp_path / "run")
+    job = _submit_train(slurm, tmp_path, small_run_overrides(preprocessed, tokenizer_path, run_dir,
+                                                             train__max_steps=STEPS))
+    _wait_for_steps(slurm, job, run_dir, 3)
+    slurm.run(["scancel", job])  # SIGTERM to the batch shell and every rank, as on preemption
+    deadline = time.monotonic() + 60
+    while "not requeueing" not in _batch_log(tmp_path, job):
+        assert time.monotonic() < deadline, _batch_log(tmp_path, job)
+        time.sleep(0.5)
+    time.sleep(3)
+    info = slurm.job(job)
+    assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", info
+    with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
+        saved = int(f.read().strip().removeprefix("global_step"))
+    assert 3 <= saved < STEPS, saved  # the ranks still saved before leaving
 
 
 @pytest.mark.slow
