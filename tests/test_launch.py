@@ -77,6 +77,21 @@ def _submit_train(slurm, tmp_path, overrides, env=None, ds="zero2.json"):
     return job
 
 
+@pytest.mark.slow
+def test_a_second_cluster_starts_clean_and_stops_every_daemon(slurm):
+    """CI may start the fixture more than once: fresh dirs and ports, and nothing left running after stop()."""
+    with SlurmCluster(cpus=1) as second:
+        assert second.root != slurm.root
+        pids = [p.pid for p in second.procs.values()] + [second._pid(n) for n in ("munged", "slurmctld", "slurmd")]
+        job = second.run(["sbatch", "--parsable", "--wait", f"--output={second.root}/%j.out", "--wrap", "true"],
+                         cwd=second.root).stdout.strip()
+        assert second.job(job)["JobState"] == "COMPLETED"
+    for pid in pids:
+        assert pid is not None and not os.path.exists(f"/proc/{pid}"), pid
+    assert not os.path.exists(second.root)
+    assert slurm.run(["sinfo", "-h", "-o", "%T"]).stdout.strip() in ("idle", "mixed")  # the first one is untouched
+
+
 def _wait_for_steps(slurm, job, run_dir, steps):
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + 180
@@ -233,6 +248,18 @@ def test_torchrun_two_nodes_on_loopback_match_one_process(tmp_path, reference, p
     for rank, proc in results.items():
         assert proc.returncode == 0, f"node {rank}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "world 2 (env)" in results[0].stdout
+    assert_close(losses(run_dir), reference, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_local_script_two_cpu_ranks_match_one_process(tmp_path, reference, preprocessed, tokenizer_path):
+    run_dir = str(tmp_path / "run")
+    env = _clean_env()
+    del env["OMP_NUM_THREADS"]  # the script splits the cores itself
+    proc = _run(["bash", os.path.join(ROOT, "launch", "local.sh"), "--nproc", "2", "configs/tiny.yaml",
+                 os.path.join(DS, "zero3.json"),
+                 *small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)], env=env)
+    assert "2 process(es)" in proc.stdout and "world 2 (env)" in proc.stdout
     assert_close(losses(run_dir), reference, rel=1e-5)
 
 
