@@ -113,6 +113,7 @@ def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
     run = setup(cfg, ds_config_path, env)
     try:
         start_step = resume(run)
+        run.logger.rewind(start_step)  # drop steps logged after the checkpoint (all of them on a fresh start)
         return loop(run, start_step, stop)
     finally:
         # In order: sinks, the engine (ZeRO-3 hooks and threads), then the process group. Leaving them to
@@ -213,7 +214,6 @@ def resume(run: Run) -> int:
         full = portable.read_full_state(found.path, old_layout[0], run.param_order)
         portable.apply_full_state(run.engine, full)
         _seed_everything(run.cfg.train.seed + found.step, run.env.rank)
-    run.logger.rewind(found.step)
     run.logger.message(f"resumed from {found.path} at step {found.step} "
                        f"(sample {found.state['sample_index']}, {found.state['tokens_seen']:,} tokens seen)")
     return found.step
