@@ -30,7 +30,9 @@ shift 3
 
 [ -d "$input" ] && input="${input%/}/*.jsonl.zst"
 shopt -s nullglob
-IFS=$'\n' shards=($input)   # glob only: a path with spaces stays one word
+# Glob only, no word splitting: a path with spaces stays one word.
+# shellcheck disable=SC2206
+IFS=$'\n' shards=($input)
 unset IFS
 if [ "${#shards[@]}" -eq 0 ]; then
     echo "megapile: no input shard matches '$input'" >&2
