@@ -1,0 +1,105 @@
+"""Walk docs/errors.md: every row's bad input, run as a user would, prints exactly that one line, no traceback,
+and leaves no output files behind."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from train_helpers import DS, ROOT, TRAIN, small_run_overrides
+
+TABLE = os.path.join(ROOT, "docs", "errors.md")
+
+
+def _rows() -> dict[str, str]:
+    rows = {}
+    for line in open(TABLE):
+        m = re.match(r"\| ([a-z]+-[a-z-]+) \| (``? ?)(.+?)( ?``?) \|", line)
+        if m:
+            rows[m.group(1)] = m.group(3)
+    return rows
+
+
+def _pattern(message: str) -> str:
+    return "".join(".+?" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{[^}]*\})", message))
+
+
+def _megapile(args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "megapile.cli"] + args, cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def _train(args, cwd, env=None):
+    return subprocess.run([sys.executable, TRAIN] + args, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=dict({k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
+                                   OMP_NUM_THREADS="1", **(env or {})))
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed):
+    """id -> (function running the bad input in a fresh directory, files that must not exist afterwards)."""
+    work = tmp_path_factory.mktemp("errors")
+    val = os.path.join(sample_corpus, "val", "*.jsonl.zst")
+    truncated = work / "cut.jsonl.zst"
+    first_val = sorted(os.listdir(os.path.join(sample_corpus, "val")))[0]
+    truncated.write_bytes(open(os.path.join(sample_corpus, "val", first_val), "rb").read()[:3000])
+    bad_tok = work / "bad_tokenizer.json"
+    bad_tok.write_text("{not json")
+    good = small_run_overrides(preprocessed, tokenizer_path, str(work / "run"))
+    unknown = work / "unknown.yaml"
+    unknown.write_text("model:\n  num_layer: 2\n")
+    broken = work / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 2,,}}')
+    disagree = work / "disagree.json"
+    disagree.write_text(json.dumps({"train_batch_size": 99}))
+    optimizer = work / "optimizer.json"
+    optimizer.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    blocker = work / "a_file"
+    blocker.write_text("x")
+    pre = lambda inp, tok=tokenizer_path, out="out/x": ["preprocess", "--input", inp, "--tokenizer", str(tok),  # noqa
+                                                         "--output-prefix", out, "--no-progress"]
+    ds = lambda name: ["--deepspeed_config", os.path.join(DS, name)]  # noqa: E731
+    return {
+        "data-empty-glob": (lambda d: _megapile(pre("nothing/*.jsonl.zst"), d), ["out"]),
+        "data-missing-file": (lambda d: _megapile(pre("missing.jsonl.zst"), d), ["out"]),
+        "data-truncated-zstd": (lambda d: (os.makedirs(d / "out"), _megapile(pre(str(truncated)), d))[1],
+                                ["out/x.bin", "out/x.idx"]),
+        "data-bad-tokenizer": (lambda d: _megapile(pre(val, bad_tok), d), ["out"]),
+        "data-output-dir": (lambda d: _megapile(pre(val, out="nodir/x"), d), ["nodir"]),
+        "config-missing-file": (lambda d: _train(["--config", "nope.yaml"], d), ["runs"]),
+        "config-unknown-key": (lambda d: _train(["--config", str(unknown)], d), ["runs"]),
+        "config-wrong-type": (lambda d: _train(good + ["train.max_steps=many"], d), []),
+        "config-batch": (lambda d: _train(good + ["train.global_batch_size=7"], d), []),
+        "config-data-path": (lambda d: _train(good + ["data.train=/nonexistent/pile"], d), []),
+        "config-tokenizer": (lambda d: _train(good + [f"data.tokenizer={bad_tok}"], d), []),
+        "ds-json": (lambda d: _train(["--deepspeed_config", str(broken)] + good, d), []),
+        "ds-disagrees": (lambda d: _train(["--deepspeed_config", str(disagree)] + good, d), []),
+        "ds-optimizer": (lambda d: _train(["--deepspeed_config", str(optimizer)] + good, d), []),
+        "ckpt-not-intact": (lambda d: _train(ds("zero0.json") + good + [f"checkpoint.resume={d}/gone/global_step4",
+                                                                       f"logging.run_dir={d}/run"], d), []),
+        "ckpt-unwritable": (lambda d: _train(good + [f"checkpoint.dir={blocker}/ckpt"], d), []),
+        "ckpt-tool": (lambda d: _megapile(["ckpt", "info", "nothing"], d), []),
+        "launch-rank": (lambda d: _train(good, d, env={"RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}), []),
+        "launch-master": (lambda d: _train(good, d, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}), []),
+    }
+
+
+def test_table_and_scenarios_cover_each_other(scenarios):
+    assert set(_rows()) == set(scenarios)
+
+
+@pytest.mark.parametrize("row", sorted(_rows()))
+def test_error_row(row, scenarios, tmp_path):
+    run, must_not_exist = scenarios[row]
+    proc = run(tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert re.fullmatch(_pattern(_rows()[row]), lines[0]), f"{lines[0]!r} does not match the table's {_rows()[row]!r}"
+    for path in must_not_exist:
+        assert not os.path.exists(tmp_path / path), f"{path} left behind"
