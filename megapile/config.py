@@ -180,6 +180,21 @@ class LoggingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Model parallelism. Data parallel size = world size / (tensor × pipeline); megapile/parallel/layout.py checks it."""
+
+    tensor: int = 1  # tensor-parallel ranks per layer (Megatron-style attention/MLP split, DeepSpeed AutoTP)
+    pipeline: int = 1  # pipeline stages (DeepSpeed PipelineModule, 1F1B schedule)
+    pipeline_partition: str = "parameters"  # how blocks go to stages: "parameters" | "uniform"
+    pipeline_layers: Optional[list[int]] = None  # an explicit split: transformer blocks per stage, e.g. [3, 3, 2, 2]
+
+    def __post_init__(self) -> None:
+        _check_positive("parallel.tensor", self.tensor)
+        _check_positive("parallel.pipeline", self.pipeline)
+        _check_choice("parallel.pipeline_partition", self.pipeline_partition, ("parameters", "uniform"))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,6 +202,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

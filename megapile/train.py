@@ -104,6 +104,7 @@ class Run:
     peak_tflops: float
     fingerprints: dict
     param_order: list  # parameter names in the order the optimizer numbers them
+    layout: object = None  # megapile.parallel.layout.Layout: tensor × pipeline × data ranks
 
 
 def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
@@ -128,13 +129,16 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     from megapile.flops import peak_tflops
     from megapile.metrics import MetricsLogger
     from megapile.model import build_model, param_groups
+    from megapile.parallel.layout import check_vocab, resolve_layout
     from megapile.parallel.zero import load_ds_json, resolve_ds_config, resolve_dtype, wrap_zero
 
     # Everything that can be checked before starting processes and building the model is checked here.
     ds_json = load_ds_json(ds_config_path)
-    accum = grad_accum_steps(cfg.train, env.world_size)
+    layout = resolve_layout(cfg, env.world_size, ds_json.get("zero_optimization", {}).get("stage", 0))
+    accum = grad_accum_steps(cfg.train, layout.data)
     _check_data_paths(cfg)
     tokenizer_print = _tokenizer_facts(cfg)
+    check_vocab(cfg, layout)
     ckpt_dir = checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir)
     checkpoint.check_writable(ckpt_dir, env.rank)  # on every rank, so no rank waits for one that gave up
 
@@ -145,7 +149,7 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
         _set_cpu_threads(env)
     distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo", timeout_s=cfg.train.collective_timeout_s)
     dtype = resolve_dtype(cfg, device)
-    ds_config = resolve_ds_config(ds_json, cfg, env.world_size, dtype, ds_config_path)
+    ds_config = resolve_ds_config(ds_json, cfg, layout.data, dtype, ds_config_path)
 
     _seed_everything(cfg.train.seed, env.rank)
     seq_len = cfg.train.seq_len
@@ -156,13 +160,28 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     valid_stream = (build_samples([s.prefix for s in valid_specs], [s.weight for s in valid_specs],
                                   seq_len, cfg.train.seed, cache_dir=cfg.data.cache_dir) if valid_specs else None)
 
-    model = build_model(cfg.model, seed=cfg.train.seed, device=device)
+    if layout.pipeline > 1:  # each stage builds and initialises only its own layers (parallel/pipeline.py)
+        from megapile.model import GPT
+
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+    else:
+        model = build_model(cfg.model, seed=cfg.train.seed, device=device)
     flops_per_token = model.flops_per_token(seq_len)
     n_params = model.num_params(exclude_embedding=False)
     groups = param_groups(model, cfg.optim.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     param_order = [names[id(p)] for g in groups for p in g["params"]]  # before ZeRO rewrites the groups
-    engine, _, scheduler = wrap_zero(model, groups, cfg, ds_config)
+    if layout.pipeline > 1:
+        from megapile.parallel.pipeline import wrap_pipeline
+
+        engine, _, scheduler = wrap_pipeline(cfg, ds_config, layout.pipeline)
+    elif layout.tensor > 1:
+        from megapile.parallel.tensor import wrap_tensor_parallel
+
+        engine, _, scheduler = wrap_tensor_parallel(model, groups, cfg, ds_config, layout.tensor)
+    else:
+        engine, _, scheduler = wrap_zero(model, groups, cfg, ds_config)
 
     logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
     if env.is_main:
@@ -171,16 +190,17 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     logger.message(
         f"megapile: {n_params / 1e6:.2f}M parameters, world {env.world_size} ({env.launcher}), "
         f"ZeRO-{engine.zero_optimization_stage()}, {dtype}, micro {cfg.train.micro_batch_size} × accum {accum} "
-        f"× dp {env.world_size} = global {cfg.train.global_batch_size}, seq {seq_len}; "
+        f"× dp {layout.data} = global {cfg.train.global_batch_size}, seq {seq_len}, {layout.describe()}; "
         f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
     )
     def batches(stream):
-        return Batches(stream, cfg.train.global_batch_size, cfg.train.micro_batch_size, env.rank, env.world_size)
+        return Batches(stream, cfg.train.global_batch_size, cfg.train.micro_batch_size, layout.data_rank(env.rank),
+                       layout.data)
 
     return Run(cfg, env, device, engine, scheduler, batches(train_stream),
                batches(valid_stream) if valid_stream is not None else None, logger,
                ckpt_dir, accum, flops_per_token, peak,
-               {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order)
+               {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order, layout)
 
 
 def resume(run: Run) -> int:
@@ -199,6 +219,10 @@ def resume(run: Run) -> int:
         if found is None or os.path.normpath(found.path) != os.path.normpath(cfg.resume):
             raise ConfigError(f"checkpoint.resume: {cfg.resume} is not a complete, intact checkpoint")
     compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, cfg.allow_data_change, found.path)
+    if run.layout is not None:
+        from megapile.parallel.layout import check_same_layout
+
+        check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
     old_layout = (found.state["zero_stage"], found.state["world_size"])
     new_layout = (run.engine.zero_optimization_stage(), run.env.world_size)
     if old_layout == new_layout:
@@ -292,6 +316,9 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, Optional[float], bool
     """
     engine = run.engine
     skipped_before = engine.skipped_steps
+    if _is_pipeline(engine):  # DeepSpeed runs the micro-batches itself (1F1B); the loss comes from the last stage
+        loss = engine.train_batch(iter(run.batches.micro_batches(step, run.device)))
+        return loss.detach().float(), engine.get_global_grad_norm(), engine.skipped_steps > skipped_before
     loss_sum = torch.zeros((), device=run.device)
     grad_norm = None
     for x, y in run.batches.micro_batches(step, run.device):
@@ -348,6 +375,7 @@ def save(run: Run, step: int, must_succeed: bool = False) -> None:
         "tokens_seen": step * cfg.train.global_batch_size * cfg.train.seq_len,
         "world_size": run.env.world_size,
         "zero_stage": run.engine.zero_optimization_stage(),
+        "parallel": run.layout.as_dict() if run.layout is not None else {"tensor": 1, "pipeline": 1},
         "config": cfg.to_dict(),
         "fingerprints": run.fingerprints,
         "versions": _versions(),
@@ -371,9 +399,16 @@ def evaluate(engine, batches: Batches, iters: int, env: distributed.DistEnv, dev
     """Mean loss over the first `iters` global batches of validation data, split across ranks like
     training batches, so every world size scores exactly the same samples."""
     engine.eval()
-    losses = [engine(x, targets=y).float() for it in range(iters) for x, y in batches.micro_batches(it, device)]
+    if _is_pipeline(engine):  # one pipelined pass per global batch; every stage gets the loss
+        losses = [engine.eval_batch(iter(batches.micro_batches(it, device))).float() for it in range(iters)]
+    else:
+        losses = [engine(x, targets=y).float() for it in range(iters) for x, y in batches.micro_batches(it, device)]
     engine.train()
     return _mean_over_ranks(torch.stack(losses).mean(), env)
+
+
+def _is_pipeline(engine) -> bool:
+    return bool(getattr(engine, "pipeline_parallelism", False))
 
 
 def _mean_over_ranks(value: torch.Tensor, env: distributed.DistEnv) -> float:

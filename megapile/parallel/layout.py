@@ -1,0 +1,102 @@
+"""How the world's ranks split into tensor × pipeline × data parallel groups, checked in one place.
+
+Rank order is DeepSpeed's (`PipeModelDataParallelTopology`, axes pipe, data, model), which is also the
+order of AutoTP's (data, tensor) mesh when there is no pipeline:
+
+    rank = stage × (data × tensor) + data_rank × tensor + tensor_rank
+
+so the ranks of one tensor-parallel group are neighbours (one node, fast links) and read the same batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megapile.config import Config, ConfigError
+
+TP_ZERO_STAGES = (1, 2)  # AutoTP training is tested with these; ZeRO-0's grad-norm path is TP-unaware
+PP_ZERO_STAGES = (0, 1)  # DeepSpeed's PipelineEngine refuses ZeRO-2/3
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tensor: int
+    pipeline: int
+    data: int
+
+    def tensor_rank(self, rank: int) -> int:
+        return rank % self.tensor
+
+    def data_rank(self, rank: int) -> int:
+        return (rank // self.tensor) % self.data
+
+    def stage(self, rank: int) -> int:
+        return rank // (self.tensor * self.data)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"tensor": self.tensor, "pipeline": self.pipeline, "data": self.data}
+
+    def describe(self) -> str:
+        return f"TP {self.tensor} × PP {self.pipeline} × DP {self.data}"
+
+
+def resolve_layout(cfg: Config, world_size: int, zero_stage: int) -> Layout:
+    """The layout `parallel` asks for on `world_size` ranks; ConfigError (one line) when it cannot run."""
+    par, model = cfg.parallel, cfg.model
+    tp, pp = par.tensor, par.pipeline
+    if world_size % (tp * pp):
+        raise ConfigError(f"parallel.tensor ({tp}) × parallel.pipeline ({pp}) = {tp * pp} does not divide "
+                          f"the world size ({world_size})")
+    if tp > 1 and pp > 1:
+        raise ConfigError("parallel.tensor > 1 together with parallel.pipeline > 1 is not supported yet "
+                          "(DeepSpeed's AutoTP replaces the pipeline engine's process groups); use one of them with ZeRO")
+    if tp > 1:
+        if model.num_heads % tp:
+            raise ConfigError(f"model.num_heads ({model.num_heads}) must be divisible by parallel.tensor ({tp}): "
+                              "each tensor-parallel rank holds whole attention heads")
+        if model.ffn_size % tp:
+            raise ConfigError(f"the MLP width ({model.ffn_size}) must be divisible by parallel.tensor ({tp})")
+        if zero_stage not in TP_ZERO_STAGES:
+            raise ConfigError(f"parallel.tensor > 1 needs zero_optimization.stage 1 or 2 in the DeepSpeed JSON, "
+                              f"got {zero_stage}")
+    if pp > 1:
+        if zero_stage not in PP_ZERO_STAGES:
+            raise ConfigError(f"parallel.pipeline > 1 needs zero_optimization.stage 0 or 1 in the DeepSpeed JSON, "
+                              f"got {zero_stage}: DeepSpeed's pipeline engine does not support ZeRO-2/3")
+        if model.num_layers < pp:
+            raise ConfigError(f"parallel.pipeline ({pp}) is more stages than model.num_layers ({model.num_layers})")
+        if par.pipeline_layers is not None:
+            split = par.pipeline_layers
+            if len(split) != pp or any(n < 0 for n in split) or sum(split) != model.num_layers:
+                raise ConfigError(f"parallel.pipeline_layers {split} must give {pp} non-negative block counts "
+                                  f"summing to model.num_layers ({model.num_layers})")
+    elif par.pipeline_layers is not None and par.pipeline_layers != [model.num_layers]:
+        raise ConfigError("parallel.pipeline_layers is set but parallel.pipeline is 1")
+    return Layout(world_size, tp, pp, world_size // (tp * pp))
+
+
+def check_vocab(cfg: Config, layout: Layout) -> None:
+    """Once the vocabulary is known: each tensor-parallel slice of the (padded) vocabulary is a multiple of 128."""
+    padded = cfg.model.padded_vocab_size
+    if layout.tensor > 1 and padded % (128 * layout.tensor):
+        raise ConfigError(f"the padded vocabulary ({padded} rows) must be a multiple of 128 × parallel.tensor = "
+                          f"{128 * layout.tensor}: set model.pad_vocab_multiple to {128 * layout.tensor}")
+
+
+def check_same_layout(saved: dict, layout: Layout, zero_stage: int, path: str) -> None:
+    """Tensor/pipeline checkpoints hold per-rank slices of the model: resume them only on the layout that wrote
+    them. Plain data-parallel checkpoints pass (megapile reshards them to any world size and ZeRO stage)."""
+    old = saved.get("parallel") or {"tensor": 1, "pipeline": 1}
+    old_tp, old_pp = old.get("tensor", 1), old.get("pipeline", 1)
+    if old_tp == old_pp == layout.tensor == layout.pipeline == 1:
+        return
+    before = (old_tp, old_pp, saved.get("world_size"), saved.get("zero_stage"))
+    now = (layout.tensor, layout.pipeline, layout.world, zero_stage)
+    if before == now:
+        return
+    raise ConfigError(
+        f"checkpoint {path} was saved with tensor {old_tp} × pipeline {old_pp} on {before[2]} ranks, ZeRO-{before[3]}; "
+        f"this run is tensor {now[0]} × pipeline {now[1]} on {now[2]} ranks, ZeRO-{now[3]}: a tensor- or "
+        "pipeline-parallel checkpoint resumes only on its own layout (`megapile ckpt consolidate` turns it into "
+        "full weights)"
+    )

@@ -1,0 +1,92 @@
+"""Tensor parallelism: Megatron-style split of attention and MLP, applied by DeepSpeed's AutoTP training.
+
+The plan is data — parameter-name patterns to a split style — and DeepSpeed applies it inside
+`deepspeed.initialize` (on CPU/gloo too), composing with ZeRO-1/2 and bf16:
+
+    blocks.*.attn.qkv    column-parallel: each rank gets whole heads (rows are laid out per head as
+                         [q, k, v], so a contiguous split by rows is a split by heads), bias split alike
+    blocks.*.attn.proj   row-parallel: input features split, outputs all-reduced, bias added once
+    blocks.*.mlp.fc_in   column-parallel
+    blocks.*.mlp.fc_out  row-parallel
+
+Everything else (embeddings, norms, the output head) is replicated: `GPT.loss` multiplies the head
+weight directly (never through an nn.Linear call), so a vocabulary-parallel head would need a different
+loss. All ranks of a tensor-parallel group read the same batch (megapile/parallel/layout.py gives them
+the same data-parallel rank), which DeepSpeed checks on the first forward.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megapile.config import Config
+
+# (pattern over parameter names, DeepSpeed partition type, dimension of the weight that is split)
+TP_PLAN = (
+    (r".*\.attn\.qkv\.weight$", "column", 0),
+    (r".*\.mlp\.fc_in\.weight$", "column", 0),
+    (r".*\.attn\.proj\.weight$", "row", 1),
+    (r".*\.mlp\.fc_out\.weight$", "row", 1),
+)
+
+
+def autotp_section(tp: int) -> dict[str, Any]:
+    """The DeepSpeed `tensor_parallel` config for `tp` ranks with megapile's plan."""
+    specs: dict[str, list[str]] = {}
+    for pattern, kind, _ in TP_PLAN:
+        specs.setdefault(kind, []).append(pattern)
+    return {
+        "autotp_size": tp,
+        "partition_config": {
+            "use_default_specs": False,
+            "layer_specs": [{"patterns": patterns, "partition_type": kind} for kind, patterns in specs.items()],
+        },
+    }
+
+
+def split_dim(name: str) -> int | None:
+    """The dimension along which parameter `name` (a GPT name) is split across tensor-parallel ranks, or None
+    when it is replicated. Column-parallel biases are split with their weight's rows; row-parallel biases
+    are whole on every rank."""
+    import re
+
+    for pattern, kind, dim in TP_PLAN:
+        if re.match(pattern, name):
+            return dim
+        if kind == "column" and re.match(pattern.replace(r"\.weight$", r"\.bias$"), name):
+            return 0
+    return None
+
+
+def init_groups(tp: int):
+    """DeepSpeed's (data, tensor) process groups; returns the module to pass as `mpu`."""
+    from deepspeed.utils import groups
+
+    groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
+    return groups
+
+
+def wrap_tensor_parallel(model: torch.nn.Module, param_groups: list[dict], cfg: Config, ds_config: dict[str, Any],
+                         tp: int):
+    """(engine, optimizer, scheduler) with the model split over `tp` ranks by AutoTP, ZeRO over the rest."""
+    import deepspeed
+
+    from megapile.optim import build_optimizer, build_scheduler
+
+    mpu = init_groups(tp)
+    ds_config = {**ds_config, "tensor_parallel": autotp_section(tp)}
+    optimizer = build_optimizer(param_groups, cfg.optim, cpu_offload=False)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config, mpu=mpu)
+    return engine, optimizer, scheduler
+
+
+def gather_full(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One set of full weights from the per-rank state dicts of a tensor-parallel model (rank order)."""
+    full = {}
+    for name, first in shards[0].items():
+        dim = split_dim(name)
+        full[name] = first if dim is None else torch.cat([s[name] for s in shards], dim=dim)
+    return full
