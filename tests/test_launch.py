@@ -264,6 +264,35 @@ def test_local_script_two_cpu_ranks_match_one_process(tmp_path, reference, prepr
 
 
 @pytest.mark.slow
+def test_deepspeed_hostfile_two_nodes_on_loopback_match_one_process(tmp_path, reference, preprocessed,
+                                                                    tokenizer_path):
+    """`deepspeed --hostfile` with a hostfile from launch/hostfile.sh naming two "nodes" (localhost and
+    127.0.0.1), started once per node with --no_ssh --node_rank as on a cluster without ssh."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(_run(["bash", os.path.join(ROOT, "launch", "hostfile.sh"), "localhost,127.0.0.1", "1"]).stdout)
+    assert hosts.read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
+    run_dir = str(tmp_path / "run")
+    port = str(free_port())
+    overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)
+    results = {}
+
+    def node(rank):
+        results[rank] = _run(["deepspeed", "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(rank),
+                              "--master_addr", "127.0.0.1", "--master_port", port, TRAIN,
+                              "--deepspeed_config", os.path.join(DS, "zero2.json"), *overrides], check=False)
+
+    threads = [threading.Thread(target=node, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank, proc in results.items():
+        assert proc.returncode == 0, f"node {rank}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "world 2 (env)" in results[0].stdout
+    assert_close(losses(run_dir), reference, rel=1e-5)
+
+
+@pytest.mark.slow
 def test_mpirun_with_mpi4py_matches_one_process(mpi, tmp_path, reference, preprocessed, tokenizer_path):
     """Plain `mpirun -np 2 python megapile/train.py`: no MASTER_ADDR, rank 0's host and port go out by mpi4py."""
     run_dir = str(tmp_path / "run")
