@@ -16,6 +16,9 @@ COMMANDS = {
     "train": ("megapile.train", "train a model (same as python megapile/train.py)"),
     "ckpt": ("megapile.checkpoint.tools", "inspect, verify or consolidate a checkpoint"),
     "plot": ("megapile.plot", "plot loss, lr and tokens/s of one or more runs to a PNG"),
+    "eval": ("megapile.evaluate", "loss, perplexity and bits per byte on Pile-format or preprocessed data"),
+    "generate": ("megapile.generate", "sample text from a checkpoint or an exported model"),
+    "export-hf": ("megapile.hf_export", "write a checkpoint as a Hugging Face transformers directory"),
 }
 
 

@@ -72,7 +72,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.flash_attn_func = _import_flash_attn() if cfg.attention == "flash_attn" else None
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+                cache: Optional["LayerCache"] = None) -> torch.Tensor:
         B, T, _ = x.shape
         # -1 heads: a tensor-parallel shard of qkv (whole heads) runs this code unchanged.
         qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim)  # per-head [q, k, v]
@@ -82,7 +83,11 @@ class Attention(nn.Module):
             cos, sin = (t.to(q.dtype) for t in rope)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
-        if self.flash_attn_func is not None:
+        if cache is not None:  # incremental decoding: append k, v, attend over everything cached
+            k, v = cache.append(k, v)  # each (B, nh, start + T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=p)  # (B, nh, T, hs)
+            y = y.transpose(1, 2).reshape(B, T, -1)
+        elif self.flash_attn_func is not None:
             y = self.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
             y = y.reshape(B, T, -1)  # flash_attn returns (B, T, nh, hs)
         else:
@@ -112,10 +117,11 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+                cache: Optional["LayerCache"] = None) -> torch.Tensor:
         if self.parallel_residual:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-            return x + self.attn(self.ln1(x), rope) + self.mlp(self.ln2(x))
-        x = x + self.attn(self.ln1(x), rope)  # GPT-2
+            return x + self.attn(self.ln1(x), rope, cache) + self.mlp(self.ln2(x))
+        x = x + self.attn(self.ln1(x), rope, cache)  # GPT-2
         return x + self.mlp(self.ln2(x))
 
 
@@ -170,6 +176,42 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x * grad_loss, grad_w * grad_loss, None, None
 
 
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of every token seen so far, for incremental decoding (`GPT.forward_cached`).
+
+    Prompts of different lengths share a batch left-padded: row b starts with `pad[b]` padding
+    tokens that no real token attends to, and its positions count from its first real token.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, pad: Optional[torch.Tensor] = None):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds model.max_seq_len {cfg.max_seq_len}")
+        shape = (batch_size, cfg.num_heads, max_len, cfg.head_dim)  # (B, nh, Tmax, hs)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.length = 0  # positions filled, padding included
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        self.valid = torch.arange(max_len, device=device)[None, :] >= self.pad[:, None]  # (B, Tmax) False on padding
+
+
+class LayerCache:
+    """One layer's view of a KVCache for one forward call over positions [start, start + T)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int, mask: torch.Tensor):
+        self.keys, self.values, self.start, self.mask = keys, values, start, mask
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.start + k.shape[2]
+        self.keys[:, :, self.start : end] = k
+        self.values[:, :, self.start : end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -214,6 +256,32 @@ class GPT(nn.Module):
         if targets is not None:
             return self.loss(input_ids, targets)
         return F.linear(self.hidden_states(input_ids), self._head_weight())
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, padded_vocab) of the T tokens that follow the cache.length already in
+        `cache`, whose keys and values are appended to it (for generation; no dropout)."""
+        B, T = input_ids.shape
+        start, end = cache.length, cache.length + T
+        if end > cache.max_len:
+            raise ValueError(f"sequence length {end} exceeds the cache length {cache.max_len}")
+        device = input_ids.device
+        steps = torch.arange(start, end, device=device)  # (T,)
+        positions = (steps[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T), from each row's first real token
+        x = self.embed(input_ids)  # (B, T, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        rope = None
+        if self.use_rotary:
+            cos, sin = rotary_cos_sin(self.cfg, cache.max_len, device)  # (Tmax, rd)
+            rope = (cos[positions][:, None], sin[positions][:, None])  # each (B, 1, T, rd)
+        keys = torch.arange(end, device=device)
+        allowed = (keys[None, :] <= steps[:, None])[None] & cache.valid[:, None, :end]  # (B, T, end): causal, not padding
+        allowed |= keys[None, None, :] == steps[None, :, None]  # padding attends to itself: no empty softmax rows
+        mask = allowed[:, None]  # (B, 1, T, end)
+        for i, block in enumerate(self.blocks.values()):
+            x = block(x, rope, LayerCache(cache.keys[i], cache.values[i], start, mask))
+        cache.length = end
+        return F.linear(self.final_norm(x), self._head_weight())
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the real vocabulary (targets == -100 are ignored).

@@ -1,0 +1,157 @@
+"""`megapile generate`: sample text from a training checkpoint (any layout) or an exported HF directory.
+
+    megapile generate --checkpoint runs/x/checkpoints --prompt "The Pile is" --max-new-tokens 64 \\
+        --temperature 0.8 --top-p 0.95 [--top-k 50] [--seed 0] [--prompt "another" ...] [--no-cache]
+
+Temperature 0 is greedy decoding. Several prompts run as one batch, left-padded (each row's positions
+count from its own first token, and no token attends to padding). A row stops at `<|endoftext|>`.
+With one prompt, tokens stream to the console as they are produced.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0: argmax; top_k 0 and top_p 1: no filtering."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the top token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eod_id: Optional[int] = None,
+             use_cache: bool = True, pad_id: int = 0,
+             on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+    """The new tokens of each prompt (up to and including `eod_id`, where it stops).
+
+    `on_token(row, token)` is called for every token as it is chosen. Without the cache, every step
+    recomputes the whole sequence (the baseline the KV cache is measured against).
+    """
+    from megapile.model import KVCache
+
+    cfg = model.cfg
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max new tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {cfg.max_seq_len} tokens")
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (B, T0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(cfg, B, total, device, dtype, pad) if use_cache else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    step_input = ids
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            logits = model.forward_cached(step_input, cache)[:, -1]
+        elif not bool(pad.any()):
+            logits = model(ids)[:, -1]
+        else:  # no cache, padded rows: recompute everything through a fresh one
+            logits = model.forward_cached(ids, KVCache(cfg, B, ids.shape[1], device, dtype, pad))[:, -1]
+        nxt = sample_next(logits[:, : cfg.vocab_size], temperature, top_k, top_p, generator)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        for row in range(B):
+            if not done[row]:
+                token = int(nxt[row])
+                out[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+        if eod_id is not None:
+            done |= nxt == eod_id
+        if bool(done.all()):
+            break
+        step_input = nxt[:, None]
+        ids = torch.cat([ids, step_input], dim=1)
+    return out
+
+
+class Streamer:
+    """Prints one row's text as tokens arrive, holding back bytes that do not yet form whole characters."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write = tokenizer, write
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, row: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        self.write(text[self.printed:])
+        self.printed = len(text)
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint, a checkpoint directory (its newest good checkpoint) or an HF directory")
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much mass (1: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    parser.add_argument("--tokenizer", help="tokenizer to use (default: the run's data.tokenizer)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from megapile.hf_export import ExportError, load_model
+
+    def fail(message: str) -> int:
+        print(f"megapile: error: {message}", file=sys.stderr)
+        return 1
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
+        return fail("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0 and --max-new-tokens >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        loaded = load_model(args.checkpoint, device, args.tokenizer)
+    except (ExportError, KeyError) as e:
+        return fail(str(e))
+    tok = loaded.tokenizer
+    prompts = [tok.encode(p) for p in args.prompt]
+    if any(not p for p in prompts):
+        return fail("a --prompt is empty")
+    streaming = len(prompts) == 1
+    streamer = Streamer(tok, lambda s: print(s, end="", flush=True)) if streaming else None
+    if streaming:
+        print(args.prompt[0], end="", flush=True)
+    try:
+        outputs = generate(loaded.model, prompts, args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, eod_id=tok.eod_id,
+                           use_cache=not args.no_cache, pad_id=tok.pad_id, on_token=streamer)
+    except ValueError as e:
+        return fail(str(e))
+    if streaming:
+        rest = tok.decode(streamer.tokens)[streamer.printed:]
+        print(rest)
+        return 0
+    for i, (prompt, new) in enumerate(zip(args.prompt, outputs)):
+        print(f"--- [{i}] " + prompt + tok.decode(new))
+    return 0

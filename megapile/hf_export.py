@@ -1,0 +1,283 @@
+"""Hugging Face directories in and out: `megapile export-hf`, `model.init_from`, and model loading
+for `megapile eval` / `megapile generate`.
+
+    megapile export-hf --checkpoint runs/x/checkpoints --output hf/x [--dtype bf16] [--max-shard-size 5GB]
+
+An export is a directory `transformers` loads offline with `AutoModelForCausalLM.from_pretrained`:
+
+    config.json                     GPTNeoXConfig (arch neox) or GPT2Config (arch gpt2)
+    model.safetensors               or model-0000k-of-0000n.safetensors + model.safetensors.index.json
+                                    past --max-shard-size
+    generation_config.json          bos/eos = <|endoftext|>, pad = <|padding|> when the tokenizer has it
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json
+
+Weights come from a training checkpoint of any ZeRO stage and data-parallel size (through
+`checkpoint.portable.read_full_weights`, the fp32 master weights) or from another HF directory.
+The conversion itself is `megapile/hf_convert.py`, tested for exact logits.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megapile.config import Config, ConfigError, ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Fields of ModelConfig that describe the weights: taken from the HF directory by model.init_from.
+SHAPE_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size", "max_seq_len",
+                "rotary_pct", "rotary_base", "parallel_residual", "tie_embeddings", "activation", "norm_eps")
+
+
+class ExportError(ValueError):
+    """A problem with the user's paths or checkpoint; the message is one line."""
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference, from a training checkpoint or a Hugging Face directory."""
+
+    model: Any  # megapile.model.GPT, in eval mode
+    cfg: ModelConfig
+    tokenizer: Any  # megapile.data.tokenizer.Tokenizer
+    source: str  # what was loaded, for messages: "runs/x/checkpoints/global_step4 (step 4)"
+    step: Optional[int] = None
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[str], Any]:
+    """(model config, full fp32 weights, tokenizer path, Found) of a training checkpoint of any layout."""
+    from megapile.checkpoint import portable, tools
+    from megapile.model import GPT
+
+    try:
+        found = tools.resolve(path)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
+    state = found.state
+    model = dict(state["config"]["model"])
+    model.update(activation_checkpointing=False, attention="sdpa", init_from=None)
+    cfg = ModelConfig(**model)
+    weights = portable.read_full_weights(found.path, int(state["zero_stage"]))
+    with torch.device("meta"):
+        expected = set(GPT(cfg).state_dict())
+    if set(weights) != expected:
+        par = state.get("parallel", {})
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ExportError(f"{found.path}: could not reassemble full weights from this layout "
+                          f"(tensor {par.get('tensor', 1)}, pipeline {par.get('pipeline', 1)}): "
+                          f"missing {missing[:3]}, unexpected {extra[:3]}")
+    tokenizer = state["config"].get("data", {}).get("tokenizer")
+    return cfg, weights, tokenizer, found
+
+
+def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optional[str] = None) -> Loaded:
+    """A GPT in eval mode (fp32) plus its tokenizer, from a checkpoint (dir) or an HF directory."""
+    from megapile.data import DataError
+    from megapile.data.tokenizer import load_tokenizer
+    from megapile.hf_convert import load_hf_dir
+    from megapile.model import GPT
+
+    if not os.path.exists(path):
+        raise ExportError(f"{path}: no such checkpoint or model directory")
+    step = None
+    if is_hf_dir(path):
+        cfg, weights = load_hf_dir(path)
+        tokenizer = tokenizer or path
+        source = f"{path} (Hugging Face {cfg.arch})"
+    else:
+        cfg, weights, ckpt_tokenizer, found = read_checkpoint(path)
+        tokenizer = tokenizer or ckpt_tokenizer
+        step = found.step
+        source = f"{found.path} (step {found.step})"
+        if not tokenizer:
+            raise ExportError(f"{found.path}: the run had no data.tokenizer; pass --tokenizer")
+    try:
+        tok = load_tokenizer(tokenizer)
+    except DataError as e:
+        raise ExportError(str(e)) from None
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.load_state_dict(weights, assign=True)
+    model = model.float().to(device).eval()
+    return Loaded(model, cfg, tok, source, step)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def export(source: str, output: str, dtype: str = "fp32", max_shard_bytes: int = 5 * 10**9,
+           tokenizer: Optional[str] = None) -> dict[str, Any]:
+    """Write `source` (checkpoint or HF directory) as a Hugging Face directory; return a summary."""
+    loaded = load_model(source, "cpu", tokenizer)
+    sd = {k: v.detach() for k, v in loaded.model.state_dict().items()}
+    files = write_hf_dir(loaded.cfg, sd, loaded.tokenizer, output, DTYPES[dtype], max_shard_bytes)
+    return {"source": loaded.source, "output": output, "arch": loaded.cfg.arch, "files": files,
+            "parameters": sum(t.numel() for t in sd.values())}
+
+
+def write_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, output: str,
+                 dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 10**9) -> list[str]:
+    """config.json, (sharded) safetensors, generation_config.json and tokenizer files into `output`."""
+    import transformers
+
+    from megapile.hf_convert import _HF_HEAD, config_to_hf, state_dict_to_hf
+
+    os.makedirs(output, exist_ok=True)
+    for name in os.listdir(output):  # a re-export must not leave shards of the previous one behind
+        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name):
+            os.unlink(os.path.join(output, name))
+    eod, pad = tok.eod_id, tok.pad_id
+    hf_config = config_to_hf(cfg)
+    hf_config.architectures = ["GPTNeoXForCausalLM" if cfg.arch == "neox" else "GPT2LMHeadModel"]
+    hf_config.bos_token_id = hf_config.eos_token_id = eod
+    hf_config.pad_token_id = pad if pad != eod else None
+    hf_config.dtype = _HF_DTYPE_NAMES[dtype]
+    hf_config.save_pretrained(output)
+    gen = transformers.GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=pad)
+    gen.save_pretrained(output)
+
+    hf_sd = state_dict_to_hf(cfg, sd)
+    head = hf_sd.pop(_HF_HEAD[cfg.arch])
+    if not cfg.tie_embeddings:  # tied: HF re-ties on load (and safetensors refuses shared storage)
+        hf_sd["embed_out.weight" if cfg.arch == "neox" else "lm_head.weight"] = head  # the on-disk names
+    files = _save_sharded({k: v.detach().to("cpu", dtype).contiguous() for k, v in hf_sd.items()}, output,
+                          max_shard_bytes)
+    files += write_tokenizer(tok, output, cfg.max_seq_len)
+    return ["config.json", "generation_config.json"] + files
+
+
+def _save_sharded(sd: dict[str, torch.Tensor], output: str, max_shard_bytes: int) -> list[str]:
+    """model.safetensors, or shards of at most max_shard_bytes (a bigger tensor gets its own) + an index."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in sd.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(output, "model.safetensors"), metadata=metadata)
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(output, name), metadata=metadata)
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(output, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return names + ["model.safetensors.index.json"]
+
+
+def write_tokenizer(tok, output: str, max_len: int) -> list[str]:
+    """tokenizer.json plus the two small files AutoTokenizer reads for the special tokens."""
+    tok.backend.save(os.path.join(output, "tokenizer.json"))
+    eod = tok.backend.id_to_token(tok.eod_id)
+    pad = tok.backend.id_to_token(tok.pad_id)
+    special = {"bos_token": eod, "eos_token": eod, "unk_token": eod, "pad_token": pad}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "add_bos_token": False,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False, **special}
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with open(os.path.join(output, name), "w") as f:
+            json.dump(content, f, indent=2)
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+# ----------------------------------------------------------------------------- model.init_from
+
+
+def apply_init_from(cfg: Config) -> Optional[dict[str, torch.Tensor]]:
+    """For `model.init_from=DIR`: take the model's shape from the HF directory (and its tokenizer when
+    data.tokenizer is unset) into `cfg`; return the weights to load after build_model, or None."""
+    if not cfg.model.init_from:
+        return None
+    path = cfg.model.init_from
+    if not is_hf_dir(path):
+        raise ConfigError(f"model.init_from: {path} is not a Hugging Face model directory (no config.json)")
+    if cfg.parallel.pipeline > 1:
+        raise ConfigError("model.init_from is not supported with parallel.pipeline > 1; "
+                          "start with pipeline 1, checkpoint, then resume on the pipeline layout")
+    from megapile.hf_convert import load_hf_dir
+
+    try:
+        hf_cfg, weights = load_hf_dir(path, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
+    except (KeyError, ValueError, OSError) as e:
+        raise ConfigError(f"model.init_from: {path}: {e}") from None
+    cfg.model = dataclasses.replace(cfg.model, **{k: getattr(hf_cfg, k) for k in SHAPE_FIELDS})
+    has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json"))
+    if not cfg.data.tokenizer and has_tokenizer:
+        cfg.data.tokenizer = path
+    elif cfg.data.tokenizer and has_tokenizer:
+        _check_same_vocab(cfg.data.tokenizer, path)
+    return weights
+
+
+def _check_same_vocab(data_tokenizer: str, model_dir: str) -> None:
+    from megapile.data import DataError
+    from megapile.data.tokenizer import load_tokenizer
+
+    try:
+        ours, theirs = load_tokenizer(data_tokenizer), load_tokenizer(model_dir)
+    except DataError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    if ours.backend.get_vocab(with_added_tokens=True) != theirs.backend.get_vocab(with_added_tokens=True):
+        raise ConfigError(f"data.tokenizer ({data_tokenizer}) is not the tokenizer of model.init_from ({model_dir}); "
+                          "the data must be preprocessed with the model's tokenizer")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)?\s*", text.upper())
+    if not m:
+        raise ExportError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MB, 1000000)")
+    unit = (m.group(2) or "").rstrip("B")
+    return int(float(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit])
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint, a checkpoint directory (its newest good checkpoint) or an HF directory")
+    parser.add_argument("--output", "-o", required=True, help="directory to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights on disk (default fp32)")
+    parser.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this size (default 5GB)")
+    parser.add_argument("--tokenizer", help="tokenizer to ship (default: the run's data.tokenizer)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from megapile.config import ConfigError as _ConfigError
+
+    try:
+        if os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
+            raise ExportError("--output must differ from --checkpoint")
+        summary = export(args.checkpoint, args.output, args.dtype, parse_size(args.max_shard_size), args.tokenizer)
+    except (ExportError, _ConfigError, KeyError) as e:
+        print(f"megapile: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
+        return 1
+    print(f"exported {summary['source']} to {summary['output']} as "
+          f"{'GPTNeoXForCausalLM' if summary['arch'] == 'neox' else 'GPT2LMHeadModel'} "
+          f"({summary['parameters'] / 1e6:.2f}M parameters, {args.dtype}): {', '.join(summary['files'])}")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({summary['output']!r})")
+    return 0
