@@ -15,6 +15,7 @@ COMMANDS = {
     "preprocess": ("megapile.data.preprocess", "tokenize jsonl(.zst) into Megatron .bin/.idx"),
     "train": ("megapile.train", "train a model (same as python megapile/train.py)"),
     "ckpt": ("megapile.checkpoint.tools", "inspect, verify or consolidate a checkpoint"),
+    "plan": ("megapile.plan", "estimate memory per GPU of parallel layouts for a model"),
     "plot": ("megapile.plot", "plot loss, lr and tokens/s of one or more runs to a PNG"),
     "eval": ("megapile.evaluate", "loss, perplexity and bits per byte on Pile-format or preprocessed data"),
     "generate": ("megapile.generate", "sample text from a checkpoint or an exported model"),

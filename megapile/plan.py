@@ -1,0 +1,163 @@
+"""`megapile plan`: which parallel layouts fit a model on N GPUs, on paper, before renting them.
+
+    megapile plan --model configs/neox-20b.yaml --gpus 96 --gpu-memory 40
+
+Memory per GPU = model states + activations, in bytes, for bf16 mixed precision with Adam:
+- Model states, 20 bytes per parameter held (DeepSpeed's own accounting): bf16 weights 2, bf16 grads 2,
+  fp32 grads 4, fp32 master weights 4, Adam moments 8. ZeRO-1 shards the fp32 master weights and moments
+  (12) over data parallel, ZeRO-2 also the gradients (18), ZeRO-3 everything (20) plus a gathered layer.
+  A GPU holds 1/TP of each layer and the layers of its pipeline stage (the first stage also the input
+  embedding, the last the output head).
+- Activations per layer and micro-batch (Korthikanti et al. 2022, flash attention so no s×s scores):
+  s·b·h·(10 + 24/TP) bytes; with full activation checkpointing only the layer input, 2·s·b·h, plus one
+  layer's working set during its recomputation. With a pipeline, the first stage keeps PP micro-batches
+  in flight (1F1B). The last stage adds the fp32 logits of one micro-batch, s·b·V/TP × 4.
+- Fits when total × 1.1 (allocator fragmentation) + 1.5 GB (CUDA context, NCCL buffers) ≤ GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from megapile.config import ConfigError, ModelConfig, load_config
+
+GB = 1e9
+_FRAGMENTATION, _CONTEXT_BYTES = 1.1, 1.5 * GB
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    zero: int
+    micro: int
+    checkpointing: bool
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    params_per_gpu: float
+    states_bytes: float
+    activation_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return (self.states_bytes + self.activation_bytes) * _FRAGMENTATION + _CONTEXT_BYTES
+
+    def fits(self, gpu_memory_gb: float) -> bool:
+        return self.total_bytes <= gpu_memory_gb * GB
+
+
+def layer_params(m: ModelConfig) -> int:
+    """One transformer block: QKV + output projection + MLP up/down, with biases, and two LayerNorms."""
+    h, f = m.hidden_size, m.ffn_size
+    return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+
+
+def total_params(m: ModelConfig) -> int:
+    embed = m.padded_vocab_size * m.hidden_size
+    head = 0 if m.tie_embeddings else embed
+    positions = m.max_seq_len * m.hidden_size if m.arch == "gpt2" else 0
+    return m.num_layers * layer_params(m) + embed + head + positions + 2 * m.hidden_size
+
+
+def estimate(m: ModelConfig, layout: Layout, seq_len: int) -> Estimate:
+    t, pp = layout.tp, layout.pp
+    embed = m.padded_vocab_size * m.hidden_size
+    layers_per_stage = -(-m.num_layers // pp)  # the fullest stage
+    # The fullest GPU: first stage (embedding) or last stage (head); with one stage it holds both.
+    edge = embed * (1 if pp > 1 or m.tie_embeddings else 2)
+    params = (layers_per_stage * layer_params(m) + edge) / t
+    shard = {0: 0, 1: 12, 2: 18, 3: 20}[layout.zero]
+    states = params * (20 - shard) + params * shard / layout.dp
+    if layout.zero == 3:
+        states += 2 * 2 * layer_params(m) / t  # gathered bf16 weights of the layer in use and the next
+    s, b, h = seq_len, layout.micro, m.hidden_size
+    full = s * b * h * (10 + 24 / t)  # one layer's stored activations, bf16
+    in_flight = min(pp, 8) if pp > 1 else 1  # 1F1B: the first stage holds PP micro-batches
+    if layout.checkpointing:
+        acts = layers_per_stage * 2 * s * b * h * in_flight + full
+    else:
+        acts = layers_per_stage * full * in_flight
+    acts += s * b * m.padded_vocab_size / t * 4  # fp32 logits of a micro-batch on the last stage
+    return Estimate(layout, params, states, acts)
+
+
+def candidates(m: ModelConfig, gpus: int, gpus_per_node: int, global_batch: int, micros: list[int]) -> list[Layout]:
+    out = []
+    for tp in (1, 2, 4, 8):
+        if tp > gpus_per_node or m.num_heads % tp:
+            continue
+        for pp in (1, 2, 4, 8, 16):
+            if pp > m.num_layers or gpus % (tp * pp):
+                continue
+            dp = gpus // (tp * pp)
+            for micro in micros:
+                if global_batch % (micro * dp):
+                    continue
+                for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):  # DeepSpeed pipelines take ZeRO-0/1 only
+                    for ckpt in (False, True):
+                        out.append(Layout(tp, pp, dp, zero, micro, ckpt))
+    return out
+
+
+def deepspeed_estimate_gb(m: ModelConfig, layout: Layout) -> Optional[float]:
+    """DeepSpeed's own model-state estimate, which covers data parallelism alone (TP = PP = 1, ZeRO-2/3)."""
+    if layout.tp != 1 or layout.pp != 1 or layout.zero not in (2, 3):
+        return None
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    n = total_params(m)
+    if layout.zero == 2:
+        _, gpu = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=layout.dp, cpu_offload=False)
+    else:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(n, layer_params(m), num_gpus_per_node=layout.dp,
+                                                         cpu_offload=False, cpu_offload_params=False)
+    return gpu / GB
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a run config (configs/*.yaml) whose model section to plan")
+    parser.add_argument("--gpus", type=int, required=True, help="total GPUs")
+    parser.add_argument("--gpu-memory", type=float, required=True, help="GB per GPU (e.g. 40, 80)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="tensor parallel stays within a node")
+    parser.add_argument("--micro-batch", type=int, action="append", help="micro-batch sizes to try (default 1 2 4 8)")
+    parser.add_argument("--all", action="store_true", help="also list layouts that do not fit")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.model)
+        if cfg.model.vocab_size is None:
+            raise ConfigError(f"{args.model}: model.vocab_size must be set to plan")
+    except ConfigError as e:
+        print(f"megapile: error: {e}", file=sys.stderr)
+        return 1
+    m, seq = cfg.model, cfg.train.seq_len
+    rows = [estimate(m, lay, seq) for lay in
+            candidates(m, args.gpus, args.gpus_per_node, cfg.train.global_batch_size, args.micro_batch or [1, 2, 4, 8])]
+    rows.sort(key=lambda e: (not e.fits(args.gpu_memory), e.layout.tp * e.layout.pp, e.layout.checkpointing,
+                             e.layout.zero, -e.layout.micro))
+    print(f"{args.model}: {total_params(m) / 1e9:.2f}B parameters, seq {seq}, global batch "
+          f"{cfg.train.global_batch_size}, {args.gpus} GPUs x {args.gpu_memory:g} GB")
+    print(f"{'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'micro':>5} {'act.ckpt':>8} {'params/GPU*':>11} "
+          f"{'states GB':>9} {'activ. GB':>9} {'total GB':>8} {'fits':>4} {'DeepSpeed states GB':>19}")
+    shown = 0
+    for e in rows:
+        fits = e.fits(args.gpu_memory)
+        if not fits and not args.all:
+            continue
+        lay, ds = e.layout, deepspeed_estimate_gb(m, e.layout)
+        print(f"{lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.zero:>4} {lay.micro:>5} {'yes' if lay.checkpointing else 'no':>8} "
+              f"{e.params_per_gpu / 1e9:>10.2f}B {e.states_bytes / GB:>9.1f} {e.activation_bytes / GB:>9.1f} "
+              f"{e.total_bytes / GB:>8.1f} {'yes' if fits else 'no':>4} {'' if ds is None else f'{ds:.1f}':>19}")
+        shown += 1
+    print("* parameters one GPU holds before ZeRO shards them (its pipeline stage's layers / TP)")
+    if not shown:
+        print("no layout fits: add GPUs, use larger ones, or offload (ds_configs/zero3_offload.json)")
+    return 0

@@ -1,0 +1,56 @@
+"""`megapile plan`: the memory model against hand arithmetic and DeepSpeed's estimators; GPT-NeoX-20B's real
+layout (TP2 x PP4 x ZeRO-1 on 96 A100-40GB) must come out as fitting."""
+import os
+
+import pytest
+
+from megapile.cli import main
+from megapile.config import load_config
+from megapile.plan import Layout, deepspeed_estimate_gb, estimate, total_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model(name):
+    return load_config(os.path.join(ROOT, "configs", name)).model
+
+
+def test_parameter_counts_match_the_published_sizes():
+    assert total_params(_model("neox-20b.yaml")) / 1e9 == pytest.approx(20.55, abs=0.01)  # paper: 20.55B
+    assert total_params(_model("pythia-160m.yaml")) / 1e6 == pytest.approx(162.3, abs=0.5)  # HF: 162,322,944
+    assert total_params(_model("pythia-1b.yaml")) / 1e6 == pytest.approx(1011.8, abs=0.5)  # HF: 1,011,781,632
+
+
+def test_model_states_by_hand():
+    m = _model("pythia-1b.yaml")
+    n = total_params(m)
+    zero0 = estimate(m, Layout(1, 1, 8, 0, 1, False), 2048)
+    assert zero0.states_bytes == pytest.approx(20 * n, rel=1e-4)  # (the final norm is not counted per stage)
+    zero1 = estimate(m, Layout(1, 1, 8, 1, 1, False), 2048)
+    assert zero1.states_bytes == pytest.approx(8 * n + 12 * n / 8, rel=1e-4)
+    tp2 = estimate(m, Layout(2, 1, 4, 0, 1, False), 2048)
+    assert tp2.params_per_gpu == pytest.approx(n / 2, rel=1e-4)
+    # activation checkpointing keeps 2*s*b*h per layer instead of s*b*h*(10 + 24/t), plus one working layer
+    plain = estimate(m, Layout(1, 1, 8, 1, 4, False), 2048).activation_bytes
+    ckpt = estimate(m, Layout(1, 1, 8, 1, 4, True), 2048).activation_bytes
+    logits = 2048 * 4 * m.padded_vocab_size * 4
+    assert plain - logits == pytest.approx(16 * 2048 * 4 * 2048 * 34)
+    assert ckpt - logits == pytest.approx(16 * 2 * 2048 * 4 * 2048 + 2048 * 4 * 2048 * 34)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_close_to_deepspeeds_own_estimate(zero):
+    m = _model("pythia-1b.yaml")
+    ours = estimate(m, Layout(1, 1, 16, zero, 1, False), 2048).states_bytes / 1e9
+    assert ours == pytest.approx(deepspeed_estimate_gb(m, Layout(1, 1, 16, zero, 1, False)), rel=0.35)
+
+
+def test_neox_20b_layout_fits_on_96_a100_40gb(capsys):
+    m = _model("neox-20b.yaml")
+    real = estimate(m, Layout(tp=2, pp=4, dp=12, zero=1, micro=4, checkpointing=True), 2048)
+    assert real.fits(40)
+    assert not estimate(m, Layout(tp=1, pp=1, dp=96, zero=1, micro=4, checkpointing=True), 2048).fits(40)
+    assert main(["plan", "--model", os.path.join(ROOT, "configs", "neox-20b.yaml"), "--gpus", "96",
+                 "--gpu-memory", "40"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert any(r.split()[:6] == ["2", "4", "12", "1", "4", "yes"] and r.split()[10] == "yes" for r in rows[2:] if r.split())
