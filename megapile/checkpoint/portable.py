@@ -23,10 +23,26 @@ def read_full_weights(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """The fp32 value of every parameter, from a checkpoint of any layout."""
     from deepspeed.utils import zero_to_fp32 as z
 
+    state = _megapile_state(path)
+    if any(state.get("parallel", {}).get(k, 1) > 1 for k in ("tensor", "pipeline")):
+        from megapile.parallel.shards import read_parallel_weights
+
+        return read_parallel_weights(path, state)  # tensor/pipeline slices joined into GPT names
     if zero_stage == 0:
         model_state = torch.load(z.get_model_state_file(path, 0), map_location="cpu", weights_only=False)
         return {n: t.float() for n, t in model_state["module"].items()}
     return {n: t.float() for n, t in z.to_torch_tensor(z._get_fp32_state_dict_from_zero_checkpoint(path, False)).items()}
+
+
+def _megapile_state(path: str) -> dict[str, Any]:
+    import json
+    import os
+
+    state_file = os.path.join(path, "megapile_state.json")
+    if not os.path.exists(state_file):
+        return {}
+    with open(state_file) as f:
+        return json.load(f)
 
 
 def read_full_state(path: str, zero_stage: int, param_order: list[str]) -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""Full weights from a tensor- or pipeline-parallel checkpoint (what `megapile ckpt consolidate` writes).
+
+DeepSpeed writes one set of files per model-parallel rank m (a tensor rank, or a pipeline stage):
+`mp_rank_{m}_model_states.pt` (parameter names and shapes; under AutoTP also the module's slices) and, with
+ZeRO ≥ 1, `zero_pp_rank_{d}_mp_rank_{m}_optim_states.pt` per data-parallel rank d holding the flat fp32 master
+partitions. A pipeline stage's module weights are in `layer_{i}-model_states.pt`, one file per layer.
+
+For each model-parallel rank the fp32 master weights are reassembled with DeepSpeed's own `zero_to_fp32`
+merge (the module weights with ZeRO-0), renamed to `model.GPT` names, and then joined: tensor-parallel
+slices are concatenated along their split dimension, pipeline stages are merged by name.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+
+
+def read_parallel_weights(path: str, state: dict) -> dict[str, torch.Tensor]:
+    """{GPT parameter name: fp32 tensor} from checkpoint `path` written with `state["parallel"]`."""
+    from megapile.parallel.pipeline import gpt_name
+    from megapile.parallel.tensor import gather_full
+
+    parallel = state.get("parallel") or {}
+    tensor, pipeline = parallel.get("tensor", 1), parallel.get("pipeline", 1)
+    zero_stage = int(state["zero_stage"])
+    num_layers = state["config"]["model"]["num_layers"]
+    if pipeline > 1 and zero_stage == 0:
+        per_rank = [_pipeline_layer_weights(path)]
+    else:
+        per_rank = [_model_parallel_rank_weights(path, m, zero_stage) for m in range(tensor * pipeline)]
+    if pipeline > 1:
+        full: dict[str, torch.Tensor] = {}
+        for weights in per_rank:
+            for name, t in weights.items():
+                full.setdefault(gpt_name(name, num_layers), t)  # a tied embedding appears on two stages
+        return full
+    return gather_full(per_rank)
+
+
+def _model_parallel_rank_weights(path: str, mp_rank: int, zero_stage: int) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import zero_to_fp32 as z
+
+    model_state = torch.load(os.path.join(path, f"mp_rank_{mp_rank:02d}_model_states.pt"), map_location="cpu",
+                             weights_only=False)
+    if zero_stage == 0:
+        return {n: t.float() for n, t in model_state["module"].items()}
+    optim_files = sorted(glob.glob(os.path.join(path, f"*zero_pp_rank_*_mp_rank_{mp_rank:02d}_optim_states.pt")),
+                         key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f)).group(1)))
+    shards = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in optim_files]
+    states = [z.zero_model_state(buffers={}, param_shapes=model_state["param_shapes"],
+                                 shared_params=[[k, v] for k, v in model_state.get("shared_params", {}).items()],
+                                 ds_version=model_state.get("ds_version"),
+                                 frozen_param_shapes=model_state.get("frozen_param_shapes"),
+                                 frozen_param_fragments=model_state.get("frozen_param_fragments"))]
+    merged = z._get_fp32_state_dict_from_zero2_checkpoint(
+        len(shards), [s["single_partition_of_fp32_groups"] for s in shards], states, False,
+        shards[0].get("param_alignment_paddings"))
+    return {n: t.float() for n, t in z.to_torch_tensor(merged).items()}
+
+
+def _pipeline_layer_weights(path: str) -> dict[str, torch.Tensor]:
+    """ZeRO-0 pipeline: every layer's weights, named "{layer}.{local}", from the per-layer files of all stages."""
+    out = {}
+    for file in sorted(glob.glob(os.path.join(path, "layer_*-model_states.pt"))):
+        index = int(re.match(r"layer_(\d+)", os.path.basename(file)).group(1))
+        for local, t in torch.load(file, map_location="cpu", weights_only=False).items():
+            out[f"{index}.{local}"] = t.float()
+    return out
