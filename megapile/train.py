@@ -127,6 +127,7 @@ def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
 def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     from megapile.data.samples import build_samples
     from megapile.flops import peak_tflops
+    from megapile.hf_export import apply_init_from
     from megapile.metrics import MetricsLogger
     from megapile.model import build_model, param_groups
     from megapile.parallel.layout import check_vocab, resolve_layout
@@ -134,6 +135,7 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
 
     # Everything that can be checked before starting processes and building the model is checked here.
     ds_json = load_ds_json(ds_config_path)
+    init_weights = apply_init_from(cfg)  # model.init_from: shapes (and tokenizer) from a local HF directory
     layout = resolve_layout(cfg, env.world_size, ds_json.get("zero_optimization", {}).get("stage", 0))
     accum = grad_accum_steps(cfg.train, layout.data)
     _check_data_paths(cfg)
@@ -167,6 +169,8 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
             model = GPT(cfg.model)
     else:
         model = build_model(cfg.model, seed=cfg.train.seed, device=device)
+        if init_weights is not None:
+            model.load_state_dict(init_weights)
     flops_per_token = model.flops_per_token(seq_len)
     n_params = model.num_params(exclude_embedding=False)
     groups = param_groups(model, cfg.optim.weight_decay)
