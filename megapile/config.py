@@ -122,6 +122,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    fused: bool = True  # torch's fused AdamW kernel (CPU and GPU); false: the per-tensor loop
 
     def __post_init__(self) -> None:
         _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
