@@ -40,6 +40,7 @@ echo "megapile: eval job ${SLURM_JOB_ID}: ${checkpoint} on ${data}, ${nodes} nod
 
 cpus=()
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && cpus=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
+# shellcheck disable=SC2016  # the single-quoted part expands in each task
 exec srun --nodes "$nodes" --ntasks "$((nodes * per_node))" --ntasks-per-node "$per_node" "${cpus[@]}" \
     --kill-on-bad-exit=1 \
     bash -c 'export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_STEP_NUM_TASKS"; exec "$@"' \

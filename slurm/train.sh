@@ -77,6 +77,7 @@ echo "megapile: job ${SLURM_JOB_ID} start $(date -u +%FT%TZ), restart ${restart}
 
 srun_pid=""
 interrupted=0
+# shellcheck disable=SC2317  # called from the traps below
 forward() {
     interrupted=1
     echo "megapile: $1 received $(date -u +%FT%TZ): every rank finishes its step, saves a checkpoint and exits ${EXIT_CHECKPOINTED}"
@@ -92,7 +93,8 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
     cpus=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
 fi
 # --wait: once one rank has exited, the others get 120 s before srun ends them (a crashed rank must not
-# leave the rest hanging in a collective until its timeout).
+# leave the rest hanging in a collective until its timeout). The single-quoted part expands in each task.
+# shellcheck disable=SC2016
 srun --nodes "$nodes" --ntasks "$world" --ntasks-per-node "$per_node" "${cpus[@]}" \
      --kill-on-bad-exit=0 --wait=120 --output "$log_dir/rank%t.log" --open-mode=append \
      bash -c 'export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_STEP_NUM_TASKS"
