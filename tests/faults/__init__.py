@@ -1,0 +1,1 @@
+"""Fault-injection harnesses used by the reliability tests and bench/faults.py."""
