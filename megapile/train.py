@@ -54,7 +54,9 @@ class Batches:
         for j in range(self.global_batch // per_micro):
             start = first + j * per_micro + self.dp_rank * self.micro_batch
             rows = torch.from_numpy(self.stream.get_batch(start, self.micro_batch))
-            yield rows[:, :-1].to(device), rows[:, 1:].to(device)
+            if device.type == "cuda":  # pinned: the copies run asynchronously, off the host's critical path
+                rows = rows.pin_memory()
+            yield rows[:, :-1].to(device, non_blocking=True), rows[:, 1:].to(device, non_blocking=True)
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +139,9 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     ds_json = load_ds_json(ds_config_path)
     init_weights = apply_init_from(cfg)  # model.init_from: shapes (and tokenizer) from a local HF directory
     layout = resolve_layout(cfg, env.world_size, ds_json.get("zero_optimization", {}).get("stage", 0))
+    if cfg.model.compile and (layout.tensor > 1 or layout.pipeline > 1):
+        raise ConfigError("model.compile is supported with ZeRO data parallelism only (parallel.tensor and "
+                          "parallel.pipeline 1); set model.compile: false")
     accum = grad_accum_steps(cfg.train, layout.data)
     _check_data_paths(cfg)
     tokenizer_print = _tokenizer_facts(cfg)
@@ -171,6 +176,10 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
         model = build_model(cfg.model, seed=cfg.train.seed, device=device)
         if init_weights is not None:
             model.load_state_dict(init_weights)
+        if cfg.model.compile:
+            from megapile.model import compile_blocks
+
+            compile_blocks(model)  # lazily: each block's graph is traced on its first forward
     flops_per_token = model.flops_per_token(seq_len)
     n_params = model.num_params(exclude_embedding=False)
     groups = param_groups(model, cfg.optim.weight_decay)
@@ -261,6 +270,7 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
                unit="step", dynamic_ncols=True)
     window_losses: list[torch.Tensor] = []
     window_start = time.perf_counter()
+    intervals = []  # (steps, seconds) of each logged interval, for the end-of-run throughput summary
     skipped_total, first_bad = 0, None
     for step in range(start_step, cfg.train.max_steps):
         loss, grad_norm, skipped = train_step(run, step)
@@ -298,6 +308,7 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
             if val_loss is not None:
                 record["val_loss"] = val_loss
             run.logger.log(record, console=bar.write)
+            intervals.append((len(window_losses), elapsed))
             summary.update(step=done, loss=loss_value, val_loss=val_loss if val_loss is not None else summary["val_loss"])
             window_losses, window_start = [], time.perf_counter()
         scheduled = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping
@@ -309,7 +320,26 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
             summary["exit_code"] = EXIT_CHECKPOINTED
             break
     bar.close()
+    summary.update(_throughput_summary(run, intervals))
     return summary
+
+
+def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
+    """Mean tokens/s, TFLOP/s per device and MFU over the run's logged intervals, the first one (compilation,
+    allocator and kernel warm-up) left out when there are others; printed as one line and returned."""
+    if not intervals:
+        return {}
+    counted = intervals[1:] or intervals
+    steps, seconds = sum(n for n, _ in counted), sum(t for _, t in counted)
+    tokens_per_s = steps * run.cfg.train.global_batch_size * run.cfg.train.seq_len / seconds
+    tflops = run.flops_per_token * tokens_per_s / run.env.world_size / 1e12
+    mfu = tflops / run.peak_tflops
+    warmup = "first interval excluded as warm-up" if len(intervals) > 1 else "one interval, warm-up included"
+    run.logger.message(
+        f"throughput over {steps} steps ({warmup}): {tokens_per_s:,.0f} tokens/s, {tflops:.3f} TFLOP/s per device, "
+        f"MFU {mfu:.1%} of {run.peak_tflops:.2f} TFLOP/s"
+    )
+    return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": mfu}
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, Optional[float], bool]:
@@ -435,7 +465,9 @@ def _set_cpu_threads(env: distributed.DistEnv) -> None:
     """The deepspeed launcher leaves OMP_NUM_THREADS unset: split the cores between local ranks."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    local_world = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                                                      "SLURM_NTASKS_PER_NODE") if os.environ.get(k, "").isdigit()),
+                       env.world_size)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
