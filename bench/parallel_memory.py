@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -91,7 +93,8 @@ def worker(args) -> None:
     params = sum(getattr(p, "ds_tensor", p).numel() * 4 for p in engine.module.parameters())
     report = {"rank": env.rank, "params_mb": params / 1e6, "optim_mb": _optimizer_bytes(engine) / 1e6,
               "peak_rss_mb": _vm_hwm_mb(), "total_params": _total_params(cfg)}
-    print("MEMORY " + json.dumps(report), flush=True)
+    with open(os.path.join(args.out, f"rank{env.rank}.json"), "w") as f:  # stdout lines of ranks interleave
+        json.dump(report, f)
     engine.destroy()
     distributed.shutdown()
 
@@ -163,6 +166,7 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--worker", type=int, nargs=3, metavar=("STAGE", "TENSOR", "PIPELINE"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -174,10 +178,15 @@ def main() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        out = tempfile.mkdtemp(prefix="megapile-memory-")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS), "--master_port", str(port),
-               os.path.abspath(__file__), *shape, "--worker", str(stage), str(tensor), str(pipeline)]
+               os.path.abspath(__file__), *shape, "--worker", str(stage), str(tensor), str(pipeline), "--out", out]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        reports = [json.loads(line.split("MEMORY ", 1)[1]) for line in proc.stdout.splitlines() if "MEMORY " in line]
+        reports = []
+        for name_ in sorted(os.listdir(out)):
+            with open(os.path.join(out, name_)) as f:
+                reports.append(json.load(f))
+        shutil.rmtree(out, ignore_errors=True)
         if proc.returncode != 0 or len(reports) != RANKS:
             print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
