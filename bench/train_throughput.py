@@ -8,6 +8,7 @@ measured in the same run.
     python bench/train_throughput.py --preset tiny --threads 2
     python bench/train_throughput.py --preset pythia-14m --threads 2 --steps 4
     python bench/train_throughput.py --preset tiny --deepspeed      # ours inside a ZeRO-0 engine
+    python bench/train_throughput.py --preset tiny --scaling        # DeepSpeed ZeRO-1: 2 ranks vs 1 rank
 
 "Our step" is megapile's: GPT (model.py) + torch AdamW over param_groups (no decay on biases
 and norms) + global grad-norm clipping; with --deepspeed, the same model and optimizer wrapped by
@@ -34,18 +35,28 @@ PRESETS = {
     # name: (model shape, micro-batch, seq_len)
     "tiny": (dict(num_layers=2, hidden_size=128, num_heads=4, vocab_size=8192, max_seq_len=128), 8, 128),
     "pythia-14m": (dict(num_layers=6, hidden_size=128, num_heads=4, vocab_size=50304, max_seq_len=2048), 4, 512),
+    # GPU shapes (bench/gpu.sh): the published Pythia models at their training sequence length
+    "pythia-160m": (dict(num_layers=12, hidden_size=768, num_heads=12, vocab_size=50304, max_seq_len=2048), 8, 2048),
+    "pythia-1b": (dict(num_layers=16, hidden_size=2048, num_heads=8, vocab_size=50304, max_seq_len=2048), 8, 2048),
 }
 LR, WEIGHT_DECAY, BETAS, CLIP = 1e-3, 0.1, (0.9, 0.95), 1.0
 # torch.optim.AdamW implementations; both sides always use the same one. "fused" is what the
 # transformers Trainer uses by default with torch >= 2.8; "plain" is torch's default on CPU (a
 # per-tensor loop, ~10x slower than fused on CPU).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ADAM_IMPL = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}
 
 
-def ours_step_fn(cfg: ModelConfig, seed: int, compile_model: bool, deepspeed_engine: bool, batch: int, adam: str):
+def _amp(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast for both sides on request (weights and AdamW stay fp32, as mixed precision does)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def ours_step_fn(cfg: ModelConfig, seed: int, compile_model: bool, deepspeed_engine: bool, batch: int, adam: str,
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
     from megapile.model import build_model, param_groups
 
-    model = build_model(cfg, seed=seed).train()
+    model = build_model(cfg, seed=seed, device=device).train()
     opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, **ADAM_IMPL[adam])
     if deepspeed_engine:
         engine = _deepspeed_engine(model, opt, batch)
@@ -57,10 +68,15 @@ def ours_step_fn(cfg: ModelConfig, seed: int, compile_model: bool, deepspeed_eng
             return loss.detach()
 
         return model, step
-    fwd = torch.compile(model) if compile_model else model
+    if compile_model:  # model.compile: each block compiled, as train.py does
+        from megapile.model import compile_blocks
+
+        compile_blocks(model)
+    fwd = model
 
     def step(x, y):
-        loss = fwd(x, targets=y)
+        with _amp(device, dtype):
+            loss = fwd(x, targets=y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -70,19 +86,21 @@ def ours_step_fn(cfg: ModelConfig, seed: int, compile_model: bool, deepspeed_eng
     return model, step
 
 
-def hf_step_fn(cfg: ModelConfig, attn: str, adam: str):
+def hf_step_fn(cfg: ModelConfig, attn: str, adam: str, device: torch.device = torch.device("cpu"),
+               dtype: torch.dtype = torch.float32):
     import transformers
 
     from megapile.hf_convert import config_to_hf
 
     hf_cfg = config_to_hf(cfg)
     torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM._from_config(hf_cfg, attn_implementation=attn).train()
+    model = transformers.GPTNeoXForCausalLM._from_config(hf_cfg, attn_implementation=attn).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **ADAM_IMPL[adam])
 
     def step(x, y):
         # HF shifts labels itself; passing the inputs as labels trains on the same next tokens.
-        loss = model(input_ids=x, labels=x).loss
+        with _amp(device, dtype):
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -105,14 +123,133 @@ def _deepspeed_engine(model, opt, batch: int):
     return engine
 
 
-def matmul_peak_tflops(n: int = 2048, seconds: float = 1.0) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_tflops(n: int = 2048, seconds: float = 1.0, windows: int = 4, device: torch.device = torch.device("cpu"),
+                       dtype: torch.dtype = torch.float32) -> float:
+    """The best of a few short windows of n^2 matmuls: the least disturbed by other processes,
+    so MFU errs low rather than high."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        iters += 1
-    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+    best = 0.0
+    for _ in range(windows):
+        _sync(device)
+        iters, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / windows:
+            torch.mm(a, b)
+            iters += 1
+        _sync(device)
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- 1 rank vs 2 ranks
+
+
+def scaling_worker(args, cfg: ModelConfig, batch: int, seq_len: int) -> None:
+    """One rank of a DeepSpeed ZeRO run on random tokens; rank 0 prints its timings as one JSON line."""
+    import json
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/root/.cache/megapile-ext")
+    import deepspeed
+
+    from megapile.model import build_model, param_groups
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_model(cfg, seed=0).train()
+    opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, **ADAM_IMPL[args.adam])
+    config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+              "train_batch_size": batch * world, "gradient_clipping": CLIP,
+              "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    gen = torch.Generator().manual_seed(rank)  # each rank its own share of the global batch
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    peak = matmul_peak_tflops(seconds=0.6)
+    times = []
+    for i in range(args.warmup + args.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        loss = engine(x, targets=y)
+        engine.backward(loss)
+        engine.step()
+        float(loss)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peaks = torch.tensor([peak])
+    dist.all_reduce(peaks)  # the mean per-rank peak
+    if rank == 0:
+        print(json.dumps({"world": world, "times": times, "peak_per_rank": float(peaks) / world,
+                          "threads": torch.get_num_threads()}), flush=True)
+    engine.destroy()
+    dist.destroy_process_group()
+
+
+def run_scaling(args, argv: list[str], cfg: ModelConfig, batch: int, seq_len: int) -> int:
+    """DeepSpeed ZeRO-`--zero` with 1 rank then 2 ranks, each rank one thread (OMP_NUM_THREADS=1), the same
+    micro-batch per rank: tokens/s of both and the ratio. Rounds alternate 1, 2, 1, 2, ... against drift."""
+    import json
+    import socket
+    import subprocess
+
+    load_before = f"{os.getloadavg()[0]:.2f}"
+    results: dict[int, list[dict]] = {1: [], 2: []}
+    for _ in range(args.rounds):
+        for world in (1, 2):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            procs = []
+            for rank in range(world):
+                env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                           LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           OMP_NUM_THREADS="1")
+                cmd = [sys.executable, os.path.abspath(__file__), "--scaling-worker", "--threads", "1"] + argv
+                procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            outs = [p.communicate(timeout=1200) for p in procs]
+            if any(p.returncode for p in procs):
+                for p, (out, err) in zip(procs, outs):
+                    print(f"rank exited {p.returncode}:\n{out[-2000:]}\n{err[-4000:]}", file=sys.stderr)
+                return 1
+            line = [ln for ln in outs[0][0].splitlines() if ln.startswith("{")][-1]
+            results[world].append(json.loads(line))
+
+    flops_per_token = _flops_per_token(cfg, seq_len)
+    print(f"preset {args.preset}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+          f"micro-batch {batch} x seq {seq_len} per rank, 1 thread per rank, DeepSpeed ZeRO-{args.zero} (gloo), "
+          f"AdamW {args.adam}, {args.rounds} rounds of {args.steps} timed steps, torch {torch.__version__}")
+    tps = {}
+    for world, runs in results.items():
+        times = [t for r in runs for t in r["times"]]
+        med = statistics.median(times)
+        tps[world] = world * batch * seq_len / med
+        peak = max(r["peak_per_rank"] for r in runs)
+        mfu = flops_per_token * tps[world] / world / (peak * 1e12)
+        print(f"  {world} rank{'s' if world > 1 else ' '}  {tps[world]:>9.0f} tokens/s  step {med * 1e3:7.1f} ms "
+              f"(median of {len(times)}, min {min(times) * 1e3:.1f})  MFU {mfu:6.1%} of a 1-thread fp32 matmul "
+              f"({peak * 1e3:.1f} GFLOP/s)")
+    print(f"  ratio 2 ranks / 1 rank: {tps[2] / tps[1]:.2f}x tokens/s (ideal 2.00x)")
+    print(f"  load average before/after: {load_before} / {os.getloadavg()[0]:.2f} (other processes skew the figures)")
+    return 0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def _flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    from megapile.model import GPT
+
+    with torch.device("meta"):
+        return GPT(cfg).flops_per_token(seq_len)
 
 
 def main(argv=None) -> int:
@@ -123,25 +260,40 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps of each")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--compile", action="store_true", help="model.compile: torch.compile each of our blocks")
     p.add_argument("--deepspeed", action="store_true", help="wrap ours in a one-rank ZeRO-0 engine")
     p.add_argument("--adam", choices=sorted(ADAM_IMPL), default="fused", help="AdamW implementation, both sides")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16: autocast on both sides")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead of transformers: DeepSpeed with 2 ranks vs 1 rank, one thread per rank")
+    p.add_argument("--zero", type=int, default=1, choices=[0, 1, 2], help="ZeRO stage for --scaling")
+    p.add_argument("--rounds", type=int, default=2, help="--scaling: alternating 1-rank/2-rank rounds")
+    p.add_argument("--scaling-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     shape, batch, seq_len = PRESETS[args.preset]
     batch, seq_len = args.batch or batch, args.seq_len or seq_len
     cfg = ModelConfig(arch="neox", **shape)
+    if args.scaling_worker:
+        scaling_worker(args, cfg, batch, seq_len)
+        return 0
+    if args.scaling:
+        passed = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--scaling",)]
+        return run_scaling(args, passed, cfg, batch, seq_len)
 
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     ours_model, ours = ours_step_fn(cfg, seed=0, compile_model=args.compile, deepspeed_engine=args.deepspeed,
-                                    batch=batch, adam=args.adam)
-    _, theirs = hf_step_fn(cfg, args.hf_attn, args.adam)
+                                    batch=batch, adam=args.adam, device=device, dtype=dtype)
+    _, theirs = hf_step_fn(cfg, args.hf_attn, args.adam, device, dtype)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
-    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    mm = dict(device=device, dtype=dtype, n=8192 if device.type == "cuda" else 2048)
 
     load_before = f"{os.getloadavg()[0]:.2f}"
-    peak = matmul_peak_tflops()
+    peak = matmul_peak_tflops(**mm)
     times = {"megapile": [], "transformers": []}
     cpu_times = {"megapile": [], "transformers": []}  # process CPU seconds: less hurt by other load
     losses = {}
@@ -153,6 +305,7 @@ def main(argv=None) -> int:
                 times[name].append(time.perf_counter() - start)
                 cpu_times[name].append(time.process_time() - cpu_start)
 
+    peak = max(peak, matmul_peak_tflops(**mm))  # measured before and after: the better of the two
     flops_per_token = ours_model.flops_per_token(seq_len)  # same architecture, same count for both
     tokens_per_step = batch * seq_len
     label = "megapile" + (" (deepspeed ZeRO-0)" if args.deepspeed else "") + (" (compiled)" if args.compile else "")
@@ -160,15 +313,23 @@ def main(argv=None) -> int:
           f"vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size}), batch {batch} x seq {seq_len}, "
           f"{torch.get_num_threads()} threads, AdamW {args.adam}, torch {torch.__version__}")
     print(f"{ours_model.num_params(exclude_embedding=False) / 1e6:.2f}M parameters, "
-          f"{flops_per_token / 1e6:.1f} MFLOP/token; fp32 matmul peak {peak * 1e3:.1f} GFLOP/s (measured, 2048^2 mm)")
+          f"{flops_per_token / 1e6:.1f} MFLOP/token; {args.dtype} matmul peak {peak * 1e3:.1f} GFLOP/s (measured, "
+          f"{mm['n']}^2 mm, best window before and after) on {_device_name(device)}")
+    datasheet = None
+    if device.type == "cuda":
+        from megapile.flops import gpu_peak_tflops
+
+        datasheet = gpu_peak_tflops(torch.cuda.get_device_name(device))
     tps = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         tps[name] = tokens_per_step / med
         mfu = flops_per_token * tps[name] / (peak * 1e12)
         shown = label if name == "megapile" else f"transformers GPTNeoX ({args.hf_attn})"
+        sheet = f" ({flops_per_token * tps[name] / (datasheet * 1e12):.1%} of datasheet)" if datasheet else ""
         print(f"  {shown:<32} {tps[name]:>9.0f} tokens/s  step {med * 1e3:7.1f} ms (median of {len(ts)}, "
-              f"min {min(ts) * 1e3:.1f})  MFU {mfu:6.1%}  last loss {losses[name]:.3f}")
+              f"min {min(ts) * 1e3:.1f})  {flops_per_token * tps[name] / 1e12:.3f} TFLOP/s  MFU {mfu:6.1%}{sheet}  "
+              f"last loss {losses[name]:.3f}")
     best = min(times["transformers"]) / min(times["megapile"])
     cpu = statistics.median(cpu_times["transformers"]) / statistics.median(cpu_times["megapile"])
     print(f"  ratio megapile / transformers: {tps['megapile'] / tps['transformers']:.2f}x "

@@ -40,7 +40,11 @@ class ModelConfig:
     dropout: float = 0.0  # attention-probability and residual dropout
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    activation_checkpointing: bool = False  # recompute blocks in backward to save memory
+    checkpoint_every: int = 1  # with activation_checkpointing: recompute every k-th block only (1: all; pipeline: all)
+    chunked_loss: bool = True  # fused output projection + cross-entropy a chunk of rows at a time (no full
+    #                            fp32 logits); false: F.linear + F.cross_entropy over the whole (B*T, vocab)
+    compile: bool = False  # torch.compile each block at start-up (CPU and GPU); docs/performance.md has the figures
     attention: str = "sdpa"  # "sdpa" (torch fused/flash kernels) | "flash_attn" (the flash-attn package)
     init_from: Optional[str] = None  # a local Hugging Face model directory to start from
 
@@ -57,7 +61,7 @@ class ModelConfig:
             self.activation = act
         _check_choice("model.activation", self.activation, ("gelu", "gelu_tanh"))
         _check_choice("model.attention", self.attention, ("sdpa", "flash_attn"))
-        for key in ("num_layers", "hidden_size", "num_heads", "max_seq_len", "pad_vocab_multiple"):
+        for key in ("num_layers", "hidden_size", "num_heads", "max_seq_len", "pad_vocab_multiple", "checkpoint_every"):
             _check_positive(f"model.{key}", getattr(self, key))
         if self.hidden_size % self.num_heads:
             raise ConfigError(

@@ -243,8 +243,9 @@ class GPT(nn.Module):
             x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
         x = self.embed_dropout(x)
         rope = rotary_cos_sin(self.cfg, T, input_ids.device) if self.use_rotary else None
-        for block in self.blocks.values():
-            if self.cfg.activation_checkpointing and self.training:
+        every = self.cfg.checkpoint_every
+        for i, block in enumerate(self.blocks.values()):
+            if self.cfg.activation_checkpointing and self.training and i % every == 0:  # every k-th block
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
@@ -288,10 +289,12 @@ class GPT(nn.Module):
 
         Only the first vocab_size rows of the head are multiplied, so the padding columns never
         enter the softmax and the logits are materialised once, contiguous, without a slice copy.
+        For training, `model.chunked_loss` (default) uses LinearCrossEntropy; false takes the plain
+        F.linear + F.cross_entropy path, which holds the whole (B*T, vocab) logits in fp32.
         """
         x = self.hidden_states(input_ids)  # (B, T, C)
         w = self._head_weight()[: self.cfg.vocab_size]  # (vocab, C), a view: no copy
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        if self.cfg.chunked_loss and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
             return LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten())
         logits = F.linear(x, w)  # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -358,6 +361,17 @@ def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu")
         model = GPT(cfg)
     model.to_empty(device=device)
     model.init_weights(seed)
+    return model
+
+
+def compile_blocks(model: GPT) -> GPT:
+    """`model.compile`: torch.compile each transformer block in place (parameter names unchanged).
+
+    Per block rather than the whole model: every block has the same code and shapes, so one graph
+    is traced and reused, and the loss, checkpointing and DeepSpeed hooks stay outside the graph.
+    """
+    for block in model.blocks.values():
+        block.compile()
     return model
 
 

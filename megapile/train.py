@@ -334,12 +334,18 @@ def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
     tokens_per_s = steps * run.cfg.train.global_batch_size * run.cfg.train.seq_len / seconds
     tflops = run.flops_per_token * tokens_per_s / run.env.world_size / 1e12
     mfu = tflops / run.peak_tflops
+    if run.device.type == "cuda":
+        peak_gib, where = torch.cuda.max_memory_allocated(run.device) / 2**30, "allocated on the GPU"
+    else:
+        import resource
+
+        peak_gib, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "resident (peak RSS)"
     warmup = "first interval excluded as warm-up" if len(intervals) > 1 else "one interval, warm-up included"
     run.logger.message(
         f"throughput over {steps} steps ({warmup}): {tokens_per_s:,.0f} tokens/s, {tflops:.3f} TFLOP/s per device, "
-        f"MFU {mfu:.1%} of {run.peak_tflops:.2f} TFLOP/s"
+        f"MFU {mfu:.1%} of {run.peak_tflops:.2f} TFLOP/s; peak memory {peak_gib:.2f} GiB {where} on rank 0"
     )
-    return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": mfu}
+    return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": mfu, "peak_memory_gib": peak_gib}
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, Optional[float], bool]:

@@ -6,7 +6,8 @@ from typing import Any
 from megapile.config import ConfigError
 
 # Model keys that change no tensor shape or meaning: they may differ between save and resume.
-_FREE_MODEL_KEYS = {"dropout", "activation_checkpointing", "attention", "init_from"}
+_FREE_MODEL_KEYS = {"dropout", "activation_checkpointing", "attention", "init_from", "checkpoint_every",
+                    "chunked_loss", "compile"}
 
 
 def check(saved: dict[str, Any], model: dict[str, Any], fingerprints: dict[str, str], allow_data_change: bool,
