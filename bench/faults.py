@@ -2,7 +2,7 @@
 moments, restarting each time; prints faults injected / survived / steps lost and whether the finished run
 equals the uninterrupted one bit for bit.
 
-    python bench/faults.py --kills 50 --steps 60
+    python bench/faults.py --kills 50 --steps 400
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _data(work: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=400)  # long enough that K kills land before the end
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="megapile_faults_")
