@@ -122,8 +122,8 @@ train() {  # train PRESET NAME [overrides...]: megapile/train.py, one process, Z
 import re, sys
 line, matmul, name = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 tflops = float(re.search(r"([\d.]+) TFLOP/s per device", line).group(1))
-print(f"  {name}: {tflops:.1f} TFLOP/s per device = MFU {tflops / matmul:.1%} of the matmul measured in this run "
-      f"({matmul:.1f} TFLOP/s)")
+print(f"  {name}: {tflops:.3g} TFLOP/s per device = MFU {tflops / matmul:.1%} of the matmul measured in this run "
+      f"({matmul:.3g} TFLOP/s)")
 EOF
 }
 

@@ -21,8 +21,8 @@ cd "$(dirname "$0")/.."
 OUT=bench/wheels
 GPU_PYTHONS=${GPU_PYTHONS:-"3.10 3.11 3.12 3.13"}
 ARCH=${ARCH:-x86_64}
-DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-$(python -c 'import deepspeed; print(deepspeed.__version__)')}
-TRANSFORMERS_VERSION=${TRANSFORMERS_VERSION:-$(python -c 'import transformers; print(transformers.__version__)')}
+DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-$(python -c 'from importlib.metadata import version; print(version("deepspeed"))')}
+TRANSFORMERS_VERSION=${TRANSFORMERS_VERSION:-$(python -c 'from importlib.metadata import version; print(version("transformers"))')}
 mkdir -p "$OUT"
 
 echo "== deepspeed $DEEPSPEED_VERSION (from its source archive) and megapile: pure-Python wheels"
