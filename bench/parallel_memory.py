@@ -171,6 +171,8 @@ def main() -> int:
     if args.worker:
         worker(args)
         return 0
+    import deepspeed  # noqa: F401  (its accelerator notice prints here, not inside the table)
+
     shape = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--heads", str(args.heads),
              "--vocab", str(args.vocab), "--seq", str(args.seq)]
     rows = []

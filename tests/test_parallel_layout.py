@@ -28,7 +28,7 @@ def test_ranks_follow_deepspeeds_pipe_data_model_order():
 
 @pytest.mark.parametrize("overrides,world,stage,message", [
     (["parallel.tensor=3"], 8, 1, r"parallel.tensor \(3\) × parallel.pipeline \(1\) = 3 does not divide the world size \(8\)"),
-    (["parallel.tensor=2", "parallel.pipeline=2"], 8, 1, "tensor > 1 together with parallel.pipeline > 1 is not supported"),
+    (["parallel.tensor=2", "parallel.pipeline=2"], 8, 2, "parallel.tensor > 1 with parallel.pipeline > 1 needs zero_optimization.stage 1"),
     (["parallel.tensor=8", "model.num_heads=4", "model.hidden_size=64"], 8, 1,
      r"model.num_heads \(4\) must be divisible by parallel.tensor \(8\)"),
     (["parallel.tensor=2"], 2, 0, "parallel.tensor > 1 needs zero_optimization.stage 1 or 2"),

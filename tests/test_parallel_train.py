@@ -32,7 +32,8 @@ def _run(tmp_path, preprocessed, tokenizer_path, nproc, ds_config, **overrides):
 @pytest.mark.parametrize("nproc,tensor,pipeline,ds_config", [
     (4, 2, 1, "zero2.json"),
     (4, 1, 2, "zero1.json"),
-], ids=["tp2xdp2-zero2", "pp2xdp2-zero1"])  # TP2 and PP2 alone: test_resume_is_bit_exact_and_checkpoint_consolidates
+    (4, 2, 2, "zero1.json"),
+], ids=["tp2xdp2-zero2", "pp2xdp2-zero1", "tp2xpp2-zero1"])  # TP2 and PP2 alone: test_resume_is_bit_exact_and_checkpoint_consolidates
 def test_parallel_layout_matches_one_process(nproc, tensor, pipeline, ds_config, tmp_path, reference, preprocessed,
                                              tokenizer_path):
     run_dir, proc = _run(tmp_path, preprocessed, tokenizer_path, nproc, ds_config,

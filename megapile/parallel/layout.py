@@ -47,9 +47,9 @@ def resolve_layout(cfg: Config, world_size: int, zero_stage: int) -> Layout:
     if world_size % (tp * pp):
         raise ConfigError(f"parallel.tensor ({tp}) × parallel.pipeline ({pp}) = {tp * pp} does not divide "
                           f"the world size ({world_size})")
-    if tp > 1 and pp > 1:
-        raise ConfigError("parallel.tensor > 1 together with parallel.pipeline > 1 is not supported yet "
-                          "(DeepSpeed's AutoTP replaces the pipeline engine's process groups); use one of them with ZeRO")
+    if tp > 1 and pp > 1 and zero_stage != 1:
+        raise ConfigError(f"parallel.tensor > 1 with parallel.pipeline > 1 needs zero_optimization.stage 1 in the "
+                          f"DeepSpeed JSON, got {zero_stage}")
     if tp > 1:
         if model.num_heads % tp:
             raise ConfigError(f"model.num_heads ({model.num_heads}) must be divisible by parallel.tensor ({tp}): "

@@ -87,18 +87,42 @@ class Positions(nn.Module):
         return self.embed_dropout(x)
 
 
-class BlockLayer(nn.Module):
-    """blocks.{index}; rotary tables are recomputed per stage (cheap) so only the activation travels."""
+class TensorGroup:
+    """The tensor-parallel process group of this rank, known only once the pipeline module's grid exists."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, index: int):
+    group = None
+
+
+class BlockLayer(nn.Module):
+    """blocks.{index}; rotary tables are recomputed per stage (cheap) so only the activation travels.
+    With tensor parallelism too, the block's linears are split Megatron-style (see `shard_block`)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, index: int, tensor: Optional[TensorGroup] = None):
         super().__init__()
         self.cfg = cfg
         (self.block,) = _owned(cfg, seed, [f"blocks.{index}"])
+        if tensor is not None:
+            shard_block(self.block, tensor.group)
         self.use_rotary = cfg.arch == "neox" and cfg.rotary_dims > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rope = rotary_cos_sin(self.cfg, x.shape[1], x.device) if self.use_rotary else None
         return self.block(x, rope)
+
+
+def shard_block(block: nn.Module, group) -> None:
+    """Split a block over the tensor-parallel `group` with DeepSpeed's AutoTP layers, as megapile's AutoTP plan
+    does without pipelining (parallel/tensor.py): qkv and fc_in column-parallel (whole heads per rank),
+    proj and fc_out row-parallel. Split parameters are marked `tensor_model_parallel`, so the global gradient
+    norm counts them on every tensor rank and the replicated ones once."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
+
+    set_autotp_mode(training=True)
+    attn, mlp = block.attn, block.mlp
+    attn.qkv, mlp.fc_in = LinearLayer(attn.qkv, group), LinearLayer(mlp.fc_in, group)
+    attn.proj, mlp.fc_out = LinearAllreduce(attn.proj, group), LinearAllreduce(mlp.fc_out, group)
+    for p in (attn.qkv.weight, attn.qkv.bias, mlp.fc_in.weight, mlp.fc_in.bias, attn.proj.weight, mlp.fc_out.weight):
+        p.tensor_model_parallel = True
 
 
 class FinalNorm(nn.Module):
@@ -132,7 +156,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the module
 
 
-def layer_specs(cfg: ModelConfig, seed: int) -> list:
+def layer_specs(cfg: ModelConfig, seed: int, tensor: Optional[TensorGroup] = None) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     if cfg.tie_embeddings:
@@ -141,17 +165,31 @@ def layer_specs(cfg: ModelConfig, seed: int) -> list:
                              forward_fn=functools.partial(_tied_head, cfg.vocab_size))
     else:
         first, last = LayerSpec(TokenEmbedding, cfg, seed), LayerSpec(Head, cfg, seed)
-    blocks = [LayerSpec(BlockLayer, cfg, seed, i) for i in range(cfg.num_layers)]
+    blocks = [LayerSpec(BlockLayer, cfg, seed, i, tensor) for i in range(cfg.num_layers)]
     return [first, LayerSpec(Positions, cfg, seed), *blocks, LayerSpec(FinalNorm, cfg, seed), last]
 
 
-def build_pipeline(cfg: Config, num_stages: int, topology=None):
-    """A `PipelineModule` of `cfg.model` over `num_stages` stages, initialised from `cfg.train.seed`."""
+def build_pipeline(cfg: Config, num_stages: int):
+    """A `PipelineModule` of `cfg.model` over `num_stages` stages, initialised from `cfg.train.seed`; with
+    `parallel.tensor` > 1 each stage's blocks are also split over that many ranks."""
+    import torch.distributed as dist
     from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     model_cfg = cfg.model
+    tp = cfg.parallel.tensor
+    tensor = TensorGroup() if tp > 1 else None
+    topology = None
+    if tp > 1:  # axes pipe, data, model: rank = stage * (data * tensor) + data_rank * tensor + tensor_rank
+        topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=tp,
+                                                 num_dp=dist.get_world_size() // (num_stages * tp))
 
     class GPTPipeline(PipelineModule):
+        def _build(self) -> None:
+            if tensor is not None:
+                tensor.group = self._grid.get_slice_parallel_group()
+            super()._build()
+
         def _count_layer_params(self) -> list[int]:
             # DeepSpeed builds every layer on every rank to count; the meta model counts for free.
             return _layer_param_counts(model_cfg)
@@ -165,7 +203,7 @@ def build_pipeline(cfg: Config, num_stages: int, topology=None):
 
     checkpointing = model_cfg.activation_checkpointing
     return GPTPipeline(
-        layers=layer_specs(model_cfg, cfg.train.seed),
+        layers=layer_specs(model_cfg, cfg.train.seed, tensor),
         num_stages=None if topology is not None else num_stages,
         topology=topology,
         loss_fn=lm_loss,
