@@ -324,7 +324,33 @@ class Chunk:
         return len(self.lines if self.lines is not None else self.texts)
 
 
-class JsonlSource:
+class _Source:
+    """What every document source shares: the component filter and the counted skips."""
+
+    def __init__(self, components: Optional[Iterable[str]], strict: bool):
+        self.components = set(components) if components else None
+        self.strict = strict
+        self.skips = Skips()
+        self.filtered = 0  # documents dropped by the component filter
+
+    def _keep(self, text: Optional[str], component: Optional[str], reason: Optional[str],
+              location: str) -> Optional[Document]:
+        """The document, or None after counting it as skipped (bad) or filtered (other component)."""
+        if reason:
+            self.skip(reason, location)
+        elif self.components is None or component in self.components:
+            return Document(text, component, location)
+        else:
+            self.filtered += 1
+        return None
+
+    def skip(self, reason: str, location: str) -> None:
+        if self.strict:
+            raise DataError(f"{location}: {SKIP_REASONS.get(reason, reason)}")
+        self.skips.add(reason, location)
+
+
+class JsonlSource(_Source):
     """Documents of one or more jsonl(.zst/.gz) files, in file order, in constant memory.
 
     `components`: keep only documents whose meta.pile_set_name is in this set.
@@ -339,12 +365,9 @@ class JsonlSource:
         max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
         strict: bool = False,
     ):
+        super().__init__(components, strict)
         self.paths = expand_inputs(inputs)
-        self.components = set(components) if components else None
         self.max_doc_bytes = max_doc_bytes
-        self.strict = strict
-        self.skips = Skips()
-        self.filtered = 0  # documents dropped by the component filter
 
     @property
     def total_bytes(self) -> int:
@@ -357,17 +380,8 @@ class JsonlSource:
         for path in self.paths:
             for lineno, line, _ in iter_lines(path, self.max_doc_bytes):
                 text, component, reason = parse_line(line)
-                if reason:
-                    self.skip(reason, f"{path}:{lineno}")
-                elif self.components is None or component in self.components:
-                    yield Document(text, component, f"{path}:{lineno}")
-                else:
-                    self.filtered += 1
-
-    def skip(self, reason: str, location: str) -> None:
-        if self.strict:
-            raise DataError(f"{location}: {SKIP_REASONS.get(reason, reason)}")
-        self.skips.add(reason, location)
+                if doc := self._keep(text, component, reason, f"{path}:{lineno}"):
+                    yield doc
 
     def iter_chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
         """Raw lines in chunks of about `chunk_bytes`, for parsing in worker processes."""
@@ -386,7 +400,7 @@ class JsonlSource:
             done += os.path.getsize(path)
 
 
-class HFSource:
+class HFSource(_Source):
     """A Hugging Face `datasets.Dataset` with a text column, behind the JsonlSource interface.
 
     Example: `HFSource(datasets.load_dataset("json", data_files="x.jsonl", split="train"))`.
@@ -403,14 +417,11 @@ class HFSource:
     ):
         if text_column not in dataset.column_names:
             raise DataError(f"{name}: no column '{text_column}' (columns: {', '.join(dataset.column_names)})")
+        super().__init__(components, strict)
         self.dataset = dataset
         self.text_column = text_column
         self.component_column = component_column
-        self.components = set(components) if components else None
         self.name = name
-        self.strict = strict
-        self.skips = Skips()
-        self.filtered = 0
         self.paths = [name]
 
     @property
@@ -432,18 +443,8 @@ class HFSource:
     def __iter__(self) -> Iterator[Document]:
         for row, texts, comps in self._batches(1000):
             for i, (text, comp) in enumerate(zip(texts, comps)):
-                reason = check_text(text)
-                if reason:
-                    self.skip(reason, f"{self.name}:{row + i}")
-                elif self.components is None or comp in self.components:
-                    yield Document(text, comp, f"{self.name}:{row + i}")
-                else:
-                    self.filtered += 1
-
-    def skip(self, reason: str, location: str) -> None:
-        if self.strict:
-            raise DataError(f"{location}: {SKIP_REASONS.get(reason, reason)}")
-        self.skips.add(reason, location)
+                if doc := self._keep(text, comp, check_text(text), f"{self.name}:{row + i}"):
+                    yield doc
 
     def iter_chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
         rows = max(1, chunk_bytes // 4096)  # rows are not sized up front; assume ~4 KB each

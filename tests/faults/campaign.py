@@ -54,6 +54,17 @@ def _workers(launcher: psutil.Process) -> list[psutil.Process]:
     return found
 
 
+def _wait_for_workers(proc, timeout: float = 60.0) -> list[psutil.Process]:
+    """The launcher's training processes; early in start-up torchrun may not have spawned them yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        victims = _workers(psutil.Process(proc.pid))
+        if len(victims) == 2:
+            return victims
+        time.sleep(0.01)
+    return []
+
+
 def _last_logged_step(metrics: str) -> int:
     if not os.path.exists(metrics):
         return 0
@@ -80,7 +91,7 @@ def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str,
         if report.injected < kills:
             kind = rng.choice(["save", "step", "start"])
             if _wait_for_moment(proc, kind, rng, ckpt_dir, metrics):
-                victims = _workers(psutil.Process(proc.pid))
+                victims = _wait_for_workers(proc)
                 if victims:
                     progress = _last_logged_step(metrics)
                     rng.choice(victims).kill()  # SIGKILL: no handler, no cleanup
