@@ -18,7 +18,9 @@ The conversion itself is `megapile/hf_convert.py`, tested for exact logits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -72,7 +74,8 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
     model = dict(state["config"]["model"])
     model.update(activation_checkpointing=False, attention="sdpa", init_from=None)
     cfg = ModelConfig(**model)
-    weights = portable.read_full_weights(found.path, int(state["zero_stage"]))
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's merge prints progress lines
+        weights = portable.read_full_weights(found.path, int(state["zero_stage"]))
     with torch.device("meta"):
         expected = set(GPT(cfg).state_dict())
     if set(weights) != expected:
