@@ -82,6 +82,7 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed):
                                                                        f"logging.run_dir={d}/run"], d), []),
         "ckpt-unwritable": (lambda d: _train(good + [f"checkpoint.dir={blocker}/ckpt"], d), []),
         "ckpt-tool": (lambda d: _megapile(["ckpt", "info", "nothing"], d), []),
+        "model-missing": (lambda d: _megapile(["eval", "--checkpoint", "nothing", "--data", val], d), []),
         "launch-rank": (lambda d: _train(good, d, env={"RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                                                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}), []),
         "launch-master": (lambda d: _train(good, d, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}), []),
