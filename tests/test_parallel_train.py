@@ -32,8 +32,7 @@ def _run(tmp_path, preprocessed, tokenizer_path, nproc, ds_config, **overrides):
 @pytest.mark.parametrize("nproc,tensor,pipeline,ds_config", [
     (4, 2, 1, "zero2.json"),
     (4, 1, 2, "zero1.json"),
-    (4, 2, 2, "zero1.json"),
-], ids=["tp2xdp2-zero2", "pp2xdp2-zero1", "tp2xpp2-zero1"])  # TP2 and PP2 alone: test_resume_is_bit_exact_and_checkpoint_consolidates
+], ids=["tp2xdp2-zero2", "pp2xdp2-zero1"])  # TP2, PP2, TP2×PP2: test_resume_is_bit_exact_and_checkpoint_consolidates
 def test_parallel_layout_matches_one_process(nproc, tensor, pipeline, ds_config, tmp_path, reference, preprocessed,
                                              tokenizer_path):
     run_dir, proc = _run(tmp_path, preprocessed, tokenizer_path, nproc, ds_config,
@@ -62,13 +61,13 @@ def _consolidated_model(checkpoints: str, out: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tensor,pipeline", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tensor,pipeline", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_resume_is_bit_exact_and_checkpoint_consolidates(tensor, pipeline, tmp_path, reference, preprocessed,
                                                          tokenizer_path):
     """Uninterrupted 10 steps vs 6 steps + restart: identical losses; the final checkpoint consolidates to
     weights whose logits equal the one-process model's; a different layout is refused in one line."""
     def run(run_dir, **extra):
-        return launch("torchrun", 2, "zero1.json", small_run_overrides(
+        return launch("torchrun", tensor * pipeline, "zero1.json", small_run_overrides(
             preprocessed, tokenizer_path, run_dir, parallel__tensor=tensor, parallel__pipeline=pipeline,
             optim__decay_steps=10, **extra))
 

@@ -19,7 +19,11 @@ import torch
 
 
 def read_parallel_weights(path: str, state: dict) -> dict[str, torch.Tensor]:
-    """{GPT parameter name: fp32 tensor} from checkpoint `path` written with `state["parallel"]`."""
+    """{GPT parameter name: fp32 tensor} from checkpoint `path` written with `state["parallel"]`.
+
+    Model-parallel rank m is pipeline stage m // tensor, tensor rank m % tensor (DeepSpeed numbers the ranks of
+    one data-parallel replica in global-rank order: stage-major, tensor-minor).
+    """
     from megapile.parallel.pipeline import gpt_name
     from megapile.parallel.tensor import gather_full
 
@@ -28,16 +32,18 @@ def read_parallel_weights(path: str, state: dict) -> dict[str, torch.Tensor]:
     zero_stage = int(state["zero_stage"])
     num_layers = state["config"]["model"]["num_layers"]
     if pipeline > 1 and zero_stage == 0:
-        per_rank = [_pipeline_layer_weights(path)]
+        per_rank = [_pipeline_layer_weights(path, t, tensor) for t in range(tensor)]  # one "stage": all layers
+        stages = [gather_full(per_rank)]
     else:
         per_rank = [_model_parallel_rank_weights(path, m, zero_stage) for m in range(tensor * pipeline)]
-    if pipeline > 1:
-        full: dict[str, torch.Tensor] = {}
-        for weights in per_rank:
-            for name, t in weights.items():
-                full.setdefault(gpt_name(name, num_layers), t)  # a tied embedding appears on two stages
-        return full
-    return gather_full(per_rank)
+        stages = [gather_full(per_rank[s * tensor:(s + 1) * tensor]) for s in range(pipeline)]
+    if pipeline == 1:
+        return stages[0]
+    full: dict[str, torch.Tensor] = {}
+    for weights in stages:
+        for name, t in weights.items():
+            full.setdefault(gpt_name(name, num_layers), t)  # a tied embedding appears on two stages
+    return full
 
 
 def _model_parallel_rank_weights(path: str, mp_rank: int, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -61,10 +67,12 @@ def _model_parallel_rank_weights(path: str, mp_rank: int, zero_stage: int) -> di
     return {n: t.float() for n, t in z.to_torch_tensor(merged).items()}
 
 
-def _pipeline_layer_weights(path: str) -> dict[str, torch.Tensor]:
-    """ZeRO-0 pipeline: every layer's weights, named "{layer}.{local}", from the per-layer files of all stages."""
+def _pipeline_layer_weights(path: str, tensor_rank: int, tensor: int) -> dict[str, torch.Tensor]:
+    """ZeRO-0 pipeline: every layer's weights held by `tensor_rank`, named "{layer}.{local}", from the per-layer
+    files of all stages (`layer_{i}-model_states.pt`, or `layer_{i}-model_{t}-model_states.pt` with tensor ranks)."""
+    suffix = f"-model_{tensor_rank:02d}-model_states.pt" if tensor > 1 else "-model_states.pt"
     out = {}
-    for file in sorted(glob.glob(os.path.join(path, "layer_*-model_states.pt"))):
+    for file in sorted(glob.glob(os.path.join(path, "layer_*" + suffix))):
         index = int(re.match(r"layer_(\d+)", os.path.basename(file)).group(1))
         for local, t in torch.load(file, map_location="cpu", weights_only=False).items():
             out[f"{index}.{local}"] = t.float()
