@@ -295,6 +295,9 @@ class GPT(nn.Module):
         x = self.hidden_states(input_ids)  # (B, T, C)
         w = self._head_weight()[: self.cfg.vocab_size]  # (vocab, C), a view: no copy
         if self.cfg.chunked_loss and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: in its dtype (the custom
+                dt = torch.get_autocast_dtype(x.device.type)  # Function is not on autocast's op list)
+                x, w = x.to(dt), w.to(dt)
             return LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten())
         logits = F.linear(x, w)  # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

@@ -56,6 +56,18 @@ def test_chunked_loss_matches_plain_in_bf16():
         torch.testing.assert_close(g2[name].float(), g1[name].float(), rtol=2e-2, atol=2e-3, msg=name)
 
 
+def test_chunked_loss_matches_plain_under_bf16_autocast():
+    """Under autocast the chunked loss multiplies in the autocast dtype, as autocast runs F.linear."""
+    plain = build_model(_cfg(chunked_loss=False), seed=3).train()
+    chunked = build_model(_cfg(chunked_loss=True), seed=3).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (l1, g1), (l2, g2) = _loss_and_grads(plain), _loss_and_grads(chunked)
+    torch.testing.assert_close(l2.float(), l1.float(), rtol=1e-3, atol=1e-3)
+    for name in g1:
+        assert g2[name].dtype == torch.float32, name  # the weights and their gradients stay fp32
+        torch.testing.assert_close(g2[name], g1[name], rtol=2e-2, atol=2e-3, msg=name)
+
+
 @pytest.mark.parametrize("every", [1, 2, 3])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_checkpoint_every_k_blocks_matches_no_checkpointing(every, dropout):
