@@ -181,7 +181,8 @@ def main() -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         out = tempfile.mkdtemp(prefix="megapile-memory-")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS), "--master_port", str(port),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS),
+               "--master_port", str(port),
                os.path.abspath(__file__), *shape, "--worker", str(stage), str(tensor), str(pipeline), "--out", out]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         reports = []

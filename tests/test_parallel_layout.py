@@ -27,16 +27,20 @@ def test_ranks_follow_deepspeeds_pipe_data_model_order():
 
 
 @pytest.mark.parametrize("overrides,world,stage,message", [
-    (["parallel.tensor=3"], 8, 1, r"parallel.tensor \(3\) × parallel.pipeline \(1\) = 3 does not divide the world size \(8\)"),
-    (["parallel.tensor=2", "parallel.pipeline=2"], 8, 2, "parallel.tensor > 1 with parallel.pipeline > 1 needs zero_optimization.stage 1"),
+    (["parallel.tensor=3"], 8, 1,
+     r"parallel.tensor \(3\) × parallel.pipeline \(1\) = 3 does not divide the world size \(8\)"),
+    (["parallel.tensor=2", "parallel.pipeline=2"], 8, 2,
+     "parallel.tensor > 1 with parallel.pipeline > 1 needs zero_optimization.stage 1"),
     (["parallel.tensor=8", "model.num_heads=4", "model.hidden_size=64"], 8, 1,
      r"model.num_heads \(4\) must be divisible by parallel.tensor \(8\)"),
     (["parallel.tensor=2"], 2, 0, "parallel.tensor > 1 needs zero_optimization.stage 1 or 2"),
     (["parallel.tensor=2"], 2, 3, "parallel.tensor > 1 needs zero_optimization.stage 1 or 2"),
     (["parallel.pipeline=2"], 2, 2, "does not support ZeRO-2/3"),
     (["parallel.pipeline=2"], 2, 3, "does not support ZeRO-2/3"),
-    (["parallel.pipeline=4", "model.num_layers=2"], 4, 1, r"parallel.pipeline \(4\) is more stages than model.num_layers \(2\)"),
-    (["parallel.pipeline=2", "parallel.pipeline_layers=[1,2]"], 2, 1, r"must give 2 non-negative block counts summing to"),
+    (["parallel.pipeline=4", "model.num_layers=2"], 4, 1,
+     r"parallel.pipeline \(4\) is more stages than model.num_layers \(2\)"),
+    (["parallel.pipeline=2", "parallel.pipeline_layers=[1,2]"], 2, 1,
+     r"must give 2 non-negative block counts summing to"),
     (["parallel.pipeline_layers=[1,1]"], 2, 1, "parallel.pipeline_layers is set but parallel.pipeline is 1"),
 ])
 def test_invalid_layouts_are_one_line_errors(overrides, world, stage, message):

@@ -95,7 +95,8 @@ def test_resume_is_bit_exact_and_checkpoint_consolidates(tensor, pipeline, tmp_p
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
-    assert lines[-1].startswith("megapile: error: checkpoint") and "resumes only on its own layout" in lines[-1], bad.stderr
+    assert lines[-1].startswith("megapile: error: checkpoint"), bad.stderr
+    assert "resumes only on its own layout" in lines[-1], bad.stderr
 
 
 @pytest.mark.slow

@@ -95,7 +95,8 @@ def check_same_layout(saved: dict, layout: Layout, zero_stage: int, path: str) -
     if before == now:
         return
     raise ConfigError(
-        f"checkpoint {path} was saved with tensor {old_tp} × pipeline {old_pp} on {before[2]} ranks, ZeRO-{before[3]}; "
+        f"checkpoint {path} was saved with tensor {old_tp} × pipeline {old_pp} on {before[2]} ranks, "
+        f"ZeRO-{before[3]}; "
         f"this run is tensor {now[0]} × pipeline {now[1]} on {now[2]} ranks, ZeRO-{now[3]}: a tensor- or "
         "pipeline-parallel checkpoint resumes only on its own layout (`megapile ckpt consolidate` turns it into "
         "full weights)"

@@ -16,6 +16,10 @@ used; it fails on Python 3.11 and would give other weights anyway).
 
 Stages pass the (B, T, C) activation; the last stage returns the logits over the real vocabulary (padding
 rows excluded, as `GPT.loss` does) and `loss_fn` takes the mean cross-entropy.
+
+With `parallel.tensor` > 1 as well, DeepSpeed's pipeline grid (`PipeModelDataParallelTopology`, axes pipe,
+data, model) provides the tensor-parallel groups, and each stage splits its blocks with DeepSpeed's
+column/row-parallel layers (`shard_block`), the plan `parallel/tensor.py` gives AutoTP.
 """
 from __future__ import annotations
 
