@@ -22,15 +22,8 @@ config="$1"
 ds_config="$2"
 shift 2
 
-python="${PYTHON:-python}"
-gpus="$("$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-if [ -z "$nproc" ]; then
-    nproc=$(( gpus > 0 ? gpus : 1 ))
-fi
-if [ "$gpus" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
-    cores="$(nproc)"
-    export OMP_NUM_THREADS=$(( cores / nproc > 0 ? cores / nproc : 1 ))
-fi
+# shellcheck source=launch/ranks.sh
+source "$repo/launch/ranks.sh"   # sets python, gpus, nproc and (on CPU) OMP_NUM_THREADS
 echo "megapile: ${nproc} process(es) on $(hostname) ($([ "$gpus" -gt 0 ] && echo "${gpus} GPU(s)" || echo "CPU, ${OMP_NUM_THREADS} thread(s) each"))"
 exec "$python" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc" \
     "$repo/megapile/train.py" --deepspeed_config "$ds_config" --config "$config" "$@"

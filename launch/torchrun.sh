@@ -34,15 +34,8 @@ config="$1"
 ds_config="$2"
 shift 2
 
-python="${PYTHON:-python}"
-gpus="$("$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-if [ -z "$nproc" ]; then
-    nproc=$(( gpus > 0 ? gpus : 1 ))
-fi
-if [ "$gpus" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
-    cores="$(nproc)"
-    export OMP_NUM_THREADS=$(( cores / nproc > 0 ? cores / nproc : 1 ))
-fi
+# shellcheck source=launch/ranks.sh
+source "$repo/launch/ranks.sh"   # sets python, gpus, nproc and (on CPU) OMP_NUM_THREADS
 echo "megapile: node ${node_rank}/${nnodes}, ${nproc} process(es), rendezvous at ${master}"
 exec "$python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
     --master_addr "${master%:*}" --master_port "${master##*:}" \
