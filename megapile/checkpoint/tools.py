@@ -35,16 +35,32 @@ def info(found: Found) -> str:
     lines = [
         f"checkpoint   {found.path}",
         f"step         {s['step']} (global sample index {s['sample_index']}, {s['tokens_seen']:,} tokens seen)",
-        f"layout       ZeRO-{s['zero_stage']} on {s['world_size']} data-parallel rank(s)",
+        f"layout       {_layout(s)}",
         f"model        {model['arch']}: {model['num_layers']} layers, hidden {model['hidden_size']}, "
         f"{model['num_heads']} heads, vocab {model['vocab_size']}",
         f"size         {size / 1e6:.1f} MB in {len(os.listdir(found.path))} files"
         + ("" if not problems else f" (INCOMPLETE: {problems[0]})"),
         f"saved by     " + ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items()),
-        "resumes on   the same layout exactly (bit-identical); any ZeRO stage 0-3 and any data-parallel size "
-        "through megapile's resharding (weights and Adam moments carried)",
+        "resumes on   " + _resumes_on(s),
     ]
     return "\n".join(lines)
+
+
+def _layout(state: dict) -> str:
+    par = state.get("parallel") or {}
+    tp, pp = par.get("tensor", 1), par.get("pipeline", 1)
+    dp = state["world_size"] // (tp * pp)
+    grid = f"tensor {tp} x pipeline {pp} x data {dp}, " if tp * pp > 1 else ""
+    return f"{grid}ZeRO-{state['zero_stage']} on {state['world_size']} rank(s)"
+
+
+def _resumes_on(state: dict) -> str:
+    par = state.get("parallel") or {}
+    if par.get("tensor", 1) * par.get("pipeline", 1) > 1:
+        return ("the same tensor x pipeline x data layout exactly (bit-identical); for another layout, "
+                "`megapile ckpt consolidate` gives its weights")
+    return ("the same layout exactly (bit-identical); any ZeRO stage 0-3 and any data-parallel size "
+            "through megapile's resharding (weights and Adam moments carried)")
 
 
 def consolidate(found: Found, output: str) -> int:
