@@ -2,13 +2,14 @@
 
 Both run the identical shape on the same random batch with the same thread count, in one
 process, with their steps interleaved (ours, theirs, ours, ...) so machine noise hits both
-alike. Prints tokens/s of each, the ratio, and MFU of each against a fp32 matmul peak
-measured in the same run.
+alike. Prints tokens/s of each, the ratio, and MFU of each against a matmul peak measured in
+the same run (the best of several windows before and after the steps).
 
     python bench/train_throughput.py --preset tiny --threads 2
     python bench/train_throughput.py --preset pythia-14m --threads 2 --steps 4
     python bench/train_throughput.py --preset tiny --deepspeed      # ours inside a ZeRO-0 engine
     python bench/train_throughput.py --preset tiny --scaling        # DeepSpeed ZeRO-1: 2 ranks vs 1 rank
+    python bench/train_throughput.py --preset pythia-1b --device cuda --dtype bf16   # on a GPU (bench/gpu.sh)
 
 "Our step" is megapile's: GPT (model.py) + torch AdamW over param_groups (no decay on biases
 and norms) + global grad-norm clipping; with --deepspeed, the same model and optimizer wrapped by
@@ -16,6 +17,9 @@ deepspeed.initialize on one rank. "Their step" is the plain transformers loop: m
 labels=...) -> loss.backward() -> clip -> torch.optim.AdamW.step(), with transformers' default
 attention (sdpa) unless --hf-attn says otherwise. Both use the same AdamW implementation
 (--adam, default fused as the transformers Trainer does), so the ratio measures the models.
+--dtype bf16 runs both under torch.autocast (weights and AdamW in fp32). --scaling runs our model
+in DeepSpeed ZeRO-1 (--zero) with 1 and then 2 ranks over gloo, one thread per rank, the same
+micro-batch per rank, and prints the tokens/s ratio.
 """
 from __future__ import annotations
 
@@ -210,7 +214,7 @@ def run_scaling(args, argv: list[str], cfg: ModelConfig, batch: int, seq_len: in
                 env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                            LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                            OMP_NUM_THREADS="1")
-                cmd = [sys.executable, os.path.abspath(__file__), "--scaling-worker", "--threads", "1"] + argv
+                cmd = [sys.executable, os.path.abspath(__file__), "--scaling-worker"] + argv + ["--threads", "1"]
                 procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
             outs = [p.communicate(timeout=1200) for p in procs]
             if any(p.returncode for p in procs):
