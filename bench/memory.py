@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     for label, with_, without in pairs:
         if with_ in rows and without in rows:
             a, b = rows[with_]["peak_mb"], rows[without]["peak_mb"]
-            print(f"  {label}: {a:.1f} MB with vs {b:.1f} MB without: saves {b - a:.1f} MB "
+            change = f"saves {b - a:.1f} MB" if b >= a else f"costs {a - b:.1f} MB more"
+            print(f"  {label}: {a:.1f} MB with vs {b:.1f} MB without: {change} "
                   f"({a / b:.2f}x); step time {rows[with_]['step_s'] / rows[without]['step_s']:.2f}x")
     print(f"  load average before/after: {load_before} / {os.getloadavg()[0]:.2f}")
     return 0 if len(rows) == len(names) else 1
