@@ -151,11 +151,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc_dtype, device=x.device)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(w, dtype=acc_dtype)
+        # One logits buffer for every chunk: on CPU a fresh one per chunk is page-faulted in anew each time.
+        buf = torch.empty(rows, V, dtype=x.dtype, device=x.device) if x.dtype == acc_dtype else None
         for s in range(0, N, rows):
             xs, ts = x[s : s + rows], safe_targets[s : s + rows]
             scale = valid[s : s + rows, None] * inv_count  # (n, 1): 1/count, or 0 for ignored rows
-            if x.dtype == acc_dtype:
-                logits = torch.mm(xs, w.t(), out=_logits_workspace(xs.shape[0], V, x.dtype, x.device))  # (n, V)
+            if buf is not None:
+                logits = torch.mm(xs, w.t(), out=buf[: xs.shape[0]])  # (n, V)
             else:
                 logits = (xs @ w.t()).to(acc_dtype)  # (n, V); fp32 under bf16/fp16
             target_logit = logits.gather(1, ts)  # (n, 1)
@@ -177,24 +179,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss, grad_w * grad_loss, None, None
-
-
-_CPU_LOGITS_WORKSPACE: dict[torch.dtype, torch.Tensor] = {}
-
-
-def _logits_workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised (rows, vocab) buffer for one logits chunk, used and dropped within one forward.
-
-    On CPU a fresh buffer of this size is returned to the OS when freed and page-faulted back in on the
-    next use, which costs about as much as the matmul that fills it; one buffer per dtype is kept and
-    reused instead (it grows to the largest chunk seen). CUDA's caching allocator already reuses memory.
-    """
-    if device.type != "cpu":
-        return torch.empty(rows, vocab, dtype=dtype, device=device)
-    buf = _CPU_LOGITS_WORKSPACE.get(dtype)
-    if buf is None or buf.numel() < rows * vocab:
-        buf = _CPU_LOGITS_WORKSPACE[dtype] = torch.empty(rows * vocab, dtype=dtype)
-    return buf[: rows * vocab].view(rows, vocab)
 
 
 # ----------------------------------------------------------------------------- KV cache
