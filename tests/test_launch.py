@@ -227,18 +227,12 @@ def test_srun_two_tasks_match_one_process(slurm, tmp_path, reference, preprocess
     assert_close(losses(run_dir), reference, rel=1e-5)
 
 
-@pytest.mark.slow
-def test_torchrun_two_nodes_on_loopback_match_one_process(tmp_path, reference, preprocessed, tokenizer_path):
-    """launch/torchrun.sh twice, as node 0 and node 1 of a 2-node job, rendezvous over 127.0.0.1."""
-    run_dir = str(tmp_path / "run")
-    master = f"127.0.0.1:{free_port()}"
-    overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)
+def _two_nodes(command_for_rank):
+    """Start node 1 and node 0 of a two-"node" job concurrently on this machine; both must succeed."""
     results = {}
 
     def node(rank):
-        results[rank] = _run(["bash", os.path.join(ROOT, "launch", "torchrun.sh"), "--nnodes", "2", "--node_rank",
-                              str(rank), "--master", master, "--nproc_per_node", "1", "configs/tiny.yaml",
-                              os.path.join(DS, "zero2.json"), *overrides], check=False)
+        results[rank] = _run(command_for_rank(rank), check=False)
 
     threads = [threading.Thread(target=node, args=(r,)) for r in (1, 0)]
     for t in threads:
@@ -248,6 +242,17 @@ def test_torchrun_two_nodes_on_loopback_match_one_process(tmp_path, reference, p
     for rank, proc in results.items():
         assert proc.returncode == 0, f"node {rank}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "world 2 (env)" in results[0].stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_on_loopback_match_one_process(tmp_path, reference, preprocessed, tokenizer_path):
+    """launch/torchrun.sh twice, as node 0 and node 1 of a 2-node job, rendezvous over 127.0.0.1."""
+    run_dir = str(tmp_path / "run")
+    master = f"127.0.0.1:{free_port()}"
+    overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)
+    _two_nodes(lambda rank: ["bash", os.path.join(ROOT, "launch", "torchrun.sh"), "--nnodes", "2", "--node_rank",
+                             str(rank), "--master", master, "--nproc_per_node", "1", "configs/tiny.yaml",
+                             os.path.join(DS, "zero2.json"), *overrides])
     assert_close(losses(run_dir), reference, rel=1e-5)
 
 
@@ -274,21 +279,9 @@ def test_deepspeed_hostfile_two_nodes_on_loopback_match_one_process(tmp_path, re
     run_dir = str(tmp_path / "run")
     port = str(free_port())
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)
-    results = {}
-
-    def node(rank):
-        results[rank] = _run(["deepspeed", "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(rank),
-                              "--master_addr", "127.0.0.1", "--master_port", port, TRAIN,
-                              "--deepspeed_config", os.path.join(DS, "zero2.json"), *overrides], check=False)
-
-    threads = [threading.Thread(target=node, args=(r,)) for r in (1, 0)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for rank, proc in results.items():
-        assert proc.returncode == 0, f"node {rank}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert "world 2 (env)" in results[0].stdout
+    _two_nodes(lambda rank: ["deepspeed", "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(rank),
+                             "--master_addr", "127.0.0.1", "--master_port", port, TRAIN,
+                             "--deepspeed_config", os.path.join(DS, "zero2.json"), *overrides])
     assert_close(losses(run_dir), reference, rel=1e-5)
 
 
