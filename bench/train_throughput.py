@@ -78,16 +78,7 @@ def ours_step_fn(cfg: ModelConfig, seed: int, compile_model: bool, deepspeed_eng
         compile_blocks(model)
     fwd = model
 
-    def step(x, y):
-        with _amp(device, dtype):
-            loss = fwd(x, targets=y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return model, step
+    return model, _optimizer_step(lambda x, y: fwd(x, targets=y), model, opt, device, dtype)
 
 
 def hf_step_fn(cfg: ModelConfig, attn: str, adam: str, device: torch.device = torch.device("cpu"),
@@ -101,17 +92,23 @@ def hf_step_fn(cfg: ModelConfig, attn: str, adam: str, device: torch.device = to
     model = transformers.GPTNeoXForCausalLM._from_config(hf_cfg, attn_implementation=attn).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **ADAM_IMPL[adam])
 
+    # HF shifts labels itself; passing the inputs as labels trains on the same next tokens.
+    return model, _optimizer_step(lambda x, y: model(input_ids=x, labels=x).loss, model, opt, device, dtype)
+
+
+def _optimizer_step(loss_fn, model, opt, device: torch.device, dtype: torch.dtype):
+    """The one training step both sides run: forward (autocast below fp32), backward, clip, AdamW."""
+
     def step(x, y):
-        # HF shifts labels itself; passing the inputs as labels trains on the same next tokens.
         with _amp(device, dtype):
-            loss = model(input_ids=x, labels=x).loss
+            loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return model, step
+    return step
 
 
 def _deepspeed_engine(model, opt, batch: int):
