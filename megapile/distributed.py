@@ -93,6 +93,7 @@ def init(env: DistEnv, backend: str, timeout_s: float = 600.0) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    _default_group_timeout(datetime.timedelta(seconds=timeout_s))
     try:
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -108,6 +109,20 @@ def init(env: DistEnv, backend: str, timeout_s: float = 600.0) -> None:
         raise LaunchError(f"rank {env.rank}/{env.world_size} could not join the process group at {where} within "
                           f"{timeout_s:g} s (is rank 0 running, and MASTER_ADDR/MASTER_PORT reachable from here?): "
                           f"{text[:300]}") from None
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make every process group created after this one time out like the world group.
+
+    DeepSpeed builds its own groups (a clone of the world group for ZeRO's gradient reduction, the data-,
+    tensor- and pipeline-parallel groups) with `new_group(ranks)` and no timeout, which torch fills with its
+    module default (30 min on gloo, 10 on nccl): a stopped rank would then hang the job for that long instead
+    of train.collective_timeout_s. torch offers no argument to change it, so the module default is set.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def _wait_for_master(env: DistEnv, timeout_s: float) -> None:

@@ -138,3 +138,38 @@ def test_hostfile_script_writes_deepspeed_and_mpich_formats():
     assert hostfile("--format", "mpich", "n[1-2]", "8")[:2] == (0, "n1:8\nn2:8\n")
     rc, _, err = hostfile("n[1-", "8")
     assert rc != 0 and "unbalanced" in err
+
+
+_STALLED_PEER = """
+import sys, time
+import torch, torch.distributed as dist
+from megapile import distributed
+rank, port = int(sys.argv[1]), int(sys.argv[2])
+distributed.init(distributed.DistEnv(rank, 2, rank, "127.0.0.1", port, "env"), "gloo", timeout_s=3)
+group = dist.new_group([0, 1])  # as DeepSpeed builds its groups: no timeout argument
+if rank == 1:
+    time.sleep(120)  # alive, never joins the all-reduce
+start = time.monotonic()
+try:
+    dist.all_reduce(torch.ones(1), group=group)
+except RuntimeError:
+    print(f"failed after {time.monotonic() - start:.1f} s")
+"""
+
+
+@pytest.mark.slow
+def test_groups_created_after_init_time_out_like_the_world_group():
+    """DeepSpeed's own groups (ZeRO's gradient reduction runs on one) must not fall back to torch's 30-min default."""
+    from train_helpers import ROOT, free_port
+
+    port = str(free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    peers = [subprocess.Popen([sys.executable, "-c", _STALLED_PEER, str(rank), port], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for rank in (0, 1)]
+    try:
+        out, _ = peers[0].communicate(timeout=90)
+    finally:
+        for p in peers:
+            p.kill()
+    assert "failed after" in out, out
+    assert float(out.split()[-2]) < 3 + 10
