@@ -240,6 +240,13 @@ def run_scaling(args, argv: list[str], cfg: ModelConfig, batch: int, seq_len: in
     return 0
 
 
+def _malloc_name() -> str:
+    """The allocator serving this process: glibc's unless one was preloaded. On CPU it matters: glibc unmaps
+    large freed buffers and page-faults them in again on the next step, tcmalloc keeps them (README)."""
+    preloaded = [lib for lib in ("tcmalloc", "jemalloc") if lib in os.environ.get("LD_PRELOAD", "")]
+    return preloaded[0] if preloaded else "glibc"
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -312,7 +319,7 @@ def main(argv=None) -> int:
     label = "megapile" + (" (deepspeed ZeRO-0)" if args.deepspeed else "") + (" (compiled)" if args.compile else "")
     print(f"preset {args.preset}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
           f"vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size}), batch {batch} x seq {seq_len}, "
-          f"{torch.get_num_threads()} threads, AdamW {args.adam}, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, AdamW {args.adam}, malloc {_malloc_name()}, torch {torch.__version__}")
     print(f"{ours_model.num_params(exclude_embedding=False) / 1e6:.2f}M parameters, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token; {args.dtype} matmul peak {peak * 1e3:.1f} GFLOP/s (measured, "
           f"{mm['n']}^2 mm, best window before and after) on {_device_name(device)}")

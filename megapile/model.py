@@ -133,9 +133,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The gradient of cross-entropy with respect to the logits is softmax - one_hot, so the
     forward computes the gradients of x and w too, a chunk of rows at a time, and keeps them
-    instead of the logits: the (N, vocab) logits are never stored whole (a memory win on GPU)
-    and are touched by fewer passes than log_softmax + nll_loss + their backwards (a speed win
-    on CPU). Logits, softmax and the weight-gradient sum are at least fp32.
+    instead of the logits: the (N, vocab) logits are never stored whole (a memory win on GPU),
+    and one chunk buffer is reused where log_softmax + nll_loss + their backwards allocate several
+    logits-sized tensors, which glibc's malloc page-faults in anew every step (a speed win on CPU;
+    README "Performance"). Logits, softmax and the weight-gradient sum are at least fp32.
     """
 
     @staticmethod
@@ -146,32 +147,36 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = math.ceil(N / chunks)  # equal chunks: no slow sliver at the end
         valid = targets != -100
         acc_dtype = torch.promote_types(x.dtype, torch.float32)  # logits, softmax and sums: >= fp32
-        inv_count = 1.0 / valid.sum().clamp(min=1).to(acc_dtype)
-        safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows are masked below
+        # Row weights 1/count (0 for ignored rows) scale the small (n, C) operands, not the (n, V) softmax.
+        scale = (valid / valid.sum().clamp(min=1)).to(acc_dtype)[:, None]  # (N, 1)
+        safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows weigh 0
         loss = torch.zeros((), dtype=acc_dtype, device=x.device)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(w, dtype=acc_dtype)
         # One logits buffer for every chunk: on CPU a fresh one per chunk is page-faulted in anew each time.
         buf = torch.empty(rows, V, dtype=x.dtype, device=x.device) if x.dtype == acc_dtype else None
         for s in range(0, N, rows):
-            xs, ts = x[s : s + rows], safe_targets[s : s + rows]
-            scale = valid[s : s + rows, None] * inv_count  # (n, 1): 1/count, or 0 for ignored rows
+            xs, ts, sc = x[s : s + rows], safe_targets[s : s + rows], scale[s : s + rows]
             if buf is not None:
                 logits = torch.mm(xs, w.t(), out=buf[: xs.shape[0]])  # (n, V)
             else:
                 logits = (xs @ w.t()).to(acc_dtype)  # (n, V); fp32 under bf16/fp16
             target_logit = logits.gather(1, ts)  # (n, 1)
             top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            exp = logits.sub_(top).exp_()  # in place: the logits are not needed any more
-            sum_exp = exp.sum(dim=-1, keepdim=True)  # (n, 1)
-            loss += ((top + sum_exp.log() - target_logit) * scale).sum()  # logsumexp - target logit
-            grad = exp.mul_(scale / sum_exp).scatter_add_(1, ts, -scale)  # (softmax - one_hot) / count
+            # softmax in place: ATen's kernel makes its three passes over one row at a time, which stays in
+            # cache; separate sub_/exp_/sum/mul_ passes each stream the whole chunk through memory.
+            probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+            # logsumexp = top + log(sum exp(l - top)) = top - log(largest probability), which is >= 1/V and
+            # so never underflows (the target's probability can, when the loss is large).
+            log_sum = -probs.amax(dim=-1, keepdim=True).log()  # (n, 1)
+            loss += ((top + log_sum - target_logit) * sc).sum()
+            grad = probs.scatter_add_(1, ts, torch.full_like(target_logit, -1.0))  # softmax - one_hot
             grad = grad.to(x.dtype)
-            torch.mm(grad, w, out=grad_x[s : s + rows])  # (n, C)
+            torch.mm(grad, w, out=grad_x[s : s + rows]).mul_(sc.to(x.dtype))  # (n, C)
             if grad_w.dtype == grad.dtype:
-                grad_w.addmm_(grad.t(), xs)  # (V, C)
+                grad_w.addmm_(grad.t(), xs * sc)  # (V, C)
             else:
-                grad_w += (grad.t() @ xs).to(acc_dtype)
+                grad_w += (grad.t() @ (xs * sc.to(x.dtype))).to(acc_dtype)
         ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
         return loss
 

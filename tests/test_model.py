@@ -273,6 +273,19 @@ def test_linear_cross_entropy_matches_autograd(chunk_elems):
     torch.testing.assert_close(fw, gw, rtol=1e-10, atol=1e-12)
 
 
+def test_linear_cross_entropy_exact_when_the_target_probability_underflows():
+    """Losses of hundreds of nats (a diverging run): the target's softmax probability is 0 in fp32, the loss
+    must still be the exact logsumexp - target logit, so a bad step is seen for what it is."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g) * 30
+    w = torch.randn(50, 8, generator=g) * 3
+    t = (x @ w.t()).argmin(dim=-1)  # the least likely token: probability far below fp32's smallest
+    expected = F.cross_entropy((x @ w.t()).double(), t).float()
+    got = LinearCrossEntropy.apply(x, w, t)
+    assert expected > 150 and torch.isfinite(got)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
 def test_linear_cross_entropy_bf16_close_to_fp32():
     g = torch.Generator().manual_seed(0)
     x32, w32 = torch.randn(64, 32, generator=g), torch.randn(200, 32, generator=g) * 0.2
