@@ -44,6 +44,21 @@ def test_one_nan_batch_skips_that_update_on_every_rank(stage, tmp_path, preproce
 
 
 @pytest.mark.slow
+def test_pipeline_zero0_skips_a_nan_step_and_logs_the_norm(tmp_path, preprocessed, tokenizer_path):
+    """Under the pipeline engine DeepSpeed steps a plain ZeRO-0 optimizer whatever the gradients hold:
+    megapile's guard (parallel/pipeline.py) must skip the update on both stages and report the norm."""
+    run_dir = str(tmp_path / "run")
+    proc = _run(2, "zero0.json", small_run_overrides(
+        preprocessed, tokenizer_path, run_dir, train__max_steps=5, parallel__pipeline=2), nan_steps="3", accum=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
+    assert all(r["grad_norm"] is not None and 0 < r["grad_norm"] < float("inf") for i, r in enumerate(records) if i != 2)
+    for rank in (0, 1):
+        assert f"rank {rank} step 3 weights unchanged: True" in proc.stdout
+
+
+@pytest.mark.slow
 def test_a_streak_of_nans_stops_with_the_batch_named(tmp_path, preprocessed, tokenizer_path):
     run_dir = str(tmp_path / "run")
     proc = _run(1, "zero1.json", small_run_overrides(

@@ -102,11 +102,15 @@ def test_resume_is_bit_exact_and_checkpoint_consolidates(tensor, pipeline, tmp_p
 @pytest.mark.slow
 def test_pipeline_tied_gpt2_with_checkpointing_and_given_split(tmp_path, preprocessed, tokenizer_path):
     """GPT-2 ties the head to the embedding across stages (TiedLayerSpec); blocks are recomputed in backward
-    (non-reentrant checkpointing); the split is given block by block. Same losses as one process."""
-    gpt2 = dict(model__arch="gpt2", model__activation_checkpointing=True)
+    (non-reentrant checkpointing); the split is given block by block. Same losses and gradient norms as one
+    process (ZeRO-0: the norm is megapile's, parallel/pipeline.py), with clipping on at every step."""
+    gpt2 = dict(model__arch="gpt2", model__activation_checkpointing=True, optim__grad_clip=0.05)
     one = str(tmp_path / "one")
     launch("python", 1, "zero0.json", small_run_overrides(preprocessed, tokenizer_path, one, **gpt2))
     run_dir, proc = _run(tmp_path, preprocessed, tokenizer_path, 2, "zero0.json", parallel__pipeline=2,
                          parallel__pipeline_layers="[2,0]", **gpt2)
     assert "TP 1 × PP 2 × DP 1" in proc.stdout
     assert_close(losses(run_dir), losses(one), rel=1e-5)
+    norms = [r["grad_norm"] for r in read_metrics(one)]
+    assert min(norms) > 0.05  # clipped at every step
+    assert_close([r["grad_norm"] for r in read_metrics(run_dir)], norms, rel=1e-5)

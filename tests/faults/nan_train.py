@@ -1,5 +1,6 @@
-"""megapile/train.py with a NaN injected into the loss of chosen steps on rank 0 (a test harness, not product
-code): MEGAPILE_NAN_STEPS="3,4" (1-based optimizer steps), MEGAPILE_NAN_ACCUM = micro-batches per step."""
+"""megapile/train.py with a NaN injected into the loss of chosen steps on rank 0 (with pipeline parallelism: on
+the last stage) (a test harness, not product code): MEGAPILE_NAN_STEPS="3,4" (1-based optimizer steps),
+MEGAPILE_NAN_ACCUM = micro-batches per step."""
 import os
 import sys
 
@@ -9,6 +10,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from megapile import model, train  # noqa: E402
+from megapile.parallel import pipeline  # noqa: E402
 
 NAN_STEPS = {int(s) for s in os.environ["MEGAPILE_NAN_STEPS"].split(",")}
 ACCUM = int(os.environ["MEGAPILE_NAN_ACCUM"])
@@ -43,6 +45,21 @@ def train_step(run, step):
     return out
 
 
+_original_lm_loss = pipeline.lm_loss
+_loss_calls = [0]
+
+
+def lm_loss(logits, targets):
+    """The pipeline's loss (last stage): NaN on every micro-batch of the chosen steps; evaluation is left alone."""
+    out = _original_lm_loss(logits, targets)
+    if torch.is_grad_enabled():
+        _loss_calls[0] += 1
+        if (_loss_calls[0] - 1) // ACCUM + 1 in NAN_STEPS:
+            out = out * float("nan")
+    return out
+
+
 model.GPT.forward = forward
+pipeline.lm_loss = lm_loss
 train.train_step = train_step
 sys.exit(train.main())
