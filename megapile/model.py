@@ -140,7 +140,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 26):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 26,
+                workspace: Optional[list] = None):
         # x (N, C), w (V, C), targets (N,)
         N, V = x.shape[0], w.shape[0]
         chunks = max(1, math.ceil(N * V / chunk_elems))  # 2^26 fp32 logits: 256 MiB a chunk at most
@@ -153,8 +154,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc_dtype, device=x.device)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(w, dtype=acc_dtype)
-        # One logits buffer for every chunk: on CPU a fresh one per chunk is page-faulted in anew each time.
-        buf = torch.empty(rows, V, dtype=x.dtype, device=x.device) if x.dtype == acc_dtype else None
+        # One logits buffer for every chunk, and from call to call when the caller keeps a `workspace` list:
+        # on CPU a fresh one is page-faulted in anew each time.
+        buf = None
+        if x.dtype == acc_dtype:
+            buf = workspace[0] if workspace else None
+            if buf is None or buf.numel() < rows * V or buf.dtype != x.dtype or buf.device != x.device:
+                buf = torch.empty(rows * V, dtype=x.dtype, device=x.device)
+                if workspace is not None:
+                    workspace[:] = [buf]
+            buf = buf[: rows * V].view(rows, V)
         for s in range(0, N, rows):
             xs, ts, sc = x[s : s + rows], safe_targets[s : s + rows], scale[s : s + rows]
             if buf is not None:
@@ -183,7 +192,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -229,6 +238,10 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # The loss's fp32 logits chunk, kept from step to step on CPU, where glibc would unmap a freed one and
+        # the next step would page-fault all of it in again (~10 % of a pythia-14m step; README "Performance").
+        # GPU allocators cache freed blocks themselves, so there it is not kept.
+        self._loss_workspace: list = []
         V, C = cfg.padded_vocab_size, cfg.hidden_size
         self.embed = nn.Embedding(V, C)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, C) if cfg.arch == "gpt2" else None
@@ -308,7 +321,8 @@ class GPT(nn.Module):
             if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: in its dtype (the custom
                 dt = torch.get_autocast_dtype(x.device.type)  # Function is not on autocast's op list)
                 x, w = x.to(dt), w.to(dt)
-            return LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten())
+            workspace = self._loss_workspace if x.device.type == "cpu" else None
+            return LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(), 1 << 26, workspace)
         logits = F.linear(x, w)  # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 

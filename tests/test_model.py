@@ -286,6 +286,25 @@ def test_linear_cross_entropy_exact_when_the_target_probability_underflows():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
+def test_loss_workspace_is_reused_and_grows_with_the_batch():
+    """On CPU the model keeps the loss's logits buffer between calls; a larger batch replaces it, and every
+    call still gives the plain cross-entropy."""
+    cfg = make_cfg()
+    model = build_model(cfg, seed=1).train()
+    seen = []
+    for batch, seed in ((2, 1), (2, 2), (3, 3)):
+        ids = torch.randint(0, cfg.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(seed))
+        targets = torch.randint(0, cfg.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(seed + 9))
+        got = model.loss(ids, targets)
+        with torch.no_grad():
+            logits = model(ids)[..., : cfg.vocab_size]
+        expected = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1))
+        torch.testing.assert_close(got.detach(), expected)
+        seen.append(model._loss_workspace[0].data_ptr())
+    assert seen[0] == seen[1] != seen[2]
+    assert model._loss_workspace[0].numel() >= 3 * 16 * cfg.vocab_size
+
+
 def test_linear_cross_entropy_bf16_close_to_fp32():
     g = torch.Generator().manual_seed(0)
     x32, w32 = torch.randn(64, 32, generator=g), torch.randn(200, 32, generator=g) * 0.2
