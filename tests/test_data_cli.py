@@ -71,6 +71,27 @@ def test_strict_preprocess_stops_at_the_first_bad_line(tokenizer_path, tmp_path,
     assert f"missing_text (no \"text\" field): 1 at {path}:2" in capsys.readouterr().out
 
 
+def test_preprocess_from_a_datasets_source_equals_the_jsonl_reader(sample_corpus, tokenizer_path, tmp_path, capsys):
+    """--hf-dataset: the same documents through `datasets` give byte-identical files, per component too (the
+    component read from the nested meta.pile_set_name, as the Pile's own layout has it)."""
+    val = os.path.join(sample_corpus, "val", "00.jsonl.zst")
+    common = ["--tokenizer", tokenizer_path, "--workers", "1", "--split-by-component"]
+    assert main(["preprocess", "--input", val, "--output-prefix", str(tmp_path / "a")] + common) == 0
+    hf = ["preprocess", "--hf-dataset", "json", "--hf-data-files", val, "--hf-cache-dir", str(tmp_path / "cache")]
+    assert main(hf + ["--component-column", "meta.pile_set_name", "--output-prefix", str(tmp_path / "b")] + common) == 0
+    capsys.readouterr()
+    made = sorted(n[1:] for n in os.listdir(tmp_path) if n.startswith("a_") and n.endswith((".bin", ".idx")))
+    assert len(made) >= 4  # two components or more, .bin and .idx each
+    for name in made:
+        assert open(tmp_path / ("a" + name), "rb").read() == open(tmp_path / ("b" + name), "rb").read(), name
+    assert main(hf + ["--text-column", "body", "--tokenizer", tokenizer_path, "--output-prefix", str(tmp_path / "c")]) == 1
+    _one_line_error(capsys, "no column 'body'")
+    assert main(["preprocess", "--hf-dataset", "json", "--hf-data-files", str(tmp_path / "none.jsonl"),
+                 "--hf-cache-dir", str(tmp_path / "cache"), "--tokenizer", tokenizer_path,
+                 "--output-prefix", str(tmp_path / "d")]) == 1
+    _one_line_error(capsys, "--hf-dataset json")
+
+
 @pytest.mark.parametrize("argv", [["data"], ["tokenizer"]])
 def test_subcommand_is_required(argv, capsys):
     with pytest.raises(SystemExit) as e:

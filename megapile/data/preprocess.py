@@ -306,7 +306,19 @@ def _progress_bar(source, enabled: bool):
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, nargs="+", help="files, globs or directories of jsonl(.zst/.gz)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", help="files, globs or directories of jsonl(.zst/.gz)")
+    source.add_argument("--hf-dataset", metavar="NAME",
+                        help="a Hugging Face `datasets` source instead: a builder with --hf-data-files (json, "
+                             "parquet, text, ...) or a Hub name when online")
+    parser.add_argument("--hf-data-files", nargs="+", help="with --hf-dataset: the files the builder reads")
+    parser.add_argument("--hf-config", help="with --hf-dataset: the dataset's configuration name")
+    parser.add_argument("--hf-split", default="train", help="with --hf-dataset: the split (default train)")
+    parser.add_argument("--hf-cache-dir", help="with --hf-dataset: where `datasets` caches (default its own)")
+    parser.add_argument("--text-column", default="text", help="with --hf-dataset: the text column (default text)")
+    parser.add_argument("--component-column", default=None,
+                        help="with --hf-dataset: the Pile component column, dots for nested fields "
+                             "(the Pile's layout: meta.pile_set_name)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json, HF tokenizer dir, or GPT-2 vocab+merges dir")
     parser.add_argument("--output-prefix", required=True, help="write PREFIX.bin, PREFIX.idx, PREFIX.json")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
@@ -318,10 +330,23 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _hf_source(args: argparse.Namespace) -> HFSource:
+    """--hf-dataset and its options as an HFSource; loading failures become one-line DataErrors."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(args.hf_dataset, args.hf_config, data_files=args.hf_data_files,
+                                   split=args.hf_split, cache_dir=args.hf_cache_dir)
+    except Exception as e:  # datasets raises many kinds (FileNotFoundError, DatasetNotFoundError, ValueError, ...)
+        raise DataError(f"--hf-dataset {args.hf_dataset}: {' '.join(str(e).split())[:300]}") from None
+    return HFSource(ds, text_column=args.text_column, component_column=args.component_column,
+                    components=args.component, name=args.hf_dataset, strict=args.strict)
+
+
 def cli_main(args: argparse.Namespace) -> int:
     try:
         result = preprocess(
-            args.input,
+            _hf_source(args) if args.hf_dataset else args.input,
             args.tokenizer,
             args.output_prefix,
             workers=args.workers,

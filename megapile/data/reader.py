@@ -404,6 +404,8 @@ class HFSource(_Source):
     """A Hugging Face `datasets.Dataset` with a text column, behind the JsonlSource interface.
 
     Example: `HFSource(datasets.load_dataset("json", data_files="x.jsonl", split="train"))`.
+    `component_column` may name a field inside a struct column with a dot: "meta.pile_set_name", as the Pile's
+    own layout has it.
     """
 
     def __init__(
@@ -415,8 +417,9 @@ class HFSource(_Source):
         name: str = "dataset",
         strict: bool = False,
     ):
-        if text_column not in dataset.column_names:
-            raise DataError(f"{name}: no column '{text_column}' (columns: {', '.join(dataset.column_names)})")
+        for column in (text_column, component_column):
+            if column is not None and column.split(".")[0] not in dataset.column_names:
+                raise DataError(f"{name}: no column '{column}' (columns: {', '.join(dataset.column_names)})")
         super().__init__(components, strict)
         self.dataset = dataset
         self.text_column = text_column
@@ -432,11 +435,12 @@ class HFSource(_Source):
         return [{"dataset": self.name, "rows": len(self.dataset), "fingerprint": getattr(self.dataset, "_fingerprint", None)}]
 
     def _batches(self, batch_size: int) -> Iterator[tuple[int, list[Any], list[Optional[str]]]]:
-        columns = [self.text_column] + ([self.component_column] if self.component_column else [])
+        top, *inner = self.component_column.split(".") if self.component_column else [None]
+        columns = [self.text_column] + ([top] if top and top != self.text_column else [])
         row = 0
         for batch in self.dataset.select_columns(columns).iter(batch_size=batch_size):
             texts = batch[self.text_column]
-            comps = batch[self.component_column] if self.component_column else [None] * len(texts)
+            comps = [_field(v, inner) for v in batch[top]] if top else [None] * len(texts)
             yield row, texts, comps
             row += len(texts)
 
@@ -450,6 +454,13 @@ class HFSource(_Source):
         rows = max(1, chunk_bytes // 4096)  # rows are not sized up front; assume ~4 KB each
         for row, texts, comps in self._batches(rows):
             yield Chunk(self.name, row, texts=texts, components=comps, progress=0)
+
+
+def _field(value: Any, path: list[str]) -> Optional[str]:
+    """value["a"]["b"] for path ["a", "b"]; None where a level is missing or the end is not a string."""
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
 
 
 Source = Union[JsonlSource, HFSource]
