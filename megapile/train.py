@@ -19,7 +19,6 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
-import copy
 import math
 import random
 import time
@@ -351,8 +350,9 @@ def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, Optional[float], bool]:
     """One optimizer step over this rank's micro-batches: (mean loss, global grad norm, update skipped).
 
-    A non-finite gradient norm skips the update: DeepSpeed's ZeRO optimizers do that themselves (and
-    count it in `skipped_steps`); for ZeRO-0's plain torch optimizer megapile does it here.
+    A non-finite gradient norm skips the update: DeepSpeed's ZeRO and bf16/fp16 optimizers do that
+    themselves (and count it in `skipped_steps`); for ZeRO-0 in fp32 megapile's guard on the optimizer's
+    step does the same (megapile/parallel/plain_step.py).
     """
     engine = run.engine
     skipped_before = engine.skipped_steps
@@ -360,36 +360,12 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, Optional[float], bool
         loss = engine.train_batch(iter(run.batches.micro_batches(step, run.device)))
         return loss.detach().float(), engine.get_global_grad_norm(), engine.skipped_steps > skipped_before
     loss_sum = torch.zeros((), device=run.device)
-    grad_norm = None
     for x, y in run.batches.micro_batches(step, run.device):
         loss = engine(x, targets=y)
         engine.backward(loss)
         loss_sum += loss.detach().float()
-        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-            grad_norm = _stage0_grad_norm(engine)  # gradients are all-reduced by now: same on every rank
-            if not math.isfinite(grad_norm):
-                _drop_stage0_update(engine)
-                continue
-        engine.step()
-    if grad_norm is None:
-        grad_norm = engine.get_global_grad_norm()
-    return loss_sum / run.accum, grad_norm, engine.skipped_steps > skipped_before
-
-
-def _drop_stage0_update(engine) -> None:
-    """Skip this optimizer step on ZeRO-0, as DeepSpeed's ZeRO optimizers skip an overflowed one: no parameter
-    or Adam state changes, the LR schedule does not advance, and the skip is counted. Bad steps are rare, so
-    a snapshot and restore around DeepSpeed's step (which keeps its micro-step bookkeeping) costs nothing."""
-    params = [p.detach().clone() for p in engine.module.parameters()]
-    optimizer_state = copy.deepcopy(engine.optimizer.state_dict())
-    schedule = engine.lr_scheduler.state_dict()
-    engine.step()
-    with torch.no_grad():
-        for p, saved in zip(engine.module.parameters(), params):
-            p.copy_(saved)
-    engine.optimizer.load_state_dict(optimizer_state)  # moments, step counts and the groups' lr
-    engine.lr_scheduler.load_state_dict(schedule)
-    engine.skipped_steps += 1
+        engine.step()  # a real optimizer step only at the accumulation boundary
+    return loss_sum / run.accum, engine.get_global_grad_norm(), engine.skipped_steps > skipped_before
 
 
 def _check_bad_streak(run: Run, first_bad: int, done: int) -> None:
@@ -457,14 +433,6 @@ def _mean_over_ranks(value: torch.Tensor, env: distributed.DistEnv) -> float:
         torch.distributed.all_reduce(value)
         value /= env.world_size
     return float(value)
-
-
-def _stage0_grad_norm(engine) -> float:
-    """DeepSpeed reports the global norm only for ZeRO ≥ 1; without ZeRO every rank holds full grads."""
-    if engine.zero_optimization_stage() != 0:
-        return None
-    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _set_cpu_threads(env: distributed.DistEnv) -> None:

@@ -1,6 +1,5 @@
 """Every shipped config loads; bad configs fail with one line naming the key and the file."""
 import glob
-import json
 import os
 
 import pytest

@@ -110,7 +110,7 @@ def test_bad_documents_are_skipped_and_counted_with_their_line(tmp_path, line, r
     assert src.skips.counts == {reason: 1}
     assert src.skips.examples[reason] == [f"{path}:2"]
     strict = JsonlSource(path, strict=True)
-    with pytest.raises(DataError, match=f"bad.jsonl.zst:2: "):
+    with pytest.raises(DataError, match="bad.jsonl.zst:2: "):
         list(strict)
 
 

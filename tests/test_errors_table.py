@@ -3,7 +3,6 @@ and leaves no output files behind."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 

@@ -1,7 +1,6 @@
 """A rank that stops responding (SIGSTOP) makes the others fail within train.collective_timeout_s with a
 message naming it, instead of hanging forever; the restarted job resumes."""
 import os
-import signal
 import subprocess
 import sys
 import time

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from train_helpers import ROOT, TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
+from train_helpers import TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
 
 
 @pytest.fixture(scope="module")

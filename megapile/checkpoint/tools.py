@@ -40,7 +40,7 @@ def info(found: Found) -> str:
         f"{model['num_heads']} heads, vocab {model['vocab_size']}",
         f"size         {size / 1e6:.1f} MB in {len(os.listdir(found.path))} files"
         + ("" if not problems else f" (INCOMPLETE: {problems[0]})"),
-        f"saved by     " + ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items()),
+        "saved by     " + ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items()),
         "resumes on   " + _resumes_on(s),
     ]
     return "\n".join(lines)

@@ -24,7 +24,6 @@ column/row-parallel layers (`shard_block`), the plan `parallel/tensor.py` gives 
 from __future__ import annotations
 
 import functools
-import math
 import re
 from typing import Optional
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from megapile.config import Config, ModelConfig
 from megapile.model import GPT, rotary_cos_sin
+from megapile.parallel.plain_step import guard_plain_step, needs_guard, without_clipping
 
 FIRST_BLOCK = 2  # layer index of blocks.0 in the pipeline's layer list
 
@@ -250,59 +250,14 @@ def wrap_pipeline(cfg: Config, ds_config: dict, num_stages: int):
     module = build_pipeline(cfg, num_stages)
     optimizer = build_optimizer(param_groups(module, cfg.optim.weight_decay), cfg.optim, cpu_offload=False)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    plain = _plain_optimizer(ds_config)
-    if plain:  # megapile clips by the norm it computes anyway (guard_plain_step), so DeepSpeed does not
-        ds_config = {**ds_config, "gradient_clipping": 0.0}
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config)
-    if plain:
-        guard_plain_step(engine, optimizer, cfg.optim.grad_clip)
+    guarded = needs_guard(ds_config)  # ZeRO-0 in fp32: megapile's norm, clipping and non-finite skip
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        config=without_clipping(ds_config) if guarded else ds_config,
+    )
+    if guarded:  # the norm sums over the stages; a tied weight counts on its owning stage only
+        guard_plain_step(optimizer, cfg.optim.grad_clip, engine.device, engine.grid.get_pipe_parallel_group())
     return engine, optimizer, scheduler
-
-
-def _plain_optimizer(ds_config: dict) -> bool:
-    """True when DeepSpeed steps our torch optimizer itself: ZeRO-0 in fp32 (bf16/fp16 wrap it in their own)."""
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    mixed = any(ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
-    return stage == 0 and not mixed
-
-
-def guard_plain_step(engine, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-    """Give the pipeline's ZeRO-0 step what DeepSpeed's ZeRO optimizers do: a global gradient norm over all
-    stages, clipping by it, and no update at all when it is not finite.
-
-    Under the pipeline engine DeepSpeed steps a plain torch optimizer whatever its gradients hold (a NaN
-    reaches every weight) and reports no norm. The optimizer's step is wrapped instead: the squared norms of
-    this stage's gradients, a tied weight (GPT-2's embedding, on the first and the last stage) on its owning
-    stage only (DeepSpeed marks the other copy `ds_pipe_replicated`), are summed over the pipeline group
-    (data-parallel replicas hold the same, already reduced, gradients). A non-finite norm
-    skips the update and sets `overflow`, which makes DeepSpeed count the skip and hold the LR schedule, as it
-    does for an fp16 overflow; `_global_grad_norm` is what `engine.get_global_grad_norm()` then returns.
-    """
-    import torch.distributed as dist
-
-    group = engine.grid.get_pipe_parallel_group()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    owned = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
-    step = optimizer.step
-
-    def guarded_step(*args, **kwargs):
-        squares = [p.grad.detach().float().pow(2).sum() for p in owned if p.grad is not None]
-        total = torch.stack(squares).sum() if squares else torch.zeros((), device=engine.device)
-        dist.all_reduce(total, group=group)
-        norm = float(total.sqrt())
-        optimizer._global_grad_norm = norm
-        optimizer.overflow = not math.isfinite(norm)
-        if optimizer.overflow:
-            return None
-        coef = max_norm / (norm + 1e-6)  # DeepSpeed's and torch's clipping rule
-        if max_norm > 0 and coef < 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        return step(*args, **kwargs)
-
-    optimizer.step = guarded_step
 
 
 # ----------------------------------------------------------------------------- names

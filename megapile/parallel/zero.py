@@ -15,6 +15,7 @@ import torch
 
 from megapile.config import Config, ConfigError, grad_accum_steps
 from megapile.optim import build_optimizer, build_scheduler
+from megapile.parallel.plain_step import guard_plain_step, needs_guard, without_clipping
 
 
 def load_ds_json(path: str) -> dict[str, Any]:
@@ -76,7 +77,11 @@ def wrap_zero(model: torch.nn.Module, groups: list[dict], cfg: Config, ds_config
 
     optimizer = build_optimizer(groups, cfg.optim, cpu_offload=optimizer_offloaded(ds_config))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    guarded = needs_guard(ds_config)  # ZeRO-0 in fp32: megapile's norm, clipping and non-finite skip
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=without_clipping(ds_config) if guarded else ds_config,
     )
+    if guarded:
+        guard_plain_step(optimizer, cfg.optim.grad_clip, engine.device)
     return engine, optimizer, scheduler
