@@ -148,7 +148,7 @@ rank, port = int(sys.argv[1]), int(sys.argv[2])
 distributed.init(distributed.DistEnv(rank, 2, rank, "127.0.0.1", port, "env"), "gloo", timeout_s=3)
 group = dist.new_group([0, 1])  # as DeepSpeed builds its groups: no timeout argument
 if rank == 1:
-    time.sleep(120)  # alive, never joins the all-reduce
+    sys.stdin.read()  # alive, never joins the all-reduce: blocks until the test closes the pipe
 start = time.monotonic()
 try:
     dist.all_reduce(torch.ones(1), group=group)
@@ -165,7 +165,8 @@ def test_groups_created_after_init_time_out_like_the_world_group():
     port = str(free_port())
     env = dict(os.environ, OMP_NUM_THREADS="1")
     peers = [subprocess.Popen([sys.executable, "-c", _STALLED_PEER, str(rank), port], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for rank in (0, 1)]
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for rank in (0, 1)]
     try:
         out, _ = peers[0].communicate(timeout=90)
     finally:

@@ -173,8 +173,7 @@ def test_slurm_cancelled_job_saves_but_is_not_requeued(slurm, tmp_path, preproce
     while "not requeueing" not in _batch_log(tmp_path, job):
         assert time.monotonic() < deadline, _batch_log(tmp_path, job)
         time.sleep(0.5)
-    time.sleep(3)
-    info = slurm.job(job)
+    info = slurm.wait_for(job, {"CANCELLED"}, timeout=60)  # a requeued job (PENDING) never gets there
     assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", info
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         saved = int(f.read().strip().removeprefix("global_step"))
