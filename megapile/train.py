@@ -4,9 +4,11 @@
     torchrun --nproc_per_node 2 megapile/train.py --deepspeed_config ds_configs/zero1.json --config configs/tiny.yaml
     python megapile/train.py --config configs/tiny.yaml train.max_steps=50 optim.lr=3e-4
 
-The position in training is one integer, the global sample index (step × global batch): at every
-step each data-parallel rank reads its own slice of the same global batch, so any world size sees
-the same samples in the same order.
+The position in training is one integer, the global sample index, saved with every checkpoint: at
+every step each data-parallel rank reads its own slice of the same global batch, so any world size sees
+the same samples in the same order. It is a sum of the global batches trained so far, never
+step × global batch: a resume with another `train.global_batch_size` (batch ramp-up) goes on at the
+saved sample index.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath
 
 @dataclass
 class Batches:
-    """This rank's share of each global batch: micro-batch j of step s is rows [j*m*dp + r*m, +m)."""
+    """This rank's share of each global batch: micro-batch j of the global batch that starts at sample `first`
+    is rows [first + j*m*dp + r*m, +m)."""
 
     stream: object  # megapile.data.samples stream: get_batch(start, count) -> (count, seq_len + 1)
     global_batch: int
@@ -47,8 +50,7 @@ class Batches:
     dp_rank: int
     dp_size: int
 
-    def micro_batches(self, step: int, device: torch.device):
-        first = step * self.global_batch
+    def micro_batches(self, first: int, device: torch.device):
         per_micro = self.micro_batch * self.dp_size
         for j in range(self.global_batch // per_micro):
             start = first + j * per_micro + self.dp_rank * self.micro_batch
@@ -114,9 +116,9 @@ def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
     stop.install()  # before the slow start-up: a signal then still ends in a clean exit
     run = setup(cfg, ds_config_path, env)
     try:
-        start_step = resume(run)
-        run.logger.rewind(start_step)  # drop steps logged after the checkpoint (all of them on a fresh start)
-        return loop(run, start_step, stop)
+        start = resume(run)
+        run.logger.rewind(start.step)  # drop steps logged after the checkpoint (all of them on a fresh start)
+        return loop(run, start, stop)
     finally:
         # In order: sinks, the engine (ZeRO-3 hooks and threads), then the process group. Leaving them to
         # interpreter teardown lets DeepSpeed's ZeRO-3 abort a finished process on CPU.
@@ -215,21 +217,34 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
                {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order, layout)
 
 
-def resume(run: Run) -> int:
-    """Load the checkpoint `checkpoint.resume` asks for; return the step to start from."""
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, global samples and tokens consumed."""
+
+    step: int = 0
+    sample_index: int = 0
+    tokens_seen: int = 0
+
+    @classmethod
+    def of(cls, found: "checkpoint.Found") -> "Position":
+        state = found.state
+        return cls(found.step, int(state["sample_index"]), int(state["tokens_seen"]))
+
+
+def resume(run: Run) -> Position:
+    """Load the checkpoint `checkpoint.resume` asks for (auto: the newest intact one; a path: that one, which
+    may be older than the newest: a rollback); return where training goes on."""
     cfg = run.cfg.checkpoint
     if cfg.resume == "none":
-        return 0
+        return Position()
     checksums = cfg.verify == "checksum"
     if cfg.resume == "auto":
         found = checkpoint.find_resumable(run.ckpt_dir, checksums, warn=run.logger.message if run.env.is_main else
                                           (lambda text: None))
         if found is None:
-            return 0
+            return Position()
     else:
-        found = checkpoint.find_resumable(os.path.dirname(cfg.resume.rstrip("/")) or ".", checksums)
-        if found is None or os.path.normpath(found.path) != os.path.normpath(cfg.resume):
-            raise ConfigError(f"checkpoint.resume: {cfg.resume} is not a complete, intact checkpoint")
+        found = checkpoint.open_checkpoint(cfg.resume, checksums)
     compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, cfg.allow_data_change, found.path)
     if run.layout is not None:
         from megapile.parallel.layout import check_same_layout
@@ -250,20 +265,41 @@ def resume(run: Run) -> int:
         full = portable.read_full_state(found.path, old_layout[0], run.param_order)
         portable.apply_full_state(run.engine, full)
         _seed_everything(run.cfg.train.seed + found.step, run.env.rank)
+    position = Position.of(found)
     run.logger.message(f"resumed from {found.path} at step {found.step} "
-                       f"(sample {found.state['sample_index']}, {found.state['tokens_seen']:,} tokens seen)")
-    return found.step
+                       f"(sample {position.sample_index}, {position.tokens_seen:,} tokens seen)")
+    saved_batch = found.state.get("config", {}).get("train", {}).get("global_batch_size")
+    if saved_batch is not None and saved_batch != run.cfg.train.global_batch_size:
+        run.logger.message(f"train.global_batch_size changed from {saved_batch} to {run.cfg.train.global_batch_size}: "
+                           f"the next step reads global samples from {position.sample_index} on")
+    _set_aside_newer(run, found)
+    return position
+
+
+def _set_aside_newer(run: Run, found: "checkpoint.Found") -> None:
+    """Resuming an older checkpoint of this run's own directory (a rollback): its newer checkpoints are a future
+    that will be retrained; they are moved aside so that an automatic restart never resumes them."""
+    if os.path.normpath(os.path.dirname(found.path)) != os.path.normpath(run.ckpt_dir):
+        return
+    if run.env.is_main:
+        moved = checkpoint.set_aside_newer(run.ckpt_dir, found.step)
+        if moved:
+            run.logger.message(f"rolled back to step {found.step}: {', '.join(moved)} moved to "
+                               f"{run.ckpt_dir}/rolled_back/ (not deleted; automatic resumes no longer pick them)")
+    if run.env.world_size > 1:
+        torch.distributed.barrier()
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. repeated non-finite losses); the message is one line."""
 
 
-def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
+def loop(run: Run, start: Position, stop: StopFlag) -> dict:
     from tqdm import tqdm
 
     cfg, env, engine = run.cfg, run.env, run.engine
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    start_step, position = start.step, Position(start.step, start.sample_index, start.tokens_seen)
     summary = {"step": start_step, "loss": None, "val_loss": None, "exit_code": 0}
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=None if env.is_main else True,
                unit="step", dynamic_ncols=True)
@@ -272,7 +308,9 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
     intervals = []  # (steps, seconds) of each logged interval, for the end-of-run throughput summary
     skipped_total, first_bad = 0, None
     for step in range(start_step, cfg.train.max_steps):
-        loss, grad_norm, skipped = train_step(run, step)
+        first_sample = position.sample_index
+        loss, grad_norm, skipped = train_step(run, first_sample)
+        position = Position(step + 1, first_sample + cfg.train.global_batch_size, position.tokens_seen + tokens_per_step)
         window_losses.append(loss)
         bar.update(1)
         done = step + 1
@@ -280,7 +318,7 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
         stopping, bad_loss = _any_rank([stop.requested, not bool(torch.isfinite(loss))], env)
         if skipped or bad_loss:  # every rank agrees: the grad norm is global, the flags all-reduced
             skipped_total += 1
-            first_bad = first_bad or done
+            first_bad = first_bad or (done, first_sample)
             _check_bad_streak(run, first_bad, done)
         else:
             first_bad = None
@@ -300,8 +338,8 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
                 "tokens_per_s": tokens_per_s,
                 "tflops_per_device": tflops,
                 "mfu": tflops / run.peak_tflops,
-                "samples_seen": done * cfg.train.global_batch_size,
-                "tokens_seen": done * tokens_per_step,
+                "samples_seen": position.sample_index,
+                "tokens_seen": position.tokens_seen,
                 "skipped_steps": skipped_total,
             }
             if val_loss is not None:
@@ -312,7 +350,7 @@ def loop(run: Run, start_step: int, stop: StopFlag) -> dict:
             window_losses, window_start = [], time.perf_counter()
         scheduled = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping
         if scheduled and first_bad is None:  # never checkpoint inside a run of skipped steps
-            save(run, done, must_succeed=last or stopping)
+            save(run, position, must_succeed=last or stopping)
         if stopping:
             run.logger.message(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {done}; "
                                f"exit code {EXIT_CHECKPOINTED} (restart the same command to resume)")
@@ -347,8 +385,9 @@ def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
     return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": mfu, "peak_memory_gib": peak_gib}
 
 
-def train_step(run: Run, step: int) -> tuple[torch.Tensor, Optional[float], bool]:
-    """One optimizer step over this rank's micro-batches: (mean loss, global grad norm, update skipped).
+def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[float], bool]:
+    """One optimizer step over this rank's micro-batches of the global batch that starts at `first_sample`:
+    (mean loss, global grad norm, update skipped).
 
     A non-finite gradient norm skips the update: DeepSpeed's ZeRO and bf16/fp16 optimizers do that
     themselves (and count it in `skipped_steps`); for ZeRO-0 in fp32 megapile's guard on the optimizer's
@@ -357,10 +396,10 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, Optional[float], bool
     engine = run.engine
     skipped_before = engine.skipped_steps
     if _is_pipeline(engine):  # DeepSpeed runs the micro-batches itself (1F1B); the loss comes from the last stage
-        loss = engine.train_batch(iter(run.batches.micro_batches(step, run.device)))
+        loss = engine.train_batch(iter(run.batches.micro_batches(first_sample, run.device)))
         return loss.detach().float(), engine.get_global_grad_norm(), engine.skipped_steps > skipped_before
     loss_sum = torch.zeros((), device=run.device)
-    for x, y in run.batches.micro_batches(step, run.device):
+    for x, y in run.batches.micro_batches(first_sample, run.device):
         loss = engine(x, targets=y)
         engine.backward(loss)
         loss_sum += loss.detach().float()
@@ -368,27 +407,30 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, Optional[float], bool
     return loss_sum / run.accum, engine.get_global_grad_norm(), engine.skipped_steps > skipped_before
 
 
-def _check_bad_streak(run: Run, first_bad: int, done: int) -> None:
+def _check_bad_streak(run: Run, first_bad: tuple[int, int], done: int) -> None:
+    """`first_bad`: (step, first global sample) of the first step of the current streak of skipped steps."""
     limit = run.cfg.train.max_bad_steps
+    first_bad, sample = first_bad
     if done - first_bad + 1 < limit:
         return
     g = run.cfg.train.global_batch_size
     raise TrainingError(
         f"steps {first_bad}-{done}: {done - first_bad + 1} consecutive steps had a non-finite loss or gradient "
         f"norm and their updates were skipped (train.max_bad_steps={limit}); the first bad batch is global samples "
-        f"[{(first_bad - 1) * g}, {first_bad * g}) of data.train; the weights are those after step {first_bad - 1} "
+        f"[{sample}, {sample + g}) of data.train; the weights are those after step {first_bad - 1} "
         f"and no checkpoint was written since"
     )
 
 
-def save(run: Run, step: int, must_succeed: bool = False) -> None:
+def save(run: Run, position: Position, must_succeed: bool = False) -> None:
     """Checkpoint `step`. A failed save raises when `must_succeed` (last step, stop signal) or when
     checkpoint.on_save_error is "stop"; otherwise it is reported and training goes on."""
     cfg = run.cfg
+    step = position.step
     state = {
         "step": step,
-        "sample_index": step * cfg.train.global_batch_size,
-        "tokens_seen": step * cfg.train.global_batch_size * cfg.train.seq_len,
+        "sample_index": position.sample_index,
+        "tokens_seen": position.tokens_seen,
         "world_size": run.env.world_size,
         "zero_stage": run.engine.zero_optimization_stage(),
         "parallel": run.layout.as_dict() if run.layout is not None else {"tensor": 1, "pipeline": 1},
@@ -416,9 +458,11 @@ def evaluate(engine, batches: Batches, iters: int, env: distributed.DistEnv, dev
     training batches, so every world size scores exactly the same samples."""
     engine.eval()
     if _is_pipeline(engine):  # one pipelined pass per global batch; every stage gets the loss
-        losses = [engine.eval_batch(iter(batches.micro_batches(it, device))).float() for it in range(iters)]
+        losses = [engine.eval_batch(iter(batches.micro_batches(it * batches.global_batch, device))).float()
+                  for it in range(iters)]
     else:
-        losses = [engine(x, targets=y).float() for it in range(iters) for x, y in batches.micro_batches(it, device)]
+        losses = [engine(x, targets=y).float() for it in range(iters)
+                  for x, y in batches.micro_batches(it * batches.global_batch, device)]
     engine.train()
     return _mean_over_ranks(torch.stack(losses).mean(), env)
 

@@ -55,6 +55,34 @@ def list_complete(directory: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
+def open_checkpoint(path: str, checksums: bool = True) -> Found:
+    """The checkpoint at `path` (a `global_stepN` folder), verified; ConfigError naming what is wrong."""
+    path = os.path.normpath(path)
+    m = _TAG.match(os.path.basename(path))
+    if not m or not os.path.isdir(path):
+        raise ConfigError(f"checkpoint.resume: {path} is not a checkpoint folder (expected .../global_stepN)")
+    problems = manifest.verify(path, checksums=checksums)
+    if problems:
+        raise ConfigError(f"checkpoint.resume: {path} is not a complete, intact checkpoint: {'; '.join(problems[:3])}")
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return Found(path, os.path.basename(path), int(m.group(1)), json.load(f))
+
+
+def set_aside_newer(directory: str, step: int) -> list[str]:
+    """A rollback to `step`: move every checkpoint newer than it into `rolled_back/from_stepN_<time>/`, so a
+    later automatic resume never picks the abandoned future, and nothing is deleted. Returns the tags moved."""
+    newer = [tag for s, tag in list_complete(directory) if s > step]
+    if not newer:
+        return []
+    aside = os.path.join(directory, "rolled_back", f"from_step{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(aside, exist_ok=True)
+    for tag in newer:
+        os.rename(os.path.join(directory, tag), os.path.join(aside, tag))
+    _write_latest(directory, f"global_step{step}")
+    manifest.fsync_dir(directory)
+    return newer
+
+
 def find_resumable(directory: str, checksums: bool = True, warn=None) -> Optional[Found]:
     """The newest checkpoint that verifies; damaged ones are reported through `warn` and skipped."""
     warn = warn or (lambda text: print(text, file=sys.stderr))

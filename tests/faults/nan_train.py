@@ -35,10 +35,11 @@ def _local_weights(engine):
 _original_step = train.train_step
 
 
-def train_step(run, step):
+def train_step(run, first_sample):
     """Report whether a step with an injected NaN left this rank's weights exactly as they were."""
+    step = first_sample // run.cfg.train.global_batch_size  # 0-based; the batch size is fixed in these runs
     before = _local_weights(run.engine)
-    out = _original_step(run, step)
+    out = _original_step(run, first_sample)
     if step + 1 in NAN_STEPS:
         same = all(torch.equal(a, b) for a, b in zip(before, _local_weights(run.engine)))
         print(f"rank {os.environ.get('RANK', '0')} step {step + 1} weights unchanged: {same}", flush=True)

@@ -1,0 +1,91 @@
+"""Where a resumed run goes on: from any intact checkpoint given by path (a rollback), and at the saved global
+sample index when `train.global_batch_size` changed in between (batch ramp-up)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megapile.checkpoint import list_complete
+from megapile.train import Batches
+from train_helpers import launch, read_metrics, small_run_overrides
+
+
+def _state(ckpt_dir, step):
+    with open(os.path.join(ckpt_dir, f"global_step{step}", "megapile_state.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_rollback_to_an_older_checkpoint_retrains_the_same_steps(tmp_path, preprocessed, tokenizer_path):
+    run_dir = str(tmp_path / "run")
+    ckpt = os.path.join(run_dir, "checkpoints")
+    common = dict(train__max_steps=12, checkpoint__every=4, checkpoint__keep_last=5, optim__decay_steps=12,
+                  model__dropout=0.1)
+    launch("python", 1, "zero1.json", small_run_overrides(preprocessed, tokenizer_path, run_dir, **common))
+    first = read_metrics(run_dir)
+    assert [s for s, _ in list_complete(ckpt)] == [12, 8, 4]
+
+    proc = launch("python", 1, "zero1.json", small_run_overrides(
+        preprocessed, tokenizer_path, run_dir, checkpoint__resume=os.path.join(ckpt, "global_step4"), **common))
+    assert f"resumed from {os.path.join(ckpt, 'global_step4')} at step 4" in proc.stdout
+    assert "rolled back to step 4: global_step12, global_step8 moved to" in proc.stdout
+    again = read_metrics(run_dir)
+    assert [r["step"] for r in again] == list(range(1, 13))
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]  # the same steps, bit for bit
+    assert [s for s, _ in list_complete(ckpt)] == [12, 8, 4]  # retrained, not the abandoned ones
+    (aside,) = os.listdir(os.path.join(ckpt, "rolled_back"))
+    assert sorted(os.listdir(os.path.join(ckpt, "rolled_back", aside))) == ["global_step12", "global_step8"]
+
+
+def test_resume_from_a_damaged_checkpoint_path_names_the_problem(tmp_path, preprocessed, tokenizer_path):
+    bad = tmp_path / "checkpoints" / "global_step3"
+    bad.mkdir(parents=True)
+    with pytest.raises(AssertionError, match=r"megapile: error: checkpoint.resume: .*global_step3 is not a "
+                                             r"complete, intact checkpoint: .*manifest.json is missing"):
+        launch("python", 1, "zero1.json", small_run_overrides(
+            preprocessed, tokenizer_path, str(tmp_path / "run"), checkpoint__resume=str(bad)))
+
+
+@pytest.mark.slow
+def test_a_changed_global_batch_goes_on_at_the_saved_sample_index(tmp_path, preprocessed, tokenizer_path):
+    run_dir = str(tmp_path / "run")
+    ckpt = os.path.join(run_dir, "checkpoints")
+    launch("torchrun", 2, "zero1.json", small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=4,
+                                                             checkpoint__every=4))
+    assert _state(ckpt, 4)["sample_index"] == 4 * 8
+    proc = launch("torchrun", 2, "zero1.json", small_run_overrides(
+        preprocessed, tokenizer_path, run_dir, train__max_steps=8, train__global_batch_size=16, checkpoint__every=4))
+    assert "train.global_batch_size changed from 8 to 16: the next step reads global samples from 32 on" in proc.stdout
+    state = _state(ckpt, 8)
+    assert state["sample_index"] == 4 * 8 + 4 * 16
+    assert state["tokens_seen"] == (4 * 8 + 4 * 16) * 32
+    records = read_metrics(run_dir)
+    assert [r["samples_seen"] for r in records] == [8, 16, 24, 32, 48, 64, 80, 96]
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
+class _Recorder:
+    """A sample stream that records which global samples were read."""
+
+    def __init__(self):
+        self.read = []
+
+    def get_batch(self, start, count):
+        self.read.extend(range(start, start + count))
+        return np.zeros((count, 5), dtype=np.int64)
+
+
+def test_batches_read_each_global_sample_once_across_a_batch_change():
+    """Two data-parallel ranks, global batch 8 for 4 steps, then 16: every sample in [0, 96) is read exactly once."""
+    streams = [_Recorder(), _Recorder()]
+    sample = 0
+    for global_batch, steps in ((8, 4), (16, 4)):
+        ranks = [Batches(streams[r], global_batch, 2, r, 2) for r in range(2)]
+        for _ in range(steps):
+            for batches in ranks:
+                for x, _ in batches.micro_batches(sample, torch.device("cpu")):
+                    assert x.shape == (2, 4)
+            sample += global_batch
+    assert sorted(streams[0].read + streams[1].read) == list(range(96))
