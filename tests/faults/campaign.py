@@ -56,24 +56,42 @@ def _workers(launcher: psutil.Process) -> list[psutil.Process]:
 def _wait_for_workers(proc, timeout: float = 60.0) -> list[psutil.Process]:
     """The launcher's training processes; early in start-up torchrun may not have spawned them yet."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        victims = _workers(psutil.Process(proc.pid))
+    while proc.poll() is None:
+        try:
+            victims = _workers(psutil.Process(proc.pid))
+        except psutil.Error:  # the launcher exited just now
+            victims = []
         if len(victims) == 2:
             return victims
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.01)
     return []
 
 
-def _last_logged_step(metrics: str) -> int:
-    if not os.path.exists(metrics):
+def _last_logged_step(metrics: str, since: float = 0.0) -> int:
+    """The last step in metrics.jsonl, counting only a file written at or after `since` (time.time()): a
+    restarted job rewrites the file when it resumes, so older contents are the previous start's."""
+    try:
+        if os.path.getmtime(metrics) < since:
+            return 0
+        steps = re.findall(r'"step": (\d+)', open(metrics).read())
+    except OSError:
         return 0
-    steps = re.findall(r'"step": (\d+)', open(metrics).read())
     return int(steps[-1]) if steps else 0
+
+
+def _max_steps(overrides: list[str]) -> int:
+    return int(next(o.split("=", 1)[1] for o in overrides if o.startswith("train.max_steps=")))
 
 
 def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str, ckpt_dir: str, port_fn,
                  seed: int = 0, max_starts: int | None = None) -> Report:
     """Start the job, kill a random rank at a random moment, restart; `kills` times, then let it finish.
+
+    Every kill moment is defined by the job's progress, never by elapsed time, so exactly `kills` kills land
+    whatever the machine's speed: during start-up (workers spawned, set-up done), at a step a few steps past
+    the checkpoint this start resumes from, or inside a checkpoint save; always before the last two steps.
 
     A kill counts as survived when the next start of the same command comes back up (resuming from the
     newest good checkpoint, or from scratch if none was complete); steps lost are the steps it had logged
@@ -82,20 +100,29 @@ def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str,
     rng = random.Random(seed)
     report = Report()
     metrics = os.path.join(run_dir, "metrics.jsonl")
+    last = _max_steps(overrides)
     pending: list[int] = []  # progress at each kill not yet followed by a start that came back up
+    os.makedirs(run_dir, exist_ok=True)
+    log = os.path.join(run_dir, "campaign_stdout.txt")
     for _ in range(max_starts or 4 * kills + 5):
-        proc = subprocess.Popen(command(ds_config, overrides, port_fn()), cwd=ROOT, env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        killed = False
-        if report.injected < kills:
-            kind = rng.choice(["save", "step", "start"])
-            if _wait_for_moment(proc, kind, rng, ckpt_dir, metrics):
-                victims = _wait_for_workers(proc)
-                if victims:
-                    progress = _last_logged_step(metrics)
-                    rng.choice(victims).kill()  # SIGKILL: no handler, no cleanup
-                    killed = True
-        out, err = proc.communicate(timeout=600)
+        resume_step = max((s for s, _ in _complete(ckpt_dir)), default=0)
+        started = time.time()
+        with open(log, "w") as out_file:
+            proc = subprocess.Popen(command(ds_config, overrides, port_fn()), cwd=ROOT, env=_env(),
+                                    stdout=out_file, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            killed = False
+            if report.injected < kills:
+                kind = rng.choice(["save", "step", "start"])
+                if resume_step + 6 >= last:
+                    kind = "start"  # too close to the end for a later moment to be sure to come
+                if _wait_for_moment(proc, kind, rng, ckpt_dir, metrics, log, started, resume_step, last):
+                    victims = _wait_for_workers(proc)
+                    if victims:
+                        progress = _last_logged_step(metrics, started)
+                        rng.choice(victims).kill()  # SIGKILL: no handler, no cleanup
+                        killed = True
+            _, err = proc.communicate(timeout=600)
+        out = open(log).read()
         if pending and "megapile:" in out:  # the job came back up after the previous kill(s)
             resumed = re.search(r"resumed from \S+ at step (\d+)", out)
             report.steps_lost += max(0, max(pending) - (int(resumed.group(1)) if resumed else 0))
@@ -113,28 +140,46 @@ def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str,
     raise AssertionError("the job did not finish in the allowed number of starts")
 
 
-def _wait_for_moment(proc, kind: str, rng: random.Random, ckpt_dir: str, metrics: str) -> bool:
-    """Block until the chosen kind of moment; False if the job ended first."""
+def _complete(ckpt_dir: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return [(int(m.group(1)), n) for n in os.listdir(ckpt_dir) if (m := re.match(r"^global_step(\d+)$", n))]
+
+
+def _wait_for_moment(proc, kind: str, rng: random.Random, ckpt_dir: str, metrics: str, log: str, started: float,
+                     resume_step: int, last: int) -> bool:
+    """Block until the chosen kind of moment of this start; False if the job ended first (a bug: every moment
+    chosen comes before the job's end). Bounded by a generous deadline, never by a guess of the machine's speed."""
     deadline = time.monotonic() + 300
-    if kind == "start":  # anywhere from process start through start-up and the first steps
-        end = time.monotonic() + rng.uniform(0.5, 8.0)
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                return False
-            time.sleep(0.01)
-        return True
-    if kind == "step":  # mid-training: some steps after the current position, inside forward/backward/data
-        target = _last_logged_step(metrics) + rng.randint(1, 4)
-        while _last_logged_step(metrics) < target:
+
+    def wait(predicate) -> bool:
+        while not predicate():
             if proc.poll() is not None or time.monotonic() > deadline:
                 return False
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.05))
         return True
-    while True:  # "save": inside a checkpoint write (a .tmp folder exists), at a random point within it
-        if os.path.isdir(ckpt_dir) and any(n.endswith(".tmp") for n in os.listdir(ckpt_dir)):
-            time.sleep(rng.uniform(0, 0.02))
-            return True
-        if proc.poll() is not None or time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
+
+    if kind == "start":  # start-up: as soon as the workers exist, or once set-up has printed its summary
+        if rng.random() < 0.5:
+            return wait(lambda: len(_wait_for_workers(proc, timeout=0)) == 2)
+        return wait(lambda: "megapile:" in open(log).read())
+    if kind == "step":  # mid-training: a few steps past this start's checkpoint, inside forward/backward/data
+        target = min(last - 2, resume_step + rng.randint(1, 4))
+        return wait(lambda: _last_logged_step(metrics, started) >= target)
+
+    def saving() -> bool:  # "save": inside a checkpoint write (a .tmp folder exists) of this start, not the last
+        names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+        return any((m := re.match(r"^global_step(\d+)\.tmp$", n)) and resume_step < int(m.group(1)) < last
+                   and _mtime(os.path.join(ckpt_dir, n)) >= started for n in names)  # not a killed save's leftover
+
+    if not wait(saving):
+        return False
+    time.sleep(rng.uniform(0, 0.02))  # somewhere inside the save; a save that ends first is a "step" kill
+    return True
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
