@@ -436,6 +436,7 @@ def save(run: Run, position: Position, must_succeed: bool = False) -> None:
         "parallel": run.layout.as_dict() if run.layout is not None else {"tensor": 1, "pipeline": 1},
         "config": cfg.to_dict(),
         "fingerprints": run.fingerprints,
+        "param_order": run.param_order,  # how a ZeRO-0 optimizer numbers (and bf16/fp16 flattens) the parameters
         "versions": _versions(),
     }
     if _any_rank([not _weights_finite(run.engine)], run.env)[0]:

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from megapile.checkpoint import find_resumable, list_complete, manifest, prune
 from megapile.config import CheckpointConfig
@@ -226,3 +227,31 @@ def test_ckpt_tools(saved_run, tmp_path, capsys):
     assert main(["ckpt", "verify", damaged]) == 1
     assert "global_step4: DAMAGED" in capsys.readouterr().out
     assert main(["ckpt", "info", str(tmp_path / "nothing")]) == 1
+
+
+@pytest.mark.slow
+def test_reshard_a_bf16_zero0_checkpoint_from_its_fp32_masters(tmp_path, preprocessed, tokenizer_path):
+    """bf16 ZeRO-0 keeps flat fp32 masters and moments per parameter group (DeepSpeed's FP16_Optimizer): they,
+    not the bf16 module weights, are what a reshard to 1 rank ZeRO-1 and an export read."""
+    from megapile.checkpoint.portable import read_full_state, read_full_weights
+
+    common = dict(model__dropout=0.0, train__max_steps=8, optim__decay_steps=8, train__dtype="bf16")
+    straight = str(tmp_path / "straight")
+    launch("torchrun", 2, "zero0.json", _overrides(preprocessed, tokenizer_path, straight, **common))
+    run_dir = str(tmp_path / "run")
+    launch("torchrun", 2, "zero0.json", _overrides(preprocessed, tokenizer_path, run_dir,
+                                                   **{**common, "train__max_steps": 4}))
+    ckpt = os.path.join(run_dir, "checkpoints", "global_step4")
+    with open(os.path.join(ckpt, "megapile_state.json")) as f:
+        order = json.load(f)["param_order"]
+    full = read_full_state(ckpt, 0, order)
+    assert set(full["exp_avg"]) == set(full["exp_avg_sq"]) == set(full["fp32"]) == set(order)
+    assert full["step"] == 5  # DeepSpeed's unfused FP16_Optimizer creates Adam's state with one zero-grad step
+    masters = full["fp32"]
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in masters.values())  # fp32, not bf16 values
+    exported = read_full_weights(ckpt, 0)
+    assert all(torch.equal(exported[n], masters[n]) for n in order)
+    proc = launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, run_dir, **common))
+    assert "resharding through full fp32 weights and Adam moments" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 9))
+    assert_close(losses(run_dir), losses(straight), rel=2e-2)  # bf16 on another layout: close, not bit-equal

@@ -30,7 +30,11 @@ def read_full_weights(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
         return read_parallel_weights(path, state)  # tensor/pipeline slices joined into GPT names
     if zero_stage == 0:
         model_state = torch.load(z.get_model_state_file(path, 0), map_location="cpu", weights_only=False)
-        return {n: t.float() for n, t in model_state["module"].items()}
+        weights = {n: t.float() for n, t in model_state["module"].items()}
+        order = state.get("param_order")
+        if order and {"fp32_groups", "fp32_groups_flat"} & set(model_state.get("optimizer") or {}):  # bf16/fp16
+            weights.update(_read_stage0(model_state, order)["fp32"])
+        return weights
     return {n: t.float() for n, t in z.to_torch_tensor(z._get_fp32_state_dict_from_zero_checkpoint(path, False)).items()}
 
 
@@ -65,13 +69,47 @@ def read_full_state(path: str, zero_stage: int, param_order: list[str]) -> dict[
 
 
 def _read_stage0(model_state: dict, param_order: list[str]) -> dict[str, Any]:
+    """A ZeRO-0 checkpoint. fp32: a plain torch optimizer, one state entry per parameter. bf16/fp16: DeepSpeed's
+    FP16 optimizers keep fp32 masters, which are the weights to read (the module holds their bf16 copies):
+    the unfused one a master per parameter (`fp32_groups`), the fused one a flat master per parameter group
+    (`fp32_groups_flat`, its moments flat alike), cut back into parameters in the optimizer's order."""
     optim = model_state.get("optimizer") or {}
-    state = optim.get("state", {})
-    full = {"fp32": {n: t.float() for n, t in model_state["module"].items() if n in set(param_order)}}
-    for key in MOMENTS:
-        full[key] = {param_order[i]: s[key].float() for i, s in state.items() if key in s}
-    full["step"] = int(max((float(s["step"]) for s in state.values()), default=0))
+    module = model_state["module"]
+    if "fp32_groups" in optim:  # DeepSpeed's unfused FP16_Optimizer (bf16 on CPU): one fp32 master per parameter
+        masters = [t for group in optim["fp32_groups"] for t in group]
+        state = optim.get("optimizer_state_dict", {}).get("state", {})
+        full = {"fp32": {name: t.float().clone() for name, t in zip(param_order, masters)}}
+        for key in MOMENTS:
+            full[key] = {param_order[i]: s[key].float() for i, s in state.items() if key in s}
+    elif "fp32_groups_flat" in optim:
+        flats = optim["fp32_groups_flat"]
+        inner = optim.get("optimizer_state_dict", {}).get("state", {})
+        cut = lambda tensors: _unflatten(tensors, param_order, module)  # noqa: E731
+        full = {"fp32": cut(flats)}
+        for key in MOMENTS:
+            full[key] = cut([inner[i][key] for i in range(len(flats))]) if inner else {}
+        state = inner
+    else:
+        state = optim.get("state", {})
+        full = {"fp32": {n: t.float() for n, t in module.items() if n in set(param_order)}}
+        for key in MOMENTS:
+            full[key] = {param_order[i]: s[key].float() for i, s in state.items() if key in s}
+    full["step"] = int(max((float(s["step"]) for s in state.values() if "step" in s), default=0))
     return full
+
+
+def _unflatten(flats: list[torch.Tensor], param_order: list[str], module: dict) -> dict[str, torch.Tensor]:
+    """Split per-group flat tensors into the parameters they concatenate, walking `param_order` group by group."""
+    out, names = {}, iter(param_order)
+    for flat in flats:
+        offset = 0
+        while offset < flat.numel():
+            name = next(names)
+            shape = module[name].shape
+            n = module[name].numel()
+            out[name] = flat[offset:offset + n].view(shape).float().clone()
+            offset += n
+    return out
 
 
 def _read_zero(path: str, zero_stage: int) -> dict[str, Any]:
