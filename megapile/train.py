@@ -243,6 +243,11 @@ def resume(run: Run) -> Position:
                                           (lambda text: None))
         if found is None:
             return Position()
+    elif _already_rolled_back(run.ckpt_dir, cfg.resume):  # a restart after the rollback: keep the new branch
+        found = checkpoint.find_resumable(run.ckpt_dir, checksums, warn=run.logger.message if run.env.is_main else
+                                          (lambda text: None)) or checkpoint.open_checkpoint(cfg.resume, checksums)
+        run.logger.message(f"checkpoint.resume: {cfg.resume} was rolled back to already; resuming this branch's "
+                           f"newest checkpoint {found.path}")
     else:
         found = checkpoint.open_checkpoint(cfg.resume, checksums)
     compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, cfg.allow_data_change, found.path)
@@ -274,6 +279,15 @@ def resume(run: Run) -> Position:
                            f"the next step reads global samples from {position.sample_index} on")
     _set_aside_newer(run, found)
     return position
+
+
+def _already_rolled_back(ckpt_dir: str, path: str) -> bool:
+    """True when `path` is the checkpoint this directory last rolled back to and training has saved past it."""
+    done = checkpoint.rolled_back_to(ckpt_dir)
+    if done is None or done != os.path.normpath(os.path.abspath(path)):
+        return False
+    newest = checkpoint.list_complete(ckpt_dir)
+    return bool(newest) and os.path.normpath(os.path.abspath(os.path.join(ckpt_dir, newest[0][1]))) != done
 
 
 def _set_aside_newer(run: Run, found: "checkpoint.Found") -> None:

@@ -35,8 +35,16 @@ def test_rollback_to_an_older_checkpoint_retrains_the_same_steps(tmp_path, prepr
     assert [r["step"] for r in again] == list(range(1, 13))
     assert [r["loss"] for r in again] == [r["loss"] for r in first]  # the same steps, bit for bit
     assert [s for s, _ in list_complete(ckpt)] == [12, 8, 4]  # retrained, not the abandoned ones
-    (aside,) = os.listdir(os.path.join(ckpt, "rolled_back"))
+    (aside,) = [n for n in os.listdir(os.path.join(ckpt, "rolled_back")) if n.startswith("from_step")]
     assert sorted(os.listdir(os.path.join(ckpt, "rolled_back", aside))) == ["global_step12", "global_step8"]
+
+    # The same command again (a requeue after the rollback): it goes on from the new branch, not back to step 4.
+    proc = launch("python", 1, "zero1.json", small_run_overrides(
+        preprocessed, tokenizer_path, run_dir, checkpoint__resume=os.path.join(ckpt, "global_step4"),
+        **{**common, "train__max_steps": 14}))
+    assert "was rolled back to already; resuming this branch's newest checkpoint" in proc.stdout
+    assert f"resumed from {os.path.join(ckpt, 'global_step12')} at step 12" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 15))
 
 
 def test_resume_from_a_damaged_checkpoint_path_names_the_problem(tmp_path, preprocessed, tokenizer_path):

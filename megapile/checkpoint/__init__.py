@@ -30,6 +30,7 @@ from megapile.checkpoint import manifest, rng
 from megapile.config import CheckpointConfig, ConfigError
 
 STATE_FILE = "megapile_state.json"
+ROLLBACK_FILE = "rolled_back/last_rollback.json"
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -78,9 +79,21 @@ def set_aside_newer(directory: str, step: int) -> list[str]:
     os.makedirs(aside, exist_ok=True)
     for tag in newer:
         os.rename(os.path.join(directory, tag), os.path.join(aside, tag))
+    with open(os.path.join(directory, ROLLBACK_FILE), "w") as f:
+        json.dump({"path": os.path.normpath(os.path.abspath(os.path.join(directory, f"global_step{step}")))}, f)
     _write_latest(directory, f"global_step{step}")
     manifest.fsync_dir(directory)
     return newer
+
+
+def rolled_back_to(directory: str) -> Optional[str]:
+    """The checkpoint path of the last rollback in `directory`, if any: a restart of the same command (requeue)
+    must go on from the newest checkpoint of the new branch, not roll back again."""
+    try:
+        with open(os.path.join(directory, ROLLBACK_FILE)) as f:
+            return json.load(f)["path"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def find_resumable(directory: str, checksums: bool = True, warn=None) -> Optional[Found]:
