@@ -61,7 +61,8 @@ def open_checkpoint(path: str, checksums: bool = True) -> Found:
     path = os.path.normpath(path)
     m = _TAG.match(os.path.basename(path))
     if not m or not os.path.isdir(path):
-        raise ConfigError(f"checkpoint.resume: {path} is not a checkpoint folder (expected .../global_stepN)")
+        raise ConfigError(f"checkpoint.resume: {path} is not a complete, intact checkpoint: no such checkpoint "
+                          "folder (expected .../global_stepN)")
     problems = manifest.verify(path, checksums=checksums)
     if problems:
         raise ConfigError(f"checkpoint.resume: {path} is not a complete, intact checkpoint: {'; '.join(problems[:3])}")
