@@ -313,7 +313,7 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
 
     cfg, env, engine = run.cfg, run.env, run.engine
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-    start_step, position = start.step, Position(start.step, start.sample_index, start.tokens_seen)
+    start_step, position = start.step, start
     summary = {"step": start_step, "loss": None, "val_loss": None, "exit_code": 0}
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=None if env.is_main else True,
                unit="step", dynamic_ncols=True)

@@ -75,13 +75,7 @@ def _read_stage0(model_state: dict, param_order: list[str]) -> dict[str, Any]:
     (`fp32_groups_flat`, its moments flat alike), cut back into parameters in the optimizer's order."""
     optim = model_state.get("optimizer") or {}
     module = model_state["module"]
-    if "fp32_groups" in optim:  # DeepSpeed's unfused FP16_Optimizer (bf16 on CPU): one fp32 master per parameter
-        masters = [t for group in optim["fp32_groups"] for t in group]
-        state = optim.get("optimizer_state_dict", {}).get("state", {})
-        full = {"fp32": {name: t.float().clone() for name, t in zip(param_order, masters)}}
-        for key in MOMENTS:
-            full[key] = {param_order[i]: s[key].float() for i, s in state.items() if key in s}
-    elif "fp32_groups_flat" in optim:
+    if "fp32_groups_flat" in optim:
         flats = optim["fp32_groups_flat"]
         inner = optim.get("optimizer_state_dict", {}).get("state", {})
         cut = lambda tensors: _unflatten(tensors, param_order, module)  # noqa: E731
@@ -89,9 +83,12 @@ def _read_stage0(model_state: dict, param_order: list[str]) -> dict[str, Any]:
         for key in MOMENTS:
             full[key] = cut([inner[i][key] for i in range(len(flats))]) if inner else {}
         state = inner
-    else:
-        state = optim.get("state", {})
-        full = {"fp32": {n: t.float() for n, t in module.items() if n in set(param_order)}}
+    else:  # one state entry per parameter; the unfused FP16_Optimizer (bf16 on CPU) also one fp32 master each
+        unfused = "fp32_groups" in optim
+        state = (optim.get("optimizer_state_dict", {}) if unfused else optim).get("state", {})
+        masters = (zip(param_order, (t for group in optim["fp32_groups"] for t in group)) if unfused
+                   else ((n, t) for n, t in module.items() if n in set(param_order)))
+        full = {"fp32": {n: t.float().clone() for n, t in masters}}
         for key in MOMENTS:
             full[key] = {param_order[i]: s[key].float() for i, s in state.items() if key in s}
     full["step"] = int(max((float(s["step"]) for s in state.values() if "step" in s), default=0))
