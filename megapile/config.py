@@ -146,6 +146,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: validate only at the end (when data.valid is set)
     eval_iters: int = 4  # validation batches per evaluation
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    # What bf16/fp16 micro-batch gradients are summed (and reduced) in: "auto" fp32 wherever DeepSpeed offers it
+    # (ZeRO >= 1), else the training dtype (said at start-up); "fp32" (refused where DeepSpeed lacks it) | "bf16" | "fp16"
+    grad_accum_dtype: str = "auto"
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: GPU table or measured CPU matmul
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
     collective_timeout_s: float = 600.0  # a rank that waits longer than this for the others fails the job
@@ -155,6 +158,7 @@ class TrainConfig:
                     "max_bad_steps", "collective_timeout_s"):
             _check_positive(f"train.{key}", getattr(self, key))
         _check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _check_choice("train.grad_accum_dtype", self.grad_accum_dtype, ("auto", "fp32", "bf16", "fp16"))
 
 
 @dataclass

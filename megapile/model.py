@@ -22,6 +22,7 @@ Parameter names (stable and human-readable; layer ids are the ModuleDict keys):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import Optional
@@ -71,6 +72,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.flash_attn_func = _import_flash_attn() if cfg.attention == "flash_attn" else None
+        # None: attention-probability dropout draws from the process's generator like every other dropout.
+        # An int k: from a generator seeded by (one draw from the process's generator, k). Tensor parallelism
+        # sets k = tensor rank: the ranks of a group share one process stream (the same masks on the
+        # replicated residual stream) yet drop different probabilities in their different heads. The seed is
+        # a draw, so activation-checkpointing recompute and a resumed run reproduce the same masks.
+        self.dropout_stream: Optional[int] = None
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
                 cache: Optional["LayerCache"] = None) -> torch.Tensor:
@@ -83,6 +90,17 @@ class Attention(nn.Module):
             cos, sin = (t.to(q.dtype) for t in rope)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
+        if p > 0 and self.dropout_stream is not None:
+            with _forked_rng(q.device, self.dropout_stream):
+                y = self._attend(q, k, v, p, cache)
+        else:
+            y = self._attend(q, k, v, p, cache)
+        return self.resid_dropout(self.proj(y))  # back on the process stream
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                cache: Optional["LayerCache"]) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs)) v, causal, with dropout p on the probabilities: (B, T, nh * hs)."""
+        B, T = q.shape[0], q.shape[2]
         if cache is not None:  # incremental decoding: append k, v, attend over everything cached
             k, v = cache.append(k, v)  # each (B, nh, start + T, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=p)  # (B, nh, T, hs)
@@ -93,7 +111,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
             y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
-        return self.resid_dropout(self.proj(y))
+        return y
 
 
 class MLP(nn.Module):
@@ -137,6 +155,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     and one chunk buffer is reused where log_softmax + nll_loss + their backwards allocate several
     logits-sized tensors, which glibc's malloc page-faults in anew every step (a speed win on CPU;
     README "Performance"). Logits, softmax and the weight-gradient sum are at least fp32.
+
+    The saved gradients are unscaled (neither 1/count nor the loss scale) until `grad_loss` arrives in
+    backward: under fp16 a row's terms, 1/count x ~1/V, are subnormal or zero, while DeepSpeed's loss scale
+    (~2^16) would have lifted them. The weight gradient is saved in fp32, which under bf16/fp16 keeps
+    V x C x 2 bytes more than a half-precision copy would.
     """
 
     @staticmethod
@@ -148,8 +171,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = math.ceil(N / chunks)  # equal chunks: no slow sliver at the end
         valid = targets != -100
         acc_dtype = torch.promote_types(x.dtype, torch.float32)  # logits, softmax and sums: >= fp32
-        # Row weights 1/count (0 for ignored rows) scale the small (n, C) operands, not the (n, V) softmax.
-        scale = (valid / valid.sum().clamp(min=1)).to(acc_dtype)[:, None]  # (N, 1)
+        mask = valid.to(acc_dtype)[:, None]  # (N, 1) 0/1: ignored rows weigh 0; 1/count waits for backward
+        inv_count = 1 / valid.sum().clamp(min=1).to(acc_dtype)
         safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows weigh 0
         loss = torch.zeros((), dtype=acc_dtype, device=x.device)
         grad_x = torch.empty_like(x)
@@ -165,7 +188,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     workspace[:] = [buf]
             buf = buf[: rows * V].view(rows, V)
         for s in range(0, N, rows):
-            xs, ts, sc = x[s : s + rows], safe_targets[s : s + rows], scale[s : s + rows]
+            xs, ts, ms = x[s : s + rows], safe_targets[s : s + rows], mask[s : s + rows]
             if buf is not None:
                 logits = torch.mm(xs, w.t(), out=buf[: xs.shape[0]])  # (n, V)
             else:
@@ -178,21 +201,25 @@ class LinearCrossEntropy(torch.autograd.Function):
             # logsumexp = top + log(sum exp(l - top)) = top - log(largest probability), which is >= 1/V and
             # so never underflows (the target's probability can, when the loss is large).
             log_sum = -probs.amax(dim=-1, keepdim=True).log()  # (n, 1)
-            loss += ((top + log_sum - target_logit) * sc).sum()
-            grad = probs.scatter_add_(1, ts, torch.full_like(target_logit, -1.0))  # softmax - one_hot
-            grad = grad.to(x.dtype)
-            torch.mm(grad, w, out=grad_x[s : s + rows]).mul_(sc.to(x.dtype))  # (n, C)
-            if grad_w.dtype == grad.dtype:
-                grad_w.addmm_(grad.t(), xs * sc)  # (V, C)
+            loss += ((top + log_sum - target_logit) * ms).sum()
+            grad = probs.scatter_add_(1, ts, torch.full_like(target_logit, -1.0)).mul_(ms)  # softmax - one_hot
+            # Unscaled, the half matmuls' results are O(|w|) and O(|x|): no underflow.
+            grad_h = grad.to(x.dtype)
+            torch.mm(grad_h, w, out=grad_x[s : s + rows])  # (n, C)
+            if grad_w.dtype == grad_h.dtype:
+                grad_w.addmm_(grad_h.t(), xs)  # (V, C)
             else:
-                grad_w += (grad.t() @ (xs * sc.to(x.dtype))).to(acc_dtype)
-        ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
+                grad_w += (grad_h.t() @ xs).to(acc_dtype)
+        ctx.save_for_backward(grad_x, grad_w, inv_count)
+        ctx.w_dtype = w.dtype
+        loss *= inv_count
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+        grad_x, grad_w, inv_count = ctx.saved_tensors
+        s = inv_count * grad_loss  # 1/count x loss scale, in >= fp32, before anything is cast to half
+        return (grad_x.to(s.dtype) * s).to(grad_x.dtype), (grad_w * s).to(ctx.w_dtype), None, None, None
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -413,6 +440,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device, stream: int):
+    """Inside: `device`'s generator seeded by (a draw from the process's CPU generator, `stream`); after: the
+    generators as they were, less that one draw."""
+    draw = int(torch.randint(0, 2**62, (1,)).item())
+    seed = (draw ^ (stream * 0x9E3779B97F4A7C15)) & (2**63 - 1)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        yield
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -35,6 +35,7 @@ from megapile import checkpoint, distributed
 from megapile.checkpoint import compat
 from megapile.config import Config, ConfigError, grad_accum_steps, load_config
 from megapile.signals import EXIT_CHECKPOINTED, StopFlag
+from megapile.parallel import zero
 
 DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero0.json")
 
@@ -159,7 +160,7 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     dtype = resolve_dtype(cfg, device)
     ds_config = resolve_ds_config(ds_json, cfg, layout.data, dtype, ds_config_path)
 
-    _seed_everything(cfg.train.seed, env.rank)
+    _seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
     seq_len = cfg.train.seq_len
     train_specs = cfg.data.train_specs()
     train_stream = build_samples([s.prefix for s in train_specs], [s.weight for s in train_specs],
@@ -203,7 +204,7 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     peak, peak_source = peak_tflops(device, torch.float32 if dtype == "fp32" else torch.bfloat16, cfg.train.peak_tflops)
     logger.message(
         f"megapile: {n_params / 1e6:.2f}M parameters, world {env.world_size} ({env.launcher}), "
-        f"ZeRO-{engine.zero_optimization_stage()}, {dtype}, micro {cfg.train.micro_batch_size} × accum {accum} "
+        f"ZeRO-{engine.zero_optimization_stage()}, {_precision(ds_config, dtype)}, micro {cfg.train.micro_batch_size} × accum {accum} "
         f"× dp {layout.data} = global {cfg.train.global_batch_size}, seq {seq_len}, {layout.describe()}; "
         f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
     )
@@ -215,6 +216,17 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
                batches(valid_stream) if valid_stream is not None else None, logger,
                ckpt_dir, accum, flops_per_token, peak,
                {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order, layout)
+
+
+def _precision(ds_config: dict, dtype: str) -> str:
+    """The start-up line's precision: the training dtype and, under bf16/fp16, what gradients are summed in."""
+    accum_dtype = ds_config.get("data_types", {}).get("grad_accum_dtype", dtype)
+    if dtype == "fp32":
+        return dtype
+    why = ""
+    if accum_dtype != "fp32" and ds_config.get("zero_optimization", {}).get("stage", 0) == 0:
+        why = ": DeepSpeed's ZeRO-0 has no fp32 accumulation, ZeRO-1 has"
+    return f"{dtype} (gradients summed in {accum_dtype}{why})"
 
 
 @dataclass
@@ -269,7 +281,7 @@ def resume(run: Run) -> Position:
         )
         full = portable.read_full_state(found.path, old_layout[0], run.param_order)
         portable.apply_full_state(run.engine, full)
-        _seed_everything(run.cfg.train.seed + found.step, run.env.rank)
+        _seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
     position = Position.of(found)
     run.logger.message(f"resumed from {found.path} at step {found.step} "
                        f"(sample {position.sample_index}, {position.tokens_seen:,} tokens seen)")
@@ -418,7 +430,10 @@ def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[floa
         engine.backward(loss)
         loss_sum += loss.detach().float()
         engine.step()  # a real optimizer step only at the accumulation boundary
-    return loss_sum / run.accum, engine.get_global_grad_norm(), engine.skipped_steps > skipped_before
+    skipped = engine.skipped_steps > skipped_before
+    if skipped:
+        zero.after_skipped_step(engine)
+    return loss_sum / run.accum, engine.get_global_grad_norm(), skipped
 
 
 def _check_bad_streak(run: Run, first_bad: tuple[int, int], done: int) -> None:
@@ -505,7 +520,7 @@ def _set_cpu_threads(env: distributed.DistEnv) -> None:
 
 
 def _seed_everything(seed: int, rank: int) -> None:
-    """Dropout and anything else random differ per rank but are fixed by (seed, rank)."""
+    """Dropout and anything else random differ per `rank` (Layout.seed_rank) but are fixed by (seed, rank)."""
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)

@@ -111,3 +111,38 @@ def test_deepspeed_json_that_does_not_parse(tmp_path):
     path.write_text('{"zero_optimization": {"stage": 2,}}')
     with pytest.raises(ConfigError, match=r"broken.json: not valid JSON: .* line 1 column"):
         load_ds_json(str(path))
+
+
+def test_bf16_gradients_are_summed_in_fp32_where_deepspeed_can():
+    """train.grad_accum_dtype: auto is fp32 at ZeRO >= 1 and the training dtype at ZeRO-0 (DeepSpeed's ZeRO-0 engine
+    raises NotImplementedError for bf16 with fp32 accumulation); an explicit fp32 there is one line naming the fix."""
+    def resolved(stage, *overrides):
+        cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8", *overrides])
+        return resolve_ds_config({"zero_optimization": {"stage": stage}}, cfg, dp_size=1, dtype="bf16", source="x.json")
+
+    for stage in (1, 2, 3):
+        assert resolved(stage)["data_types"] == {"grad_accum_dtype": "fp32"}
+        assert resolved(stage, "train.grad_accum_dtype=bf16")["data_types"] == {"grad_accum_dtype": "bf16"}
+    assert resolved(0)["data_types"] == {"grad_accum_dtype": "bf16"}
+    with pytest.raises(ConfigError, match="train.grad_accum_dtype fp32 with train.dtype bf16 needs "
+                                          "zero_optimization.stage >= 1 .* use ds_configs/zero1.json"):
+        resolved(0, "train.grad_accum_dtype=fp32")
+    with pytest.raises(ConfigError, match="must be auto, fp32 or the training dtype"):
+        resolved(1, "train.grad_accum_dtype=fp16")
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8"])
+    with pytest.raises(ConfigError, match="data_types.grad_accum_dtype is 'bf16' but the megapile config gives 'fp32'"):
+        resolve_ds_config({"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}}, cfg,
+                          dp_size=1, dtype="bf16", source="x.json")
+    assert "data_types" not in resolve_ds_config({}, cfg, dp_size=1, dtype="fp32", source="x.json")
+
+
+def test_bf16_pipeline_at_zero0_is_refused_in_one_line():
+    """DeepSpeed's ZeRO-0 pipeline steps bf16 with an optimizer whose checkpoint it cannot load again (saved as one
+    dict, loaded as a per-rank list: KeyError 0 at resume). ZeRO-1 is the supported bf16 pipeline; fp32 stays."""
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8", "parallel.pipeline=2"])
+    with pytest.raises(ConfigError, match=r"x.json: parallel.pipeline > 1 in bf16 needs zero_optimization.stage 1 "
+                                          r"\(ds_configs/zero1.json\)") as e:
+        resolve_ds_config({"zero_optimization": {"stage": 0}}, cfg, dp_size=1, dtype="bf16", source="x.json")
+    assert "\n" not in str(e.value)
+    for stage, dtype in ((1, "bf16"), (0, "fp32")):
+        resolve_ds_config({"zero_optimization": {"stage": stage}}, cfg, dp_size=1, dtype=dtype, source="x.json")

@@ -75,6 +75,7 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed):
         "config-unknown-key": (lambda d: _train(["--config", str(unknown)], d), ["runs"]),
         "config-wrong-type": (lambda d: _train(good + ["train.max_steps=many"], d), []),
         "config-batch": (lambda d: _train(good + ["train.global_batch_size=7"], d), []),
+        "config-grad-accum": (lambda d: _train(good + ["train.dtype=bf16", "train.grad_accum_dtype=fp32"], d), []),
         "config-data-path": (lambda d: _train(good + ["data.train=/nonexistent/pile"], d), []),
         "config-tokenizer": (lambda d: _train(good + [f"data.tokenizer={bad_tok}"], d), []),
         "ds-json": (lambda d: _train(["--deepspeed_config", str(broken)] + good, d), []),

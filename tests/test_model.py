@@ -321,6 +321,54 @@ def test_linear_cross_entropy_bf16_close_to_fp32():
     torch.testing.assert_close(x.grad.float(), ref_x.grad, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype,loss_scale", [(torch.float16, 2.0**16), (torch.bfloat16, 1.0)], ids=["fp16", "bf16"])
+def test_linear_cross_entropy_half_grads_at_scale_close_to_fp32(dtype, loss_scale):
+    """At realistic sizes and, under fp16, DeepSpeed's typical loss scale, which arrives only in backward: a
+    row's weight-gradient terms, 1/N x 1/V (3e-8 here), are below fp16's smallest subnormal (6e-8), so the
+    gradients must stay unscaled until then or they flush to zero."""
+    g = torch.Generator().manual_seed(0)
+    N, V, C = 4096, 8192, 64
+    x_h, w_h = torch.randn(N, C, generator=g).to(dtype), (torch.randn(V, C, generator=g) * 0.02).to(dtype)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::97] = -100
+    ref_x, ref_w = x_h.float().requires_grad_(), w_h.float().requires_grad_()  # the same values, in fp32
+    ref = F.cross_entropy(ref_x @ ref_w.t(), t)
+    (ref * loss_scale).backward()
+    x, w = x_h.clone().requires_grad_(), w_h.clone().requires_grad_()
+    loss = LinearCrossEntropy.apply(x, w, t, 1 << 22, None)  # 8 chunks of 512 rows
+    (loss * loss_scale).backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == w.grad.dtype == dtype
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=0)
+    assert torch.all(x.grad[t == -100] == 0)
+    untargeted = torch.ones(V, dtype=torch.bool)
+    untargeted[t[t >= 0]] = False  # rows of w whose gradient is softmax terms only, the smallest
+    for name, got, expected in (("x", x.grad, ref_x.grad), ("w", w.grad, ref_w.grad),
+                                ("w untargeted", w.grad[untargeted], ref_w.grad[untargeted])):
+        rel = ((got.float() - expected).norm() / expected.norm()).item()
+        nonzero, expected_nonzero = (got != 0).float().mean().item(), (expected != 0).float().mean().item()
+        assert rel < 1e-2, f"{name}: relative error {rel:.3g}"
+        assert abs(nonzero - expected_nonzero) < 1e-3, f"{name}: {nonzero:.4f} nonzero, fp32 {expected_nonzero:.4f}"
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 26, 7 * 300])  # one chunk, several
+def test_linear_cross_entropy_ignored_rows(chunk_elems):
+    """Ignored rows get exactly zero gradient and the loss is the mean over the others; all rows ignored gives
+    0 and zero gradients (F.cross_entropy's 0/0 would be nan)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 24, generator=g, requires_grad=True)
+    w = torch.randn(300, 24, generator=g, requires_grad=True)
+    t = torch.randint(0, 300, (50,), generator=g)
+    t[3::4] = -100
+    got = LinearCrossEntropy.apply(x, w, t, chunk_elems)
+    (gx,) = torch.autograd.grad(got, (x,))
+    expected = F.cross_entropy(x @ w.t(), t, ignore_index=-100)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    assert torch.all(gx[t == -100] == 0) and torch.all(gx[t != -100] != 0)
+    none = LinearCrossEntropy.apply(x, w, torch.full_like(t, -100), chunk_elems)
+    gx, gw = torch.autograd.grad(none, (x, w))
+    assert none.item() == 0 and not gx.any() and not gw.any()
+
+
 def test_model_loss_grads_match_plain_cross_entropy():
     cfg = make_cfg(tie_embeddings=True)  # the head's gradient adds to the embedding's
     model = build_model(cfg, seed=1).train()

@@ -14,9 +14,8 @@ from train_helpers import DS, ROOT, free_port, read_metrics, small_run_overrides
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 
 
-def _run(nproc, ds, overrides, nan_steps, accum):
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_NAN_STEPS=nan_steps,
-               MEGAPILE_NAN_ACCUM=str(accum))
+def _run(nproc, ds, overrides, nan_steps):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_NAN_STEPS=nan_steps)
     args = [HARNESS, "--deepspeed_config", os.path.join(DS, ds)] + overrides
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())] + args
@@ -29,7 +28,7 @@ def test_one_nan_batch_skips_that_update_on_every_rank(stage, tmp_path, preproce
     run_dir = str(tmp_path / "run")
     proc = _run(2, f"zero{stage}.json", small_run_overrides(
         preprocessed, tokenizer_path, run_dir, train__max_steps=6, checkpoint__every=1, checkpoint__keep_last=10),
-        nan_steps="3", accum=2)
+        nan_steps="3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
@@ -49,7 +48,7 @@ def test_pipeline_zero0_skips_a_nan_step_and_logs_the_norm(tmp_path, preprocesse
     megapile's guard (parallel/pipeline.py) must skip the update on both stages and report the norm."""
     run_dir = str(tmp_path / "run")
     proc = _run(2, "zero0.json", small_run_overrides(
-        preprocessed, tokenizer_path, run_dir, train__max_steps=5, parallel__pipeline=2), nan_steps="3", accum=4)
+        preprocessed, tokenizer_path, run_dir, train__max_steps=5, parallel__pipeline=2), nan_steps="3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
@@ -63,7 +62,7 @@ def test_a_streak_of_nans_stops_with_the_batch_named(tmp_path, preprocessed, tok
     run_dir = str(tmp_path / "run")
     proc = _run(1, "zero1.json", small_run_overrides(
         preprocessed, tokenizer_path, run_dir, train__max_steps=10, checkpoint__every=2, train__max_bad_steps=3),
-        nan_steps="3,4,5,6,7,8,9,10", accum=4)
+        nan_steps="3,4,5,6,7,8,9,10")
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("megapile: error: steps 3-5: 3 consecutive steps had a non-finite loss")

@@ -35,7 +35,7 @@ def read_full_weights(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
         if order and {"fp32_groups", "fp32_groups_flat"} & set(model_state.get("optimizer") or {}):  # bf16/fp16
             weights.update(_read_stage0(model_state, order)["fp32"])
         return weights
-    return {n: t.float() for n, t in z.to_torch_tensor(z._get_fp32_state_dict_from_zero_checkpoint(path, False)).items()}
+    return _read_zero(path, zero_stage, moments=())["fp32"]
 
 
 def _megapile_state(path: str) -> dict[str, Any]:
@@ -109,7 +109,9 @@ def _unflatten(flats: list[torch.Tensor], param_order: list[str], module: dict) 
     return out
 
 
-def _read_zero(path: str, zero_stage: int) -> dict[str, Any]:
+def _read_zero(path: str, zero_stage: int, moments: tuple[str, ...] = MOMENTS) -> dict[str, Any]:
+    """ZeRO-1/2/3 shards, and bf16 ZeRO-1's BF16_Optimizer shards (partitioned like ZeRO-1, but without the
+    `zero_stage` entry that DeepSpeed's own `zero_to_fp32` entry points insist on)."""
     from deepspeed.utils import zero_to_fp32 as z
 
     zero_model_states = z.parse_model_states(z.get_model_state_files(path))
@@ -127,7 +129,7 @@ def _read_zero(path: str, zero_stage: int) -> dict[str, Any]:
         return {n: t.float() for n, t in z.to_torch_tensor(merged).items()}  # ZeRO-3 merges lazily
 
     full = {"fp32": merge([s[flat_key] for s in shards])}
-    for key in MOMENTS:
+    for key in moments:
         full[key] = merge([_moment_groups(s, key, zero_stage) for s in shards])
     step_values = [float(st["step"]) for st in _base_states(shards[0], zero_stage) if "step" in st]
     full["step"] = int(max(step_values, default=0))

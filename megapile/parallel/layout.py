@@ -33,6 +33,11 @@ class Layout:
     def stage(self, rank: int) -> int:
         return rank // (self.tensor * self.data)
 
+    def seed_rank(self, rank: int) -> int:
+        """What seeds `rank`'s random streams: shared by a tensor-parallel group, whose ranks must draw the same
+        dropout masks on the activations they all hold (the model's attention dropout forks per tensor rank)."""
+        return rank // self.tensor
+
     def as_dict(self) -> dict[str, int]:
         return {"tensor": self.tensor, "pipeline": self.pipeline, "data": self.data}
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from megapile.config import Config
+from megapile.model import Attention
 
 # (pattern over parameter names, DeepSpeed partition type, dimension of the weight that is split)
 TP_PLAN = (
@@ -75,6 +76,9 @@ def wrap_tensor_parallel(model: torch.nn.Module, param_groups: list[dict], cfg: 
     from megapile.optim import build_optimizer, build_scheduler
 
     mpu = init_groups(tp)
+    for module in model.modules():
+        if isinstance(module, Attention):  # the one dropout inside the sharded region: each rank its own heads
+            module.dropout_stream = mpu.get_tensor_model_parallel_rank()
     ds_config = {**ds_config, "tensor_parallel": autotp_section(tp)}
     optimizer = build_optimizer(param_groups, cfg.optim, cpu_offload=False)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)

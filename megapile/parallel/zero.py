@@ -62,8 +62,34 @@ def resolve_ds_config(ds: dict[str, Any], cfg: Config, dp_size: int, dtype: str,
     stage = out.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    if cfg.parallel.pipeline > 1 and stage == 0 and dtype == "bf16":  # train.dtype auto is bf16 on GPUs
+        raise ConfigError(f"{source}: parallel.pipeline > 1 in bf16 needs zero_optimization.stage 1 "
+                          "(ds_configs/zero1.json): DeepSpeed's ZeRO-0 pipeline cannot load its own bf16 checkpoints "
+                          "(it saves the bf16 optimizer's state as one dict and loads it as a per-rank list)")
+    if dtype != "fp32":
+        accum_dtype = resolve_grad_accum_dtype(cfg.train.grad_accum_dtype, dtype, stage)
+        given = out.get("data_types", {}).get("grad_accum_dtype")
+        if given is not None and given != accum_dtype:
+            raise ConfigError(f"{source}: data_types.grad_accum_dtype is {given!r} but the megapile config gives "
+                              f"{accum_dtype!r} (train.grad_accum_dtype)")
+        out.setdefault("data_types", {})["grad_accum_dtype"] = accum_dtype
     out.setdefault("steps_per_print", 10**9)  # megapile logs; keep DeepSpeed's own step prints quiet
     return out
+
+
+def resolve_grad_accum_dtype(asked: str, dtype: str, stage: int) -> str:
+    """What bf16/fp16 gradients are summed in over micro-batches: fp32 unless asked otherwise, where DeepSpeed
+    can (ZeRO >= 1: its ZeRO optimizers and, for bf16 ZeRO-1, BF16_Optimizer keep fp32 gradient buffers);
+    its ZeRO-0 engine (with or without the pipeline) has only the training dtype."""
+    if asked not in ("auto", "fp32", dtype):
+        raise ConfigError(f"train.grad_accum_dtype must be auto, fp32 or the training dtype ({dtype}); got {asked!r}")
+    if asked == "auto":
+        return "fp32" if stage >= 1 else dtype
+    if asked == "fp32" and stage == 0:
+        raise ConfigError(f"train.grad_accum_dtype fp32 with train.dtype {dtype} needs zero_optimization.stage >= 1 "
+                          f"(DeepSpeed's ZeRO-0 sums {dtype} gradients in {dtype}): use ds_configs/zero1.json, or "
+                          f"train.grad_accum_dtype: {dtype}")
+    return asked
 
 
 def optimizer_offloaded(ds_config: dict[str, Any]) -> bool:
@@ -85,3 +111,13 @@ def wrap_zero(model: torch.nn.Module, groups: list[dict], cfg: Config, ds_config
     if guarded:
         guard_plain_step(optimizer, cfg.optim.grad_clip, engine.device)
     return engine, optimizer, scheduler
+
+
+def after_skipped_step(engine) -> None:
+    """Put ZeRO-3 back the way a completed step leaves it. On a non-finite gradient DeepSpeed's stage-3 step
+    partitions every parameter and returns early, before re-gathering its persistent ones (the small
+    parameters it keeps whole on every rank); the next step's recorded fetch order then no longer matches
+    and DeepSpeed aborts ("tracing error") whenever that order was recorded with them whole, e.g. after a resume."""
+    optimizer = engine.optimizer
+    if engine.zero_optimization_stage() == 3 and getattr(optimizer, "persistent_parameters", None):
+        optimizer.persistent_parameters[0].all_gather(optimizer.persistent_parameters)

@@ -1,6 +1,13 @@
-"""megapile/train.py with a NaN injected into the loss of chosen steps on rank 0 (with pipeline parallelism: on
-the last stage) (a test harness, not product code): MEGAPILE_NAN_STEPS="3,4" (1-based optimizer steps),
-MEGAPILE_NAN_ACCUM = micro-batches per step."""
+"""megapile/train.py with a NaN injected into the training loss of chosen steps on rank 0 (with pipeline
+parallelism: on the last stage), and reports read by the tests (a test harness, not product code).
+
+    MEGAPILE_NAN_STEPS="3,4"   1-based optimizer steps, counted from the run's start (a resumed run too); may be empty
+    MEGAPILE_REPLICAS=1        at the end, print a digest of the parameters this rank holds whole and that other
+                               ranks hold too (not ZeRO-3 partitions, not tensor-parallel slices)
+
+For each NaN step, every rank prints whether its weights came out of the step exactly as they went in.
+"""
+import hashlib
 import os
 import sys
 
@@ -10,26 +17,44 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from megapile import model, train  # noqa: E402
-from megapile.parallel import pipeline  # noqa: E402
+from megapile.parallel import pipeline, tensor  # noqa: E402
 
-NAN_STEPS = {int(s) for s in os.environ["MEGAPILE_NAN_STEPS"].split(",")}
-ACCUM = int(os.environ["MEGAPILE_NAN_ACCUM"])
-_original = model.GPT.forward
-_calls = [0]
+NAN_STEPS = {int(s) for s in os.environ.get("MEGAPILE_NAN_STEPS", "").split(",") if s}
+RANK = os.environ.get("RANK", "0")
+_step = [0]  # the 1-based step being trained, set before its micro-batches run
+
+
+def _poisoned(loss: torch.Tensor) -> torch.Tensor:
+    return loss * float("nan") if _step[0] in NAN_STEPS else loss
+
+
+_original_forward = model.GPT.forward
 
 
 def forward(self, input_ids, targets=None):
-    out = _original(self, input_ids, targets)
-    if targets is not None and self.training:
-        _calls[0] += 1
-        step = (_calls[0] - 1) // ACCUM + 1
-        if step in NAN_STEPS and os.environ.get("RANK", "0") == "0":
-            out = out * float("nan")
+    out = _original_forward(self, input_ids, targets)
+    if targets is not None and self.training and RANK == "0":
+        out = _poisoned(out)
     return out
+
+
+_original_lm_loss = pipeline.lm_loss
+
+
+def lm_loss(logits, targets):
+    """The pipeline's loss (last stage): NaN on every micro-batch of the chosen steps; evaluation is left alone."""
+    out = _original_lm_loss(logits, targets)
+    return _poisoned(out) if torch.is_grad_enabled() else out
 
 
 def _local_weights(engine):
     return [getattr(p, "ds_tensor", p).detach().clone() for p in engine.module.parameters()]
+
+
+def _say(line: str) -> None:
+    """One write per line: the ranks share one stdout pipe, and print() may split text and newline."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 _original_step = train.train_step
@@ -37,30 +62,34 @@ _original_step = train.train_step
 
 def train_step(run, first_sample):
     """Report whether a step with an injected NaN left this rank's weights exactly as they were."""
-    step = first_sample // run.cfg.train.global_batch_size  # 0-based; the batch size is fixed in these runs
-    before = _local_weights(run.engine)
+    _step[0] = first_sample // run.cfg.train.global_batch_size + 1  # the batch size is fixed in these runs
+    before = _local_weights(run.engine) if _step[0] in NAN_STEPS else None
     out = _original_step(run, first_sample)
-    if step + 1 in NAN_STEPS:
+    if before is not None:
         same = all(torch.equal(a, b) for a, b in zip(before, _local_weights(run.engine)))
-        print(f"rank {os.environ.get('RANK', '0')} step {step + 1} weights unchanged: {same}", flush=True)
+        _say(f"rank {RANK} step {_step[0]} weights unchanged: {same}")
     return out
 
 
-_original_lm_loss = pipeline.lm_loss
-_loss_calls = [0]
+_original_loop = train.loop
 
 
-def lm_loss(logits, targets):
-    """The pipeline's loss (last stage): NaN on every micro-batch of the chosen steps; evaluation is left alone."""
-    out = _original_lm_loss(logits, targets)
-    if torch.is_grad_enabled():
-        _loss_calls[0] += 1
-        if (_loss_calls[0] - 1) // ACCUM + 1 in NAN_STEPS:
-            out = out * float("nan")
-    return out
+def loop(run, start, stop):
+    summary = _original_loop(run, start, stop)
+    if os.environ.get("MEGAPILE_REPLICAS") == "1":
+        digest = hashlib.sha256()
+        names = []
+        for name, p in sorted(run.engine.module.named_parameters()):
+            if hasattr(p, "ds_tensor") or (run.layout.tensor > 1 and tensor.split_dim(name) is not None):
+                continue
+            digest.update(p.detach().float().contiguous().numpy().tobytes())
+            names.append(name)
+        _say(f"rank {RANK} replicas {len(names)} {digest.hexdigest()}")
+    return summary
 
 
 model.GPT.forward = forward
 pipeline.lm_loss = lm_loss
 train.train_step = train_step
+train.loop = loop
 sys.exit(train.main())

@@ -1,0 +1,122 @@
+"""The same short training on 2 CPU ranks in every precision × dropout × layout megapile claims.
+
+    precision  fp32, bf16
+    dropout    0, 0.1
+    layout     ZeRO-0, ZeRO-1, ZeRO-2, ZeRO-3 (data parallel 2); TP2 (ZeRO-1); PP2 (ZeRO-0 in fp32, ZeRO-1 in
+               bf16: megapile refuses bf16 ZeRO-0 pipelines, whose checkpoints DeepSpeed cannot load)
+
+Each cell is one 6-step run (checkpoints every 3 steps, a NaN injected into rank 0's loss at step 5) and
+one resume of its step-3 checkpoint, and checks:
+
+- the losses are finite (step 5 aside) and fall;
+- step 5 is skipped on every rank and leaves every rank's weights bit-identical, the steps after it go on;
+- parameters that several ranks hold whole (data-parallel replicas, the replicated part of a TP group) are
+  bit-equal across those ranks; ZeRO-3 partitions everything and PP2's two stages hold different layers,
+  so there nothing is replicated to compare;
+- the resume reproduces steps 4-6 bit for bit (the RNG streams and the data position are in the checkpoint);
+- the step-3 checkpoint, read as full fp32 weights into one plain process (the reshard/consolidate path),
+  scores the validation batches as the run did at step 3: 1e-5 relative in fp32; bf16 evaluates with bf16
+  weights, the full weights are the fp32 masters, so 2e-2.
+
+The combinations DeepSpeed refuses (TP with ZeRO-0/3, PP with ZeRO-2/3) are refused by megapile in one line
+before any process starts: tests/test_parallel_layout.py. fp16 needs a GPU in DeepSpeed (its loss scaler); the
+fp16 loss path is covered at unit level in tests/test_model.py.
+"""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megapile.checkpoint.portable import read_full_weights
+from megapile.config import ModelConfig
+from megapile.data.samples import build_samples
+from megapile.model import build_model
+from train_helpers import DS, ROOT, free_port, read_metrics, small_run_overrides
+
+HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
+NAN_STEP = 5
+LAYOUTS = {  # name: (DeepSpeed JSON, overrides)
+    "zero0": ("zero0.json", {}),
+    "zero1": ("zero1.json", {}),
+    "zero2": ("zero2.json", {}),
+    "zero3": ("zero3.json", {}),
+    "tp2": ("zero1.json", {"parallel__tensor": 2}),
+    "pp2": ({"fp32": "zero0.json", "bf16": "zero1.json"}, {"parallel__pipeline": 2}),  # JSON by precision
+}
+REPLICATED = ("zero0", "zero1", "zero2", "tp2")
+CELLS = [(p, d, layout) for p in ("fp32", "bf16") for d in (0.0, 0.1) for layout in LAYOUTS]
+
+
+def _train(run_dir, ds, overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_NAN_STEPS=str(NAN_STEP),
+               MEGAPILE_REPLICAS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           HARNESS, "--deepspeed_config", os.path.join(DS, ds)] + overrides
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{run_dir}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _full_weights_val_loss(ckpt: str, preprocessed: dict, seq_len: int, samples: int) -> float:
+    """Validation loss of a checkpoint's full fp32 weights in one plain process, on the first `samples`
+    validation samples (what the run's evaluation scores: equal-sized micro-batches, so one mean)."""
+    import json
+
+    with open(os.path.join(ckpt, "megapile_state.json")) as f:
+        state = json.load(f)
+    model = build_model(ModelConfig(**state["config"]["model"]), seed=0)
+    model.load_state_dict(read_full_weights(ckpt, int(state["zero_stage"])), strict=True)
+    stream = build_samples([preprocessed["valid"]], [1.0], seq_len, state["config"]["train"]["seed"])
+    rows = torch.from_numpy(stream.get_batch(0, samples))
+    with torch.no_grad():
+        return float(model.eval()(rows[:, :-1], targets=rows[:, 1:]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,dropout,layout", CELLS,
+                         ids=[f"{p}-dropout{d:g}-{layout}" for p, d, layout in CELLS])
+def test_cell(precision, dropout, layout, tmp_path, preprocessed, tokenizer_path):
+    ds, extra = LAYOUTS[layout]
+    ds = ds[precision] if isinstance(ds, dict) else ds
+    settings = dict(train__dtype=precision, model__dropout=dropout, train__max_steps=6, checkpoint__every=3,
+                    train__eval_every=3, optim__decay_steps=6, **extra)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    proc = _train(straight, ds, small_run_overrides(preprocessed, tokenizer_path, straight, **settings))
+    records = read_metrics(straight)
+    loss = [r["loss"] for r in records]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+
+    # finite losses that fall; the NaN step skipped on every rank with the weights untouched
+    assert math.isnan(loss[NAN_STEP - 1]) and all(math.isfinite(v) for i, v in enumerate(loss) if i != NAN_STEP - 1)
+    assert loss[5] < loss[0] - 0.05, loss
+    assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0, 1, 1]
+    unchanged = dict(re.findall(rf"rank (\d) step {NAN_STEP} weights unchanged: (True|False)", proc.stdout))
+    assert unchanged == {"0": "True", "1": "True"}, proc.stdout[-2000:]
+
+    # replicated parameters bit-equal across the ranks that hold them
+    replicas = dict(re.findall(r"rank (\d) replicas (\d+ [0-9a-f]{64})", proc.stdout))
+    assert set(replicas) == {"0", "1"}, proc.stdout[-2000:]
+    if layout in REPLICATED:
+        assert int(replicas["0"].split()[0]) > 0
+        assert replicas["0"] == replicas["1"], replicas
+
+    # save -> resume on the same layout: steps 4-6 bit for bit
+    step3 = os.path.join(straight, "checkpoints", "global_step3")
+    _train(resumed, ds, small_run_overrides(preprocessed, tokenizer_path, resumed, checkpoint__resume=step3,
+                                            **settings))
+    again = [r["loss"] for r in read_metrics(resumed)]
+    assert [r["step"] for r in read_metrics(resumed)] == [4, 5, 6]
+    assert all(_same(a, b) for a, b in zip(again, loss[3:])), (again, loss[3:])
+
+    # the checkpoint as full fp32 weights in one plain process scores what the run scored at step 3
+    val = records[2]["val_loss"]
+    full = _full_weights_val_loss(step3, preprocessed, 32, 2 * 8)  # eval_iters 2 × global batch 8
+    assert full == pytest.approx(val, rel=1e-5 if precision == "fp32" else 2e-2)
