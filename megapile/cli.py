@@ -45,5 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.cli_main(args) or 0)
 
 
+def run() -> None:
+    """The `megapile` console script: main(), then leave without interpreter teardown, which DeepSpeed's
+    ZeRO-3 can turn into an abort of a finished run (megapile/process_exit.py)."""
+    from megapile.process_exit import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

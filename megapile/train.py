@@ -34,6 +34,7 @@ import yaml
 from megapile import checkpoint, distributed
 from megapile.checkpoint import compat
 from megapile.config import Config, ConfigError, grad_accum_steps, load_config
+from megapile.process_exit import exit_now
 from megapile.signals import EXIT_CHECKPOINTED, StopFlag
 from megapile.parallel import zero
 
@@ -601,4 +602,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # not sys.exit: see megapile/process_exit.py

@@ -14,7 +14,7 @@ import torch
 from megapile.checkpoint import find_resumable, list_complete, manifest, prune
 from megapile.config import CheckpointConfig
 from megapile.signals import EXIT_CHECKPOINTED
-from train_helpers import DS, ROOT, TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
+from train_helpers import DS, ROOT, TRAIN, assert_close, free_port, launch, losses, read_metrics, small_run_overrides
 
 
 def _overrides(preprocessed, tokenizer_path, run_dir, **extra):
@@ -255,3 +255,17 @@ def test_reshard_a_bf16_zero0_checkpoint_from_its_fp32_masters(tmp_path, preproc
     assert "resharding through full fp32 weights and Adam moments" in proc.stdout
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 9))
     assert_close(losses(run_dir), losses(straight), rel=2e-2)  # bf16 on another layout: close, not bit-equal
+
+
+def test_zero0_low_precision_optimizers_take_and_give_back_a_full_state():
+    """Resharding into bf16/fp16 ZeRO-0 sets DeepSpeed's fp32 masters and Adam moments, not only the module's bf16
+    weights (which the next step would overwrite from stale masters), and what that optimizer then saves reads
+    back unchanged: for the unfused FP16 optimizer (CPU) and the fused one with flat masters per group (GPU)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "probes", "fp16_optimizers.py")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "masters" in line]
+    assert lines == [f"{name}: masters 16 exact True round trip True"
+                     for name in ("FP16_UnfusedOptimizer", "FP16_Optimizer")], proc.stdout[-2000:]

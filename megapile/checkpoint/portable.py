@@ -189,17 +189,32 @@ def apply_full_state(engine, full: dict[str, Any]) -> None:
             group["lr"] = lr  # the next step must use the resumed schedule's lr, not the initial one
 
 
-def _apply_stage0_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter],
-                            full: dict[str, Any]) -> None:
+def _apply_stage0_optimizer(optimizer, params: dict[str, torch.nn.Parameter], full: dict[str, Any]) -> None:
+    """ZeRO-0's optimizer state. fp32: a plain torch optimizer over the module's parameters. bf16/fp16:
+    DeepSpeed's FP16 optimizers step fp32 masters of the module's parameters, and copy them into the module
+    after each step, so the masters must take the full fp32 values too: the unfused optimizer (bf16 on CPU)
+    holds one master per parameter (`fp32_groups`), the fused one (FusedAdam on GPU) one flat master per
+    parameter group (`fp32_groups_flat`, the group's parameters concatenated in order)."""
     by_id = {id(p): n for n, p in params.items()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = by_id[id(p)]
-            optimizer.state[p] = {
-                "step": torch.tensor(float(full["step"])),
-                "exp_avg": full["exp_avg"][name].to(p.device, p.dtype).clone(),
-                "exp_avg_sq": full["exp_avg_sq"][name].to(p.device, p.dtype).clone(),
-            }
+    if not hasattr(optimizer, "fp16_groups"):
+        inner, targets = optimizer, [(p, [by_id[id(p)]]) for g in optimizer.param_groups for p in g["params"]]
+    elif hasattr(optimizer, "fp32_groups_flat"):
+        inner = optimizer.optimizer
+        targets = [(flat, [by_id[id(p)] for p in group])
+                   for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups)]
+    else:
+        inner = optimizer.optimizer
+        targets = [(master, [by_id[id(p)]]) for masters, group in zip(optimizer.fp32_groups, optimizer.fp16_groups)
+                   for master, p in zip(masters, group)]
+
+    def joined(key: str, names: list[str], like: torch.Tensor) -> torch.Tensor:
+        return torch.cat([full[key][n].reshape(-1) for n in names]).view(like.shape).to(like.device, like.dtype)
+
+    for target, names in targets:
+        with torch.no_grad():
+            target.copy_(joined("fp32", names, target))  # a module parameter itself (fp32) or its master
+        inner.state[target] = {"step": torch.tensor(float(full["step"])),
+                               **{key: joined(key, names, target) for key in MOMENTS}}
 
 
 def _ensure_adam_state(optimizer: torch.optim.Optimizer, flats: list[torch.Tensor]) -> None:

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 from megapile import model, train  # noqa: E402
 from megapile.parallel import pipeline, tensor  # noqa: E402
+from megapile.process_exit import exit_now  # noqa: E402
 
 NAN_STEPS = {int(s) for s in os.environ.get("MEGAPILE_NAN_STEPS", "").split(",") if s}
 RANK = os.environ.get("RANK", "0")
@@ -92,4 +93,4 @@ model.GPT.forward = forward
 pipeline.lm_loss = lm_loss
 train.train_step = train_step
 train.loop = loop
-sys.exit(train.main())
+exit_now(train.main())  # as megapile/train.py ends
