@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -241,7 +242,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    source = path or "<defaults>"
+    overridden = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -253,29 +254,55 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(value) if value else None
-    return _build(Config, raw, "", source)
+        overridden[key] = item
+    return _build(Config, raw, "", _Origins(path or "<defaults>", overridden))
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+@dataclass(frozen=True)
+class _Origins:
+    """Where each value came from, so an error names the file or the command-line override that set it."""
+
+    file: str
+    overrides: dict[str, str]  # dotted key -> the override as typed
+
+    def of(self, key: str) -> str:
+        key = re.sub(r"\[\d+\].*", "", key)  # data.train[0].weight: set as part of data.train
+        parent = key
+        while parent:
+            if parent in self.overrides:
+                return f"command line '{self.overrides[parent]}'"
+            parent = parent.rpartition(".")[0]
+        children = [item for k, item in self.overrides.items() if k.startswith(key + ".")]
+        return f"command line '{children[0]}'" if children else self.file
+
+    def naming(self, message: str) -> str:
+        """The origin of a dataclass's own check, whose message starts with the key it rejects."""
+        key = message.split(" ", 1)[0]
+        return self.of(key) if "." in key else self.file
+
+
+def _build(cls: type, raw: Any, prefix: str, origins: _Origins) -> Any:
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{origins.of(where)}: {where} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
-    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}", source) for key, value in raw.items()}
+            raise ConfigError(f"{origins.of(prefix + key)}: unknown key '{prefix}{key}' "
+                              f"(known: {', '.join(sorted(names))})")
+    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}", origins) for key, value in raw.items()}
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{origins.naming(str(e))}: {e}") from None
     except TypeError as e:  # a required field left out
-        raise ConfigError(f"{source}: {where}: {e}") from None
+        raise ConfigError(f"{origins.file}: {where}: {e}") from None
 
 
-def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+def _coerce(hint: Any, value: Any, key: str, origins: _Origins) -> Any:
     origin = typing.get_origin(hint)
+    source = origins.of(key)
     if origin in (Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -283,16 +310,16 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         # Pick the option whose shape matches the value, so its error (not a vague one) is shown.
         matching = [o for o in options if o is not type(None) and _same_kind(o, value)]
         if len(matching) == 1:
-            return _coerce(matching[0], value, key, source)
+            return _coerce(matching[0], value, key, origins)
         names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
         raise ConfigError(f"{source}: {key} must be {names}, got {type(value).__name__} {value!r}")
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__}")
-        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return [_coerce(item, v, f"{key}[{i}]", origins) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.", source)
+        return _build(hint, value, f"{key}.", origins)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string

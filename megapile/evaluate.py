@@ -209,7 +209,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--output", "-o", default=None,
                         help="JSON results (default: RUN_DIR/eval/<checkpoint>_<data>.json, or ./eval_<model>_<data>.json)")
-    parser.add_argument("--tokenizer", help="tokenizer to use (default: the run's data.tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer to use (default: the checkpoint's own copy; another must be byte-identical)")
 
 
 def _default_output(loaded, checkpoint: str, data: str) -> str:

@@ -116,7 +116,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much mass (1: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
-    parser.add_argument("--tokenizer", help="tokenizer to use (default: the run's data.tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer to use (default: the checkpoint's own copy; another must be byte-identical)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -135,9 +135,7 @@ def cli_main(args: argparse.Namespace) -> int:
     except (ExportError, KeyError) as e:
         return fail(str(e))
     tok = loaded.tokenizer
-    prompts = [tok.encode(p) for p in args.prompt]
-    if any(not p for p in prompts):
-        return fail("a --prompt is empty")
+    prompts = [tok.encode(p) or [tok.eod_id] for p in args.prompt]  # "": start a new document
     streaming = len(prompts) == 1
     streamer = Streamer(tok, lambda s: print(s, end="", flush=True)) if streaming else None
     if streaming:

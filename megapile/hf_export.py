@@ -84,8 +84,16 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
         raise ExportError(f"{found.path}: could not reassemble full weights from this layout "
                           f"(tensor {par.get('tensor', 1)}, pipeline {par.get('pipeline', 1)}): "
                           f"missing {missing[:3]}, unexpected {extra[:3]}")
-    tokenizer = state["config"].get("data", {}).get("tokenizer")
-    return cfg, weights, tokenizer, found
+    return cfg, weights, checkpoint_tokenizer(found), found
+
+
+def checkpoint_tokenizer(found) -> Optional[str]:
+    """The tokenizer a checkpoint carries (`tokenizer/`), or, for one saved before checkpoints carried it, the
+    run's data.tokenizer path."""
+    from megapile.checkpoint import TOKENIZER_DIR
+
+    carried = os.path.join(found.path, TOKENIZER_DIR)
+    return carried if os.path.isdir(carried) else found.state["config"].get("data", {}).get("tokenizer")
 
 
 def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optional[str] = None) -> Loaded:
@@ -97,7 +105,7 @@ def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optiona
 
     if not os.path.exists(path):
         raise ExportError(f"{path}: no such checkpoint or model directory")
-    step = None
+    step, trained_with = None, None
     if is_hf_dir(path):
         cfg, weights = load_hf_dir(path)
         tokenizer = tokenizer or path
@@ -105,7 +113,7 @@ def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optiona
     else:
         cfg, weights, ckpt_tokenizer, found = read_checkpoint(path)
         tokenizer = tokenizer or ckpt_tokenizer
-        step = found.step
+        step, trained_with = found.step, found.state.get("fingerprints", {}).get("tokenizer")
         source = f"{found.path} (step {found.step})"
         if not tokenizer:
             raise ExportError(f"{found.path}: the run had no data.tokenizer; pass --tokenizer")
@@ -113,6 +121,9 @@ def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optiona
         tok = load_tokenizer(tokenizer)
     except DataError as e:
         raise ExportError(str(e)) from None
+    if trained_with and tok.fingerprint != trained_with:
+        raise ExportError(f"tokenizer {tokenizer} is not the one {found.path} was trained with (sha256 "
+                          f"{tok.fingerprint[:12]}, trained with {trained_with[:12]})")
     with torch.device("meta"):
         model = GPT(cfg)
     model.load_state_dict(weights, assign=True)
@@ -266,7 +277,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", required=True, help="directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights on disk (default fp32)")
     parser.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this size (default 5GB)")
-    parser.add_argument("--tokenizer", help="tokenizer to ship (default: the run's data.tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer to ship (default: the checkpoint's own copy; another must be byte-identical)")
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -110,6 +110,7 @@ class Run:
     fingerprints: dict
     param_order: list  # parameter names in the order the optimizer numbers them
     layout: object = None  # megapile.parallel.layout.Layout: tensor × pipeline × data ranks
+    tokenizer_files: dict = None  # {path in a checkpoint: bytes}: the tokenizer every checkpoint carries
 
 
 def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
@@ -146,8 +147,9 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
         raise ConfigError("model.compile is supported with ZeRO data parallelism only (parallel.tensor and "
                           "parallel.pipeline 1); set model.compile: false")
     accum = grad_accum_steps(cfg.train, layout.data)
+    _absolute_data_paths(cfg)
     _check_data_paths(cfg)
-    tokenizer_print = _tokenizer_facts(cfg)
+    tokenizer_print, tokenizer_files = _tokenizer_facts(cfg)
     check_vocab(cfg, layout)
     ckpt_dir = checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir)
     checkpoint.check_writable(ckpt_dir, env.rank)  # on every rank, so no rank waits for one that gave up
@@ -216,7 +218,8 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     return Run(cfg, env, device, engine, scheduler, batches(train_stream),
                batches(valid_stream) if valid_stream is not None else None, logger,
                ckpt_dir, accum, flops_per_token, peak,
-               {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order, layout)
+               {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order, layout,
+               tokenizer_files)
 
 
 def _precision(ds_config: dict, dtype: str) -> str:
@@ -472,7 +475,8 @@ def save(run: Run, position: Position, must_succeed: bool = False) -> None:
     if _any_rank([not _weights_finite(run.engine)], run.env)[0]:
         raise TrainingError(f"step {step}: the weights contain NaN or Inf; refusing to save a checkpoint over good ones")
     try:
-        figures = checkpoint.save(run.engine, run.ckpt_dir, step, state, cfg.checkpoint, run.env.is_main)
+        figures = checkpoint.save(run.engine, run.ckpt_dir, step, state, cfg.checkpoint, run.env.is_main,
+                                  files=run.tokenizer_files)
     except checkpoint.CheckpointError as e:
         if must_succeed or cfg.checkpoint.on_save_error == "stop":
             raise TrainingError(str(e)) from None
@@ -540,24 +544,40 @@ def _check_data_paths(cfg: Config) -> None:
                 raise ConfigError(f"{section}: weight of {spec.prefix} must be a positive number, got {spec.weight}")
 
 
-def _tokenizer_facts(cfg: Config) -> str | None:
-    """Fill model.vocab_size from data.tokenizer when unset; return the tokenizer's fingerprint."""
+def _absolute_data_paths(cfg: Config) -> None:
+    """Relative data, tokenizer and cache paths mean the working directory at start (as on a command line);
+    they are made absolute once here, so the resolved config and every checkpoint name the same files."""
+    data = cfg.data
+    for specs in (data.train, data.valid):
+        for spec in specs if isinstance(specs, list) else ():
+            spec.prefix = os.path.abspath(spec.prefix)
+    data.train, data.valid = (os.path.abspath(v) if isinstance(v, str) else v for v in (data.train, data.valid))
+    data.tokenizer, data.cache_dir = (os.path.abspath(v) if v else v for v in (data.tokenizer, data.cache_dir))
+
+
+def _tokenizer_facts(cfg: Config) -> tuple[str | None, dict[str, bytes]]:
+    """Fill model.vocab_size from data.tokenizer when unset; return the tokenizer's fingerprint and its files'
+    bytes as they go into every checkpoint (read once, so every copy has that fingerprint)."""
     if not cfg.data.tokenizer:
         if cfg.model.vocab_size is None:
             raise ConfigError("model.vocab_size is not set and neither is data.tokenizer to read it from")
-        return None
+        return None, {}
     from megapile.data import DataError
     from megapile.data.tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except DataError as e:
+        files = {}
+        for path in tokenizer.files:
+            with open(path, "rb") as f:
+                files[f"{checkpoint.TOKENIZER_DIR}/{os.path.basename(path)}"] = f.read()
+    except (DataError, OSError) as e:
         raise ConfigError(f"data.tokenizer: {e}") from None
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    return tokenizer.fingerprint
+    return tokenizer.fingerprint, files
 
 
 def _is_collective_timeout(error: RuntimeError) -> bool:

@@ -82,7 +82,29 @@ def test_overrides_apply_and_are_checked(tmp_path):
     path.write_text("train:\n  max_steps: 3\n")
     cfg = load_config(str(path), ["train.max_steps=50", "optim.lr=3e-4", "data.train=[{prefix: a, weight: 2}]"])
     assert cfg.train.max_steps == 50 and cfg.optim.lr == 3e-4 and cfg.data.train_specs()[0].weight == 2.0
-    assert "unknown key 'train.max_step'" in _error(tmp_path, "", ["train.max_step=5"])
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.max_step=5", "command line 'train.max_step=5': unknown key 'train.max_step'"),
+    ("trian.max_steps=5", "command line 'trian.max_steps=5': unknown key 'trian'"),
+    ("train.max_steps=ten", "command line 'train.max_steps=ten': train.max_steps must be int"),
+    ("model.dropout=1.5", "command line 'model.dropout=1.5': model.dropout must be in [0, 1)"),
+    ("data.train=[{prefix: a, weight: x}]", "command line 'data.train=[{prefix: a, weight: x}]': "
+                                            "data.train[0].weight must be float"),
+    ("train=3", "command line 'train=3': train must be a mapping"),
+])
+def test_a_bad_override_is_named_as_the_command_line(tmp_path, override, expected):
+    """The value came from the command line, so the error says so, not the config file it was applied to."""
+    path = tmp_path / "ok.yaml"
+    path.write_text("model:\n  num_layers: 2\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), [override, "optim.lr=1e-3"])
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value), str(info.value)
+    # the same mistake in the file names the file, even with overrides given for other keys
+    key, _, value = override.partition("=")
+    section, _, rest = key.partition(".")
+    text = f"{section}:\n  {rest}: {value}\n" if rest else f"{section}: {value}\n"
+    assert _error(tmp_path, text, ["optim.lr=1e-3"]).startswith(str(tmp_path / "bad.yaml") + ":")
 
 
 def test_batch_arithmetic_is_checked_once():

@@ -38,7 +38,17 @@ def _train(args, cwd, env=None):
 
 
 @pytest.fixture(scope="module")
-def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed):
+def checkpoint_dir(tmp_path_factory, tokenizer_path, preprocessed):
+    """A one-step run's checkpoints, for the rows about checkpoints that exist."""
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    proc = _train(small_run_overrides(preprocessed, tokenizer_path, str(run_dir), train__max_steps=1,
+                                      checkpoint__every=1, train__eval_every=0), ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return str(run_dir / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed, checkpoint_dir):
     """id -> (function running the bad input in a fresh directory, files that must not exist afterwards)."""
     work = tmp_path_factory.mktemp("errors")
     val = os.path.join(sample_corpus, "val", "*.jsonl.zst")
@@ -50,6 +60,8 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed):
     good = small_run_overrides(preprocessed, tokenizer_path, str(work / "run"))
     unknown = work / "unknown.yaml"
     unknown.write_text("model:\n  num_layer: 2\n")
+    ok_yaml = work / "ok.yaml"
+    ok_yaml.write_text("model:\n  num_layers: 2\n")
     broken = work / "broken.json"
     broken.write_text('{"zero_optimization": {"stage": 2,,}}')
     disagree = work / "disagree.json"
@@ -58,6 +70,13 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed):
     optimizer.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     blocker = work / "a_file"
     blocker.write_text("x")
+    rewritten = work / "rewritten_tokenizer.json"  # the same vocabulary, other bytes: another fingerprint
+    rewritten.write_text(json.dumps(json.load(open(tokenizer_path)), indent=1))
+
+    def clobber(d):
+        (d / "tokenizer.json").write_text("{}")
+        return _megapile(["ckpt", "consolidate", checkpoint_dir, "--output", "model.safetensors"], d)
+
     pre = lambda inp, tok=tokenizer_path, out="out/x": ["preprocess", "--input", inp, "--tokenizer", str(tok),  # noqa
                                                          "--output-prefix", out, "--no-progress"]
     ds = lambda name: ["--deepspeed_config", os.path.join(DS, name)]  # noqa: E731
@@ -73,6 +92,7 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed):
                                                 "--output-prefix", "out/x", "--no-progress"], d), ["out"]),
         "config-missing-file": (lambda d: _train(["--config", "nope.yaml"], d), ["runs"]),
         "config-unknown-key": (lambda d: _train(["--config", str(unknown)], d), ["runs"]),
+        "config-override": (lambda d: _train(["--config", str(ok_yaml)] + good + ["train.max_step=5"], d), ["runs"]),
         "config-wrong-type": (lambda d: _train(good + ["train.max_steps=many"], d), []),
         "config-batch": (lambda d: _train(good + ["train.global_batch_size=7"], d), []),
         "config-grad-accum": (lambda d: _train(good + ["train.dtype=bf16", "train.grad_accum_dtype=fp32"], d), []),
@@ -86,6 +106,9 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed):
         "ckpt-unwritable": (lambda d: _train(good + [f"checkpoint.dir={blocker}/ckpt"], d), []),
         "ckpt-tool": (lambda d: _megapile(["ckpt", "info", "nothing"], d), []),
         "model-missing": (lambda d: _megapile(["eval", "--checkpoint", "nothing", "--data", val], d), []),
+        "model-tokenizer": (lambda d: _megapile(["generate", "--checkpoint", checkpoint_dir, "--prompt", "a",
+                                                  "--tokenizer", str(rewritten)], d), []),
+        "ckpt-tokenizer-exists": (clobber, ["model.safetensors", "model.safetensors.tmp"]),
         "launch-rank": (lambda d: _train(good, d, env={"RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                                                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}), []),
         "launch-master": (lambda d: _train(good, d, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}), []),

@@ -126,3 +126,21 @@ def test_cli_errors_are_one_line(hf_dirs, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("megapile: error: ") and err.count("\n") == 1
+
+
+def test_cli_empty_prompt_starts_a_new_document(hf_dirs, capsys):
+    """--prompt "" generates from the end-of-document token, as the model saw every document start in training:
+    greedy, it writes what the model continues [eod] with."""
+    from megapile.cli import main
+    from megapile.data.tokenizer import load_tokenizer
+    from megapile.hf_convert import load_hf_dir
+
+    assert main(["generate", "--checkpoint", hf_dirs["neox"], "--prompt", "", "--temperature", "0",
+                 "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    tok = load_tokenizer(hf_dirs["neox"])
+    cfg, weights = load_hf_dir(hf_dirs["neox"])
+    model = build_model(cfg, seed=0)
+    model.load_state_dict(weights)
+    expected = generate(model.eval(), [[tok.eod_id]], 6, eod_id=tok.eod_id)[0]
+    assert out == tok.decode(expected) + "\n" and expected

@@ -5,6 +5,8 @@ On disk, under `checkpoint.dir`:
     global_step300/            one complete checkpoint
         <DeepSpeed's files>    model/optimizer/scheduler shards, one set per rank
         megapile_state.json    step, global sample index, every rank's RNG streams, config, fingerprints
+        tokenizer/             a byte copy of the run's tokenizer file(s), so the checkpoint works wherever
+                               it is copied (eval, generate, export-hf); its sha256 is the recorded fingerprint
         manifest.json          every file with its size and CRC32; written last
     latest                     the tag of the newest complete checkpoint (DeepSpeed's format)
 
@@ -30,6 +32,7 @@ from megapile.checkpoint import manifest, rng
 from megapile.config import CheckpointConfig, ConfigError
 
 STATE_FILE = "megapile_state.json"
+TOKENIZER_DIR = "tokenizer"
 ROLLBACK_FILE = "rolled_back/last_rollback.json"
 _TAG = re.compile(r"^global_step(\d+)$")
 
@@ -116,8 +119,10 @@ class CheckpointError(RuntimeError):
 
 
 def save(engine, directory: str, step: int, state: dict[str, Any], cfg: CheckpointConfig,
-         is_main: bool) -> dict[str, float]:
+         is_main: bool, files: Optional[dict[str, bytes]] = None) -> dict[str, float]:
     """Collective: every rank writes its shards, rank 0 seals the checkpoint. Returns timing figures.
+
+    `files` ({relative path: contents}) are written by rank 0 into the checkpoint too, under the manifest.
 
     A write that fails on any rank (disk full, I/O error) fails the save on every rank with CheckpointError,
     after removing the partial `.tmp` folder; nothing that existed before is touched.
@@ -146,6 +151,10 @@ def save(engine, directory: str, step: int, state: dict[str, Any], cfg: Checkpoi
         try:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump({**state, "rng": states}, f)
+            for rel, data in (files or {}).items():
+                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                with open(os.path.join(tmp, rel), "wb") as f:
+                    f.write(data)
             manifest.write(tmp)
             _replace_dir(tmp, final)
             manifest.fsync_dir(directory)

@@ -5,11 +5,13 @@ DIR is one checkpoint (`.../global_step300`) or a checkpoint directory, meaning 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
+import shutil
 import sys
 
-from megapile.checkpoint import STATE_FILE, Found, find_resumable, list_complete, manifest
+from megapile.checkpoint import STATE_FILE, TOKENIZER_DIR, Found, find_resumable, list_complete, manifest
 
 
 def resolve(path: str) -> Found:
@@ -42,8 +44,17 @@ def info(found: Found) -> str:
         + ("" if not problems else f" (INCOMPLETE: {problems[0]})"),
         "saved by     " + ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items()),
         "resumes on   " + _resumes_on(s),
+        "tokenizer    " + _tokenizer_line(found),
     ]
     return "\n".join(lines)
+
+
+def _tokenizer_line(found: Found) -> str:
+    carried = os.path.join(found.path, TOKENIZER_DIR)
+    sha = (found.state.get("fingerprints") or {}).get("tokenizer") or "none recorded"
+    if os.path.isdir(carried):
+        return f"carried ({', '.join(sorted(os.listdir(carried)))}), sha256 {sha[:12]}"
+    return f"not carried (saved before checkpoints carried it): {found.state['config']['data'].get('tokenizer')}"
 
 
 def _layout(state: dict) -> str:
@@ -78,6 +89,18 @@ def consolidate(found: Found, output: str) -> int:
     return len(weights)
 
 
+def tokenizer_copies(found: Found, directory: str) -> list[tuple[str, str]]:
+    """(source, target) pairs that put the tokenizer a checkpoint carries into `directory`, beside consolidated
+    weights. A different file already there under that name is an error: it is never overwritten."""
+    carried = os.path.join(found.path, TOKENIZER_DIR)
+    pairs = [(os.path.join(carried, name), os.path.join(directory, name))
+             for name in (sorted(os.listdir(carried)) if os.path.isdir(carried) else [])]
+    for source, target in pairs:
+        if os.path.exists(target) and not filecmp.cmp(target, source, shallow=False):
+            raise FileExistsError(f"{target} exists and is not this checkpoint's tokenizer; not overwritten")
+    return pairs
+
+
 def add_cli(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     for name, help_ in (("info", "step, layout, sizes, what it can resume on"),
@@ -108,6 +131,14 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"{found.tag}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
         return 1 if problems else 0
     else:
+        try:
+            copies = tokenizer_copies(found, os.path.dirname(os.path.abspath(args.output)))
+        except FileExistsError as e:
+            print(f"megapile: error: {e}", file=sys.stderr)
+            return 1
         count = consolidate(found, args.output)
-        print(f"wrote {args.output}: {count} fp32 tensors from {found.path}")
+        for source, target in copies:
+            shutil.copyfile(source, target)
+        print(f"wrote {args.output}: {count} fp32 tensors from {found.path}"
+              + (f"; its tokenizer: {', '.join(t for _, t in copies)}" if copies else ""))
     return 0
