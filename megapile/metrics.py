@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import sys
 from typing import Any
 
@@ -24,6 +26,19 @@ _CONSOLE = [
 ]
 
 
+def wandb_run_id(run_dir: str) -> str:
+    """The run directory's wandb run id: made at its first start, read back at every later one."""
+    path = os.path.join(run_dir, "wandb_run_id")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # wandb's id format
+    with open(path + ".tmp", "w") as f:
+        f.write(run_id + "\n")
+    os.replace(path + ".tmp", path)
+    return run_id
+
+
 def wandb_mode(environ: dict[str, str]) -> str:
     """Online only when the user configured a key or a mode; never ask for a login."""
     if environ.get("WANDB_MODE"):
@@ -32,8 +47,13 @@ def wandb_mode(environ: dict[str, str]) -> str:
 
 
 class MetricsLogger:
+    """One training run's sinks. A restarted run (a crash, a requeue, a rollback) continues the same ones: the
+    same wandb run (its id is kept in RUN_DIR/wandb_run_id), and a TensorBoard stream whose steps past the
+    resumed checkpoint are purged (`rewind`), so every sink reads as one run with each step once."""
+
     def __init__(self, cfg: LoggingConfig, run_config: dict[str, Any], enabled: bool):
         self.enabled = enabled
+        self._cfg = cfg
         self._wandb = None
         self._tb = None
         self._file = None
@@ -51,11 +71,9 @@ class MetricsLogger:
                 config=run_config,
                 mode=wandb_mode(dict(os.environ)),
                 name=os.path.basename(os.path.abspath(cfg.run_dir)),
+                id=wandb_run_id(cfg.run_dir),
+                resume="allow",
             )
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
 
     def log(self, record: dict[str, Any], console=None) -> None:
         """Write one step's numbers to every sink; `console` prints the line (e.g. tqdm.write)."""
@@ -92,6 +110,11 @@ class MetricsLogger:
             f.writelines(kept)
         os.replace(tmp, self._path)
         self._file = open(self._path, "a", buffering=1)
+        if self._cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # TensorBoard hides the earlier starts' events from step+1 on: they are logged again from here
+            self._tb = SummaryWriter(os.path.join(self._cfg.run_dir, "tensorboard"), purge_step=step + 1)
 
     def message(self, text: str) -> None:
         if self.enabled:

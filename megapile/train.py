@@ -334,11 +334,13 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=None if env.is_main else True,
                unit="step", dynamic_ncols=True)
     window_losses: list[torch.Tensor] = []
-    window_start = time.perf_counter()
+    window_seconds = 0.0  # training time only: evaluation, saving and logging are timed apart, not counted
+    save_seconds = None  # the save since the last record, logged with the next one
     intervals = []  # (steps, seconds) of each logged interval, for the end-of-run throughput summary
     skipped_total, first_bad = 0, None
     for step in range(start_step, cfg.train.max_steps):
         first_sample = position.sample_index
+        step_start = time.perf_counter()
         loss, grad_norm, skipped = train_step(run, first_sample)
         position = Position(step + 1, first_sample + cfg.train.global_batch_size, position.tokens_seen + tokens_per_step)
         window_losses.append(loss)
@@ -346,17 +348,20 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
         done = step + 1
         last = done == cfg.train.max_steps
         stopping, bad_loss = _any_rank([stop.requested, not bool(torch.isfinite(loss))], env)
+        window_seconds += time.perf_counter() - step_start  # the flags' all-reduce waits for the step to finish
         if skipped or bad_loss:  # every rank agrees: the grad norm is global, the flags all-reduced
             skipped_total += 1
             first_bad = first_bad or (done, first_sample)
             _check_bad_streak(run, first_bad, done)
         else:
             first_bad = None
-        val_loss = None
+        val_loss = eval_seconds = None
         if run.valid_batches is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
+            eval_start = time.perf_counter()
             val_loss = evaluate(engine, run.valid_batches, cfg.train.eval_iters, env, run.device)
+            eval_seconds = time.perf_counter() - eval_start
         if done % cfg.train.log_every == 0 or last or stopping or val_loss is not None:
-            elapsed = time.perf_counter() - window_start
+            elapsed = max(window_seconds, 1e-9)
             loss_value = _mean_over_ranks(torch.stack(window_losses).mean(), env)
             tokens_per_s = tokens_per_step * len(window_losses) / elapsed
             tflops = run.flops_per_token * tokens_per_s / env.world_size / 1e12
@@ -373,14 +378,18 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
                 "skipped_steps": skipped_total,
             }
             if val_loss is not None:
-                record["val_loss"] = val_loss
+                record.update(val_loss=val_loss, eval_seconds=eval_seconds)
+            if save_seconds is not None:
+                record["save_seconds"], save_seconds = save_seconds, None
             run.logger.log(record, console=bar.write)
             intervals.append((len(window_losses), elapsed))
             summary.update(step=done, loss=loss_value, val_loss=val_loss if val_loss is not None else summary["val_loss"])
-            window_losses, window_start = [], time.perf_counter()
+            window_losses, window_seconds = [], 0.0
         scheduled = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping
         if scheduled and first_bad is None:  # never checkpoint inside a run of skipped steps
+            save_start = time.perf_counter()
             save(run, position, must_succeed=last or stopping)
+            save_seconds = time.perf_counter() - save_start
         if stopping:
             run.logger.message(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {done}; "
                                f"exit code {EXIT_CHECKPOINTED} (restart the same command to resume)")

@@ -1,0 +1,57 @@
+"""What the metrics sinks show across a run's life: honest throughput (evaluation and saving timed apart), one
+wandb run and one TensorBoard stream per run directory however often it restarts or rolls back."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train_helpers import DS, ROOT, launch, read_metrics, small_run_overrides
+
+
+@pytest.mark.slow
+def test_tokens_per_second_leaves_out_evaluation_and_saving(tmp_path, preprocessed, tokenizer_path):
+    run_dir = str(tmp_path / "run")
+    harness = os.path.join(ROOT, "tests", "probes", "fake_clock_train.py")
+    proc = subprocess.run([sys.executable, harness, "--deepspeed_config", os.path.join(DS, "zero0.json")]
+                          + small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=6,
+                                                train__log_every=1, train__eval_every=2, checkpoint__every=3),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert [r["tokens_per_s"] for r in records] == [8 * 32.0] * 6  # global batch × seq_len per 1 s step
+    assert [r.get("eval_seconds") for r in records] == [None, 1000.0, None, 1000.0, None, 1000.0]
+    assert [r.get("save_seconds") for r in records] == [None, None, None, 500.0, None, None]
+    assert "throughput over 5 steps (first interval excluded as warm-up): 256 tokens/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_restarts_and_a_rollback_keep_one_wandb_run_and_one_tensorboard_stream(tmp_path, preprocessed,
+                                                                              tokenizer_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = str(tmp_path / "run")
+
+    def start(**extra):
+        launch("python", 1, "zero0.json", small_run_overrides(
+            preprocessed, tokenizer_path, run_dir, logging__wandb=True, logging__tensorboard=True,
+            checkpoint__every=2, checkpoint__keep_last=10, **extra))
+
+    start(train__max_steps=4)
+    start(train__max_steps=6, checkpoint__resume=os.path.join(run_dir, "checkpoints", "global_step2"))  # rollback
+    start(train__max_steps=8)  # a plain restart: resumes step 6
+
+    run_id = open(os.path.join(run_dir, "wandb_run_id")).read().strip()
+    starts = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")))
+    assert len(starts) == 3 and all(path.endswith("-" + run_id) for path in starts), (run_id, starts)
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == list(range(1, 9))  # steps 3-4 of the first start were purged
+    logged = [r["loss"] for r in read_metrics(run_dir)]
+    assert [e.value for e in loss] == pytest.approx(logged, rel=1e-6)  # the values of the branch that stands
+    assert json.load(open(os.path.join(run_dir, "checkpoints", "rolled_back", "last_rollback.json")))
