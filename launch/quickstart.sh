@@ -19,6 +19,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per rank: 2 ranks 
 [ -f data/pile_val.idx ] || megapile preprocess --input 'data/sample/val/*.jsonl.zst' \
     --tokenizer data/tokenizer.json --output-prefix data/pile_val --workers 2
 
-deepspeed --num_gpus 2 "$repo/megapile/train.py" \
+# Quiet by default: the launcher's own INFO lines only with --verbose (which train.py takes too). Without a GPU,
+# naming the CPU accelerator spares every process DeepSpeed's "Setting accelerator to CPU" warning.
+log_level=warning
+for arg in "$@"; do [ "$arg" = "--verbose" ] && log_level=info; done
+command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+deepspeed --log_level "$log_level" --num_gpus 2 "$repo/megapile/train.py" \
     --deepspeed_config "$repo/ds_configs/zero2.json" --config "$repo/configs/tiny.yaml" "$@"
 echo "quickstart done: metrics in $work/runs/tiny/metrics.jsonl (plot them: megapile plot $work/runs/tiny)"

@@ -187,6 +187,7 @@ class LoggingConfig:
     wandb: bool = True  # offline when no API key is configured
     wandb_project: str = "megapile"
     tensorboard: bool = False
+    verbose: bool = False  # DeepSpeed's INFO lines, known-harmless library warnings, wandb's summary (or --verbose)
 
 
 @dataclass

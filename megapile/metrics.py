@@ -73,6 +73,7 @@ class MetricsLogger:
                 name=os.path.basename(os.path.abspath(cfg.run_dir)),
                 id=wandb_run_id(cfg.run_dir),
                 resume="allow",
+                settings=wandb.Settings(quiet=not cfg.verbose),  # quiet: no run summary at the end
             )
 
     def log(self, record: dict[str, Any], console=None) -> None:

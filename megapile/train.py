@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from megapile import checkpoint, distributed
+from megapile import checkpoint, console, distributed
 from megapile.checkpoint import compat
 from megapile.config import Config, ConfigError, grad_accum_steps, load_config
 from megapile.process_exit import exit_now
@@ -68,12 +68,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help=f"DeepSpeed JSON with the ZeRO settings (default {os.path.relpath(DEFAULT_DS_CONFIG)})")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; LOCAL_RANK in the environment wins")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show DeepSpeed's INFO lines, library warnings and wandb's summary (logging.verbose)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["logging.verbose=true"] if args.verbose else []))
         env = distributed.detect(os.environ)
         summary = train(cfg, args.deepspeed_config or DEFAULT_DS_CONFIG, env)
     except (ConfigError, distributed.LaunchError, TrainingError) as e:
@@ -139,6 +141,7 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     from megapile.parallel.layout import check_vocab, resolve_layout
     from megapile.parallel.zero import load_ds_json, resolve_ds_config, resolve_dtype, wrap_zero
 
+    console.configure(cfg.logging.verbose)
     # Everything that can be checked before starting processes and building the model is checked here.
     ds_json = load_ds_json(ds_config_path)
     init_weights = apply_init_from(cfg)  # model.init_from: shapes (and tokenizer) from a local HF directory
@@ -159,7 +162,9 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
         torch.cuda.set_device(device)
     else:
         _set_cpu_threads(env)
-    distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo", timeout_s=cfg.train.collective_timeout_s)
+    with console.library_output(cfg.logging.verbose):  # DeepSpeed's "shm comm op built" line
+        distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo",
+                         timeout_s=cfg.train.collective_timeout_s)
     dtype = resolve_dtype(cfg, device)
     ds_config = resolve_ds_config(ds_json, cfg, layout.data, dtype, ds_config_path)
 
