@@ -23,7 +23,20 @@ _CONSOLE = [
     ("tokens_per_s", "{:,.0f} tok/s"),
     ("tflops_per_device", "{:.2f} TFLOP/s/dev"),
     ("mfu", "MFU {:.1%}"),
+    ("elapsed_seconds", "{:hms} elapsed"),
+    ("eta_seconds", "ETA {:hms}"),
 ]
+
+
+def hms(seconds: float) -> str:
+    """1h02m03s, 4m05s, 6s."""
+    s = int(round(seconds))
+    h, m = s // 3600, s // 60 % 60
+    return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
+
+
+def _console_field(fmt: str, value: Any) -> str:
+    return fmt.replace("{:hms}", hms(value)) if "{:hms}" in fmt else fmt.format(value)
 
 
 def wandb_run_id(run_dir: str) -> str:
@@ -81,7 +94,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
-        line = " | ".join(fmt.format(record[key]) for key, fmt in _CONSOLE if record.get(key) is not None)
+        line = " | ".join(_console_field(fmt, record[key]) for key, fmt in _CONSOLE if record.get(key) is not None)
         (console or print)(line)
         step = record["step"]
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}

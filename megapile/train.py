@@ -341,6 +341,7 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
     window_losses: list[torch.Tensor] = []
     window_seconds = 0.0  # training time only: evaluation, saving and logging are timed apart, not counted
     save_seconds = None  # the save since the last record, logged with the next one
+    loop_start = time.perf_counter()  # wall time of this start, evaluation and saving included: for the ETA
     intervals = []  # (steps, seconds) of each logged interval, for the end-of-run throughput summary
     skipped_total, first_bad = 0, None
     for step in range(start_step, cfg.train.max_steps):
@@ -381,6 +382,8 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
                 "samples_seen": position.sample_index,
                 "tokens_seen": position.tokens_seen,
                 "skipped_steps": skipped_total,
+                "elapsed_seconds": (wall := time.perf_counter() - loop_start),
+                "eta_seconds": wall / (done - start_step) * (cfg.train.max_steps - done),
             }
             if val_loss is not None:
                 record.update(val_loss=val_loss, eval_seconds=eval_seconds)

@@ -1,5 +1,6 @@
-"""What the metrics sinks show across a run's life: honest throughput (evaluation and saving timed apart), one
-wandb run and one TensorBoard stream per run directory however often it restarts or rolls back."""
+"""What the metrics sinks show across a run's life: honest throughput (evaluation and saving timed apart), elapsed
+time and ETA, one wandb run and one TensorBoard stream per run directory however often it restarts or rolls
+back."""
 import glob
 import json
 import os
@@ -26,6 +27,10 @@ def test_tokens_per_second_leaves_out_evaluation_and_saving(tmp_path, preprocess
     assert [r.get("eval_seconds") for r in records] == [None, 1000.0, None, 1000.0, None, 1000.0]
     assert [r.get("save_seconds") for r in records] == [None, None, None, 500.0, None, None]
     assert "throughput over 5 steps (first interval excluded as warm-up): 256 tokens/s" in proc.stdout
+    # the step lines' elapsed time and ETA are wall time (evaluation and saving included), this start's pace
+    assert [r["elapsed_seconds"] for r in records] == [1.0, 1002.0, 1003.0, 2504.0, 2505.0, 3506.0]
+    assert [r["eta_seconds"] for r in records] == [5.0, 2004.0, 1003.0, 1252.0, 501.0, 0.0]
+    assert "| 16m43s elapsed | ETA 16m43s" in proc.stdout + proc.stderr  # step 3: 1003 s, and 1003 s to go
 
 
 @pytest.mark.slow
