@@ -1,4 +1,5 @@
-"""`megapile plot RUN_DIR [RUN_DIR ...]`: training/validation loss, lr and tokens/s against step, runs overlaid."""
+"""`megapile plot RUN_DIR [RUN_DIR ...]`: training/validation loss, lr and tokens/s against step, runs overlaid;
+validation bits per byte per Pile component when the runs logged it."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,8 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 def plot_runs(run_dirs: list[str], output: str) -> None:
+    """Four panels (training and validation loss, lr, tokens/s), and a fifth with one line per Pile component's
+    validation bits per byte when a run logged them (train.eval_components)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -30,25 +33,34 @@ def plot_runs(run_dirs: list[str], output: str) -> None:
 
     panels = [("loss", "training loss"), ("val_loss", "validation loss"), ("lr", "learning rate"),
               ("tokens_per_s", "tokens / s")]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for run_dir in run_dirs:
-        records = read_metrics(run_dir)
-        label = os.path.basename(os.path.normpath(run_dir))
-        for ax, (key, _) in zip(axes.flat, panels):
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, marker="." if len(points) < 30 else None, label=label)
-    for ax, (key, title) in zip(axes.flat, panels):
+    runs = [(os.path.basename(os.path.normpath(d)), read_metrics(d)) for d in run_dirs]
+    components = sorted({k for _, records in runs for r in records for k in r if k.startswith("val_bpb/")})
+    fig, axes = plt.subplots(3 if components else 2, 2, figsize=(11, 10.5 if components else 7))
+    flat = list(axes.flat)
+    for label, records in runs:
+        for ax, (key, _) in zip(flat, panels):
+            _line(ax, records, key, label)
+        for key in components:
+            _line(flat[4], records, key, key.split("/", 1)[1] + ("" if len(runs) == 1 else f" ({label})"))
+    for ax, (key, title) in zip(flat, panels + [("", "validation bits per byte, by component")]):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
+    if components:
+        flat[5].axis("off")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=100)
     plt.close(fig)
+
+
+def _line(ax, records: list[dict], key: str, label: str) -> None:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(points) < 30 else None, label=label)
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:

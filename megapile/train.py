@@ -24,14 +24,14 @@ import argparse
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 import yaml
 
-from megapile import checkpoint, console, distributed
+from megapile import checkpoint, component_eval, console, distributed
 from megapile.checkpoint import compat
 from megapile.config import Config, ConfigError, grad_accum_steps, load_config
 from megapile.process_exit import exit_now
@@ -112,6 +112,7 @@ class Run:
     fingerprints: dict
     param_order: list  # parameter names in the order the optimizer numbers them
     layout: object = None  # megapile.parallel.layout.Layout: tensor × pipeline × data ranks
+    components: list = field(default_factory=list)  # megapile.component_eval.Component: per-component validation
     tokenizer_files: dict = None  # {path in a checkpoint: bytes}: the tokenizer every checkpoint carries
 
 
@@ -220,11 +221,15 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
         return Batches(stream, cfg.train.global_batch_size, cfg.train.micro_batch_size, layout.data_rank(env.rank),
                        layout.data)
 
+    components = (component_eval.components(
+        [s.prefix for s in valid_specs],
+        lambda prefix: batches(build_samples([prefix], [1.0], seq_len, cfg.train.seed, cache_dir=cfg.data.cache_dir)))
+        if cfg.train.eval_components else [])
     return Run(cfg, env, device, engine, scheduler, batches(train_stream),
                batches(valid_stream) if valid_stream is not None else None, logger,
                ckpt_dir, accum, flops_per_token, peak,
                {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order, layout,
-               tokenizer_files)
+               tokenizer_files=tokenizer_files, components=components)
 
 
 def _precision(ds_config: dict, dtype: str) -> str:
@@ -365,6 +370,11 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
         if run.valid_batches is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
             eval_start = time.perf_counter()
             val_loss = evaluate(engine, run.valid_batches, cfg.train.eval_iters, env, run.device)
+            by_component = {}
+            for component in run.components:
+                loss_c = evaluate(engine, component.batches, cfg.train.eval_iters, env, run.device)
+                by_component.update({f"val_loss/{component.name}": loss_c,
+                                     f"val_bpb/{component.name}": component.bits_per_byte(loss_c)})
             eval_seconds = time.perf_counter() - eval_start
         if done % cfg.train.log_every == 0 or last or stopping or val_loss is not None:
             elapsed = max(window_seconds, 1e-9)
@@ -386,7 +396,7 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
                 "eta_seconds": wall / (done - start_step) * (cfg.train.max_steps - done),
             }
             if val_loss is not None:
-                record.update(val_loss=val_loss, eval_seconds=eval_seconds)
+                record.update(val_loss=val_loss, eval_seconds=eval_seconds, **by_component)
             if save_seconds is not None:
                 record["save_seconds"], save_seconds = save_seconds, None
             run.logger.log(record, console=bar.write)

@@ -62,7 +62,10 @@ def test_split_by_component_and_filter(sample_corpus, tokenizer_path, tmp_path):
         ds = IndexedDataset(component_prefix(prefix, comp))
         want = _expected([d for d in docs if d.component == comp], tok)
         assert [ds[i].tolist() for i in range(len(ds))] == want
-        assert json.load(open(component_prefix(prefix, comp) + ".json"))["component"] == comp
+        sidecar = json.load(open(component_prefix(prefix, comp) + ".json"))
+        assert sidecar["component"] == comp and sidecar["tokens"] == sum(len(t) for t in want)
+        # the denominator of bits per byte: the UTF-8 bytes of the component's documents
+        assert sidecar["text_bytes"] == sum(len(d.text.encode("utf-8")) for d in docs if d.component == comp)
     only = preprocess(pattern, tok, str(tmp_path / "gh"), components=["Github"])
     assert only.documents == sum(d.component == "Github" for d in docs)
     assert only.filtered == len(docs) - only.documents

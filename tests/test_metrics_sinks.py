@@ -60,3 +60,32 @@ def test_restarts_and_a_rollback_keep_one_wandb_run_and_one_tensorboard_stream(t
     logged = [r["loss"] for r in read_metrics(run_dir)]
     assert [e.value for e in loss] == pytest.approx(logged, rel=1e-6)  # the values of the branch that stands
     assert json.load(open(os.path.join(run_dir, "checkpoints", "rolled_back", "last_rollback.json")))
+
+
+@pytest.mark.slow
+def test_validation_bits_per_byte_per_component_while_training(tmp_path, sample_corpus, preprocessed,
+                                                                tokenizer_path):
+    from megapile.cli import main
+    from megapile.data.preprocess import preprocess
+    from megapile.data.tokenizer import load_tokenizer
+
+    split = str(tmp_path / "val")
+    result = preprocess(os.path.join(sample_corpus, "val", "*.jsonl.zst"), load_tokenizer(tokenizer_path), split,
+                        split_by_component=True)
+    prefixes = dict(result.outputs)  # component -> prefix
+    run_dir = str(tmp_path / "run")
+    valid = "[" + ", ".join(f"{{prefix: {p}}}" for p in prefixes.values()) + "]"
+    launch("python", 1, "zero0.json", small_run_overrides(
+        preprocessed, tokenizer_path, run_dir, train__max_steps=6, train__eval_every=2, train__eval_components=True)
+        + [f"data.valid={valid}"])
+    evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    for component, prefix in prefixes.items():
+        facts = json.load(open(prefix + ".json"))
+        for r in evals:
+            loss, bpb = r[f"val_loss/{component}"], r[f"val_bpb/{component}"]
+            assert bpb == pytest.approx(loss * facts["tokens"] / facts["text_bytes"] / 0.6931471805599453, rel=1e-9)
+        assert evals[-1][f"val_loss/{component}"] < evals[0][f"val_loss/{component}"]  # it learns
+    out = os.path.join(run_dir, "plot.png")
+    assert main(["plot", run_dir, "--output", out]) == 0
+    assert open(out, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -97,6 +97,7 @@ def _init_worker(tokenizer_path: str, fingerprint: str) -> None:
 class _ChunkResult:
     tokens: dict[str, np.ndarray]  # component ("" unless split) -> flat tokens, EOD after each doc
     lengths: dict[str, np.ndarray]
+    text_bytes: dict[str, int]  # UTF-8 bytes of the tokenized texts: the denominator of bits per byte
     skips: Skips
     filtered: int
     input_bytes: int
@@ -130,16 +131,18 @@ def _process(chunk: Chunk, components: Optional[frozenset], split: bool, dtype: 
             locations.append(f"{chunk.source}:{chunk.first + i}")
     ids = _encode_all(tok, texts, locations, skips)
     by_group: dict[str, list[list[int]]] = collections.defaultdict(list)
-    for group, doc in zip(groups, ids):
+    text_bytes: dict[str, int] = collections.defaultdict(int)
+    for group, doc, text in zip(groups, ids, texts):
         if doc is not None:
             by_group[group].append(doc)
+            text_bytes[group] += len(text.encode("utf-8"))
     eod = [tok.eod_id]
     tokens, lengths = {}, {}
     for group, docs in by_group.items():
         lengths[group] = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
         flat = itertools.chain.from_iterable(itertools.chain.from_iterable(zip(docs, itertools.repeat(eod))))
         tokens[group] = np.fromiter(flat, dtype=dtype, count=int(lengths[group].sum()))
-    return _ChunkResult(tokens, lengths, skips, filtered, input_bytes, chunk.progress)
+    return _ChunkResult(tokens, lengths, dict(text_bytes), skips, filtered, input_bytes, chunk.progress)
 
 
 def _encode_all(tok: Tokenizer, texts: list[str], locations: list[str], skips: Skips) -> list[Optional[list[int]]]:
@@ -210,9 +213,10 @@ def preprocess(
                 raise DataError(f"{where}: {SKIP_REASONS.get(reason, reason)}")
             for group, tokens in r.tokens.items():
                 writer_for(group).add_documents(tokens, r.lengths[group])
-                counts = result.per_component.setdefault(group, {"documents": 0, "tokens": 0})
+                counts = result.per_component.setdefault(group, {"documents": 0, "tokens": 0, "text_bytes": 0})
                 counts["documents"] += len(r.lengths[group])
                 counts["tokens"] += len(tokens)
+                counts["text_bytes"] += r.text_bytes[group]
                 result.documents += len(r.lengths[group])
                 result.tokens += len(tokens)
             result.skips.update(r.skips)
@@ -258,6 +262,7 @@ def _sidecar(result: PreprocessResult, group: str, writer: IndexedDatasetWriter,
         "component": group or None,
         "documents": writer.num_documents,
         "tokens": writer.num_tokens,
+        "text_bytes": result.per_component.get(group, {}).get("text_bytes", 0),  # UTF-8 bytes of its documents
         "dtype": writer.dtype.name,
         "tokenizer": {
             "path": tok.path,
