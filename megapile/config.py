@@ -189,6 +189,7 @@ class LoggingConfig:
     wandb_project: str = "megapile"
     tensorboard: bool = False
     verbose: bool = False  # DeepSpeed's INFO lines, known-harmless library warnings, wandb's summary (or --verbose)
+    progress: bool = True  # progress bars on a terminal (steps, validation, resharding, saving); --no-progress
 
 
 @dataclass

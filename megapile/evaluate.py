@@ -209,6 +209,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--output", "-o", default=None,
                         help="JSON results (default: RUN_DIR/eval/<checkpoint>_<data>.json, or ./eval_<model>_<data>.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--tokenizer", help="tokenizer to use (default: the checkpoint's own copy; another must be byte-identical)")
 
 
@@ -249,9 +250,9 @@ def cli_main(args: argparse.Namespace) -> int:
         distributed.init(env, backend="nccl" if cuda else "gloo")
     try:
         loaded = load_model(args.checkpoint, device, args.tokenizer)
-        from tqdm import tqdm
+        from megapile.progress import bar as progress_bar
 
-        bar = tqdm(unit="window", disable=None if env.is_main else True, dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(desc="eval", unit="window", enabled=env.is_main and not args.no_progress)
         totals = evaluate(loaded.model, loaded.tokenizer, args.data, seq_len=args.seq_len, stride=args.stride,
                           max_docs=args.max_docs, batch_size=args.batch_size, rank=env.rank,
                           world_size=env.world_size, progress=bar.update)

@@ -135,17 +135,18 @@ def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optiona
 
 
 def export(source: str, output: str, dtype: str = "fp32", max_shard_bytes: int = 5 * 10**9,
-           tokenizer: Optional[str] = None) -> dict[str, Any]:
+           tokenizer: Optional[str] = None, show_progress: bool = False) -> dict[str, Any]:
     """Write `source` (checkpoint or HF directory) as a Hugging Face directory; return a summary."""
     loaded = load_model(source, "cpu", tokenizer)
     sd = {k: v.detach() for k, v in loaded.model.state_dict().items()}
-    files = write_hf_dir(loaded.cfg, sd, loaded.tokenizer, output, DTYPES[dtype], max_shard_bytes)
+    files = write_hf_dir(loaded.cfg, sd, loaded.tokenizer, output, DTYPES[dtype], max_shard_bytes, show_progress)
     return {"source": loaded.source, "output": output, "arch": loaded.cfg.arch, "files": files,
             "parameters": sum(t.numel() for t in sd.values())}
 
 
 def write_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, output: str,
-                 dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 10**9) -> list[str]:
+                 dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 10**9,
+                 show_progress: bool = False) -> list[str]:
     """config.json, (sharded) safetensors, generation_config.json and tokenizer files into `output`."""
     import transformers
 
@@ -170,12 +171,13 @@ def write_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, output: str
     if not cfg.tie_embeddings:  # tied: HF re-ties on load (and safetensors refuses shared storage)
         hf_sd["embed_out.weight" if cfg.arch == "neox" else "lm_head.weight"] = head  # the on-disk names
     files = _save_sharded({k: v.detach().to("cpu", dtype).contiguous() for k, v in hf_sd.items()}, output,
-                          max_shard_bytes)
+                          max_shard_bytes, show_progress)
     files += write_tokenizer(tok, output, cfg.max_seq_len)
     return ["config.json", "generation_config.json"] + files
 
 
-def _save_sharded(sd: dict[str, torch.Tensor], output: str, max_shard_bytes: int) -> list[str]:
+def _save_sharded(sd: dict[str, torch.Tensor], output: str, max_shard_bytes: int,
+                  show_progress: bool = False) -> list[str]:
     """model.safetensors, or shards of at most max_shard_bytes (a bigger tensor gets its own) + an index."""
     from safetensors.torch import save_file
 
@@ -194,7 +196,9 @@ def _save_sharded(sd: dict[str, torch.Tensor], output: str, max_shard_bytes: int
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards):
+    from megapile.progress import bar
+
+    for name, shard in bar(list(zip(names, shards)), desc="export", unit="shard", enabled=show_progress):
         save_file(shard, os.path.join(output, name), metadata=metadata)
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
@@ -278,6 +282,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights on disk (default fp32)")
     parser.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this size (default 5GB)")
     parser.add_argument("--tokenizer", help="tokenizer to ship (default: the checkpoint's own copy; another must be byte-identical)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar while writing shards")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -286,7 +291,8 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         if os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
             raise ExportError("--output must differ from --checkpoint")
-        summary = export(args.checkpoint, args.output, args.dtype, parse_size(args.max_shard_size), args.tokenizer)
+        summary = export(args.checkpoint, args.output, args.dtype, parse_size(args.max_shard_size), args.tokenizer,
+                         show_progress=not args.no_progress)
     except (ExportError, _ConfigError, KeyError) as e:
         print(f"megapile: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
         return 1

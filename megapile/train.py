@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from megapile import checkpoint, component_eval, console, distributed
+from megapile import checkpoint, component_eval, console, distributed, progress
 from megapile.checkpoint import compat
 from megapile.config import Config, ConfigError, grad_accum_steps, load_config
 from megapile.process_exit import exit_now
@@ -70,12 +70,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="set by the deepspeed launcher; LOCAL_RANK in the environment wins")
     parser.add_argument("--verbose", action="store_true",
                         help="show DeepSpeed's INFO lines, library warnings and wandb's summary (logging.verbose)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logging.progress: false)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, args.overrides + (["logging.verbose=true"] if args.verbose else []))
+        flags = (["logging.verbose=true"] if args.verbose else []) + (["logging.progress=false"] if args.no_progress else [])
+        cfg = load_config(args.config, args.overrides + flags)
         env = distributed.detect(os.environ)
         summary = train(cfg, args.deepspeed_config or DEFAULT_DS_CONFIG, env)
     except (ConfigError, distributed.LaunchError, TrainingError) as e:
@@ -294,7 +296,7 @@ def resume(run: Run) -> Position:
             "cannot follow a change of world size; they are reseeded from (seed, step, rank)."
         )
         full = portable.read_full_state(found.path, old_layout[0], run.param_order)
-        portable.apply_full_state(run.engine, full)
+        portable.apply_full_state(run.engine, full, show_progress=run.env.is_main and run.cfg.logging.progress)
         _seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
     position = Position.of(found)
     run.logger.message(f"resumed from {found.path} at step {found.step} "
@@ -335,14 +337,12 @@ class TrainingError(RuntimeError):
 
 
 def loop(run: Run, start: Position, stop: StopFlag) -> dict:
-    from tqdm import tqdm
-
     cfg, env, engine = run.cfg, run.env, run.engine
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     start_step, position = start.step, start
     summary = {"step": start_step, "loss": None, "val_loss": None, "exit_code": 0}
-    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=None if env.is_main else True,
-               unit="step", dynamic_ncols=True)
+    bar = progress.bar(desc="train", total=cfg.train.max_steps, initial=start_step, unit="step", leave=True,
+                       enabled=env.is_main and cfg.logging.progress)
     window_losses: list[torch.Tensor] = []
     window_seconds = 0.0  # training time only: evaluation, saving and logging are timed apart, not counted
     save_seconds = None  # the save since the last record, logged with the next one
@@ -369,10 +369,11 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
         val_loss = eval_seconds = None
         if run.valid_batches is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
             eval_start = time.perf_counter()
-            val_loss = evaluate(engine, run.valid_batches, cfg.train.eval_iters, env, run.device)
+            shown = env.is_main and cfg.logging.progress
+            val_loss = evaluate(engine, run.valid_batches, cfg.train.eval_iters, env, run.device, shown)
             by_component = {}
             for component in run.components:
-                loss_c = evaluate(engine, component.batches, cfg.train.eval_iters, env, run.device)
+                loss_c = evaluate(engine, component.batches, cfg.train.eval_iters, env, run.device, shown)
                 by_component.update({f"val_loss/{component.name}": loss_c,
                                      f"val_bpb/{component.name}": component.bits_per_byte(loss_c)})
             eval_seconds = time.perf_counter() - eval_start
@@ -503,7 +504,7 @@ def save(run: Run, position: Position, must_succeed: bool = False) -> None:
         raise TrainingError(f"step {step}: the weights contain NaN or Inf; refusing to save a checkpoint over good ones")
     try:
         figures = checkpoint.save(run.engine, run.ckpt_dir, step, state, cfg.checkpoint, run.env.is_main,
-                                  files=run.tokenizer_files)
+                                  files=run.tokenizer_files, show_progress=cfg.logging.progress)
     except checkpoint.CheckpointError as e:
         if must_succeed or cfg.checkpoint.on_save_error == "stop":
             raise TrainingError(str(e)) from None
@@ -515,15 +516,17 @@ def save(run: Run, position: Position, must_succeed: bool = False) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine, batches: Batches, iters: int, env: distributed.DistEnv, device: torch.device) -> float:
+def evaluate(engine, batches: Batches, iters: int, env: distributed.DistEnv, device: torch.device,
+             show_progress: bool = False) -> float:
     """Mean loss over the first `iters` global batches of validation data, split across ranks like
     training batches, so every world size scores exactly the same samples."""
     engine.eval()
+    steps = progress.bar(range(iters), desc="validation", unit="batch", enabled=show_progress)
     if _is_pipeline(engine):  # one pipelined pass per global batch; every stage gets the loss
         losses = [engine.eval_batch(iter(batches.micro_batches(it * batches.global_batch, device))).float()
-                  for it in range(iters)]
+                  for it in steps]
     else:
-        losses = [engine(x, targets=y).float() for it in range(iters)
+        losses = [engine(x, targets=y).float() for it in steps
                   for x, y in batches.micro_batches(it * batches.global_batch, device)]
     engine.train()
     return _mean_over_ranks(torch.stack(losses).mean(), env)

@@ -119,7 +119,7 @@ class CheckpointError(RuntimeError):
 
 
 def save(engine, directory: str, step: int, state: dict[str, Any], cfg: CheckpointConfig,
-         is_main: bool, files: Optional[dict[str, bytes]] = None) -> dict[str, float]:
+         is_main: bool, files: Optional[dict[str, bytes]] = None, show_progress: bool = False) -> dict[str, float]:
     """Collective: every rank writes its shards, rank 0 seals the checkpoint. Returns timing figures.
 
     `files` ({relative path: contents}) are written by rank 0 into the checkpoint too, under the manifest.
@@ -155,7 +155,7 @@ def save(engine, directory: str, step: int, state: dict[str, Any], cfg: Checkpoi
                 os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
                 with open(os.path.join(tmp, rel), "wb") as f:
                     f.write(data)
-            manifest.write(tmp)
+            manifest.write(tmp, show_progress)
             _replace_dir(tmp, final)
             manifest.fsync_dir(directory)
         except OSError as e:

@@ -34,11 +34,13 @@ def _crc_all(paths: list[str]) -> list[int]:
         return list(pool.map(crc32_of, paths))
 
 
-def write(directory: str) -> dict:
+def write(directory: str, show_progress: bool = False) -> dict:
     """Checksum every file under `directory`, fsync them, and write manifest.json (fsynced too)."""
+    from megapile.progress import bar
+
     rels = _files(directory)
     paths = [os.path.join(directory, rel) for rel in rels]
-    for path in paths:
+    for path in bar(paths, desc="seal checkpoint", unit="file", enabled=show_progress):
         _fsync(path)
     entries = {rel: {"size": os.path.getsize(path), "crc32": crc}
                for rel, path, crc in zip(rels, paths, _crc_all(paths))}

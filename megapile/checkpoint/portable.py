@@ -147,9 +147,11 @@ def _moment_groups(shard: dict, key: str, zero_stage: int) -> list[torch.Tensor]
     return [st[key] for st in _base_states(shard, zero_stage)]
 
 
-def apply_full_state(engine, full: dict[str, Any]) -> None:
+def apply_full_state(engine, full: dict[str, Any], show_progress: bool = False) -> None:
     """Load full weights, Adam moments, step and schedule into a freshly built engine of any layout."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from megapile.progress import bar
 
     stage = engine.zero_optimization_stage()
     params = dict(engine.module.named_parameters())
@@ -175,7 +177,7 @@ def apply_full_state(engine, full: dict[str, Any]) -> None:
         _ensure_adam_state(base, flats)
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: point each
             engine.optimizer._lazy_init_hp_params_optimizer_state()  # parameter's fragment at the new state
-        for name, p in params.items():
+        for name, p in bar(params.items(), desc="reshard", total=len(params), unit="tensor", enabled=show_progress):
             safe_set_full_fp32_param(p, full["fp32"][name].to(p.device))
             for key in MOMENTS:
                 safe_set_full_optimizer_state(p, full[key][name].to(p.device), key)
