@@ -63,7 +63,7 @@ def is_hf_dir(path: str) -> bool:
 
 def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[str], Any]:
     """(model config, full fp32 weights, tokenizer path, Found) of a training checkpoint of any layout."""
-    from megapile.checkpoint import portable, tools
+    from megapile.checkpoint import carried_tokenizer, portable, tools
     from megapile.model import GPT
 
     try:
@@ -84,16 +84,9 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
         raise ExportError(f"{found.path}: could not reassemble full weights from this layout "
                           f"(tensor {par.get('tensor', 1)}, pipeline {par.get('pipeline', 1)}): "
                           f"missing {missing[:3]}, unexpected {extra[:3]}")
-    return cfg, weights, checkpoint_tokenizer(found), found
-
-
-def checkpoint_tokenizer(found) -> Optional[str]:
-    """The tokenizer a checkpoint carries (`tokenizer/`), or, for one saved before checkpoints carried it, the
-    run's data.tokenizer path."""
-    from megapile.checkpoint import TOKENIZER_DIR
-
-    carried = os.path.join(found.path, TOKENIZER_DIR)
-    return carried if os.path.isdir(carried) else found.state["config"].get("data", {}).get("tokenizer")
+    # the tokenizer the checkpoint carries; for one saved before checkpoints carried it, the run's data.tokenizer
+    tokenizer = carried_tokenizer(found.path) or state["config"].get("data", {}).get("tokenizer")
+    return cfg, weights, tokenizer, found
 
 
 def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optional[str] = None) -> Loaded:

@@ -118,6 +118,12 @@ class CheckpointError(RuntimeError):
     """A save failed (e.g. disk full); the previous checkpoint and `latest` are untouched. One-line message."""
 
 
+def carried_tokenizer(path: str) -> Optional[str]:
+    """The tokenizer folder checkpoint `path` carries, or None for one saved before checkpoints carried it."""
+    carried = os.path.join(path, TOKENIZER_DIR)
+    return carried if os.path.isdir(carried) else None
+
+
 def save(engine, directory: str, step: int, state: dict[str, Any], cfg: CheckpointConfig,
          is_main: bool, files: Optional[dict[str, bytes]] = None, show_progress: bool = False) -> dict[str, float]:
     """Collective: every rank writes its shards, rank 0 seals the checkpoint. Returns timing figures.

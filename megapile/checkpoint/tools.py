@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 
-from megapile.checkpoint import STATE_FILE, TOKENIZER_DIR, Found, find_resumable, list_complete, manifest
+from megapile.checkpoint import STATE_FILE, Found, carried_tokenizer, find_resumable, list_complete, manifest
 
 
 def resolve(path: str) -> Found:
@@ -50,9 +50,9 @@ def info(found: Found) -> str:
 
 
 def _tokenizer_line(found: Found) -> str:
-    carried = os.path.join(found.path, TOKENIZER_DIR)
+    carried = carried_tokenizer(found.path)
     sha = (found.state.get("fingerprints") or {}).get("tokenizer") or "none recorded"
-    if os.path.isdir(carried):
+    if carried:
         return f"carried ({', '.join(sorted(os.listdir(carried)))}), sha256 {sha[:12]}"
     return f"not carried (saved before checkpoints carried it): {found.state['config']['data'].get('tokenizer')}"
 
@@ -92,9 +92,9 @@ def consolidate(found: Found, output: str) -> int:
 def tokenizer_copies(found: Found, directory: str) -> list[tuple[str, str]]:
     """(source, target) pairs that put the tokenizer a checkpoint carries into `directory`, beside consolidated
     weights. A different file already there under that name is an error: it is never overwritten."""
-    carried = os.path.join(found.path, TOKENIZER_DIR)
+    carried = carried_tokenizer(found.path)
     pairs = [(os.path.join(carried, name), os.path.join(directory, name))
-             for name in (sorted(os.listdir(carried)) if os.path.isdir(carried) else [])]
+             for name in (sorted(os.listdir(carried)) if carried else [])]
     for source, target in pairs:
         if os.path.exists(target) and not filecmp.cmp(target, source, shallow=False):
             raise FileExistsError(f"{target} exists and is not this checkpoint's tokenizer; not overwritten")
