@@ -8,22 +8,24 @@ exact per-document figure for a checkpoint is `megapile eval --per-component`.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from megapile.config import ConfigError
+from megapile.evaluate import bits_per_byte
 
 
 @dataclass
 class Component:
     name: str  # the dataset's Pile component (PREFIX.json), or its file name when it has none
     batches: Any  # megapile.train.Batches over this dataset alone
-    tokens_per_byte: float
+    tokens: int  # the dataset's tokens (EOD included) and its documents' UTF-8 bytes, from PREFIX.json
+    text_bytes: int
 
     def bits_per_byte(self, loss: float) -> float:
-        return loss * self.tokens_per_byte / math.log(2)
+        """`megapile eval`'s metric, with a mean loss per token standing for the dataset's."""
+        return bits_per_byte(loss * self.tokens, self.text_bytes)
 
 
 def components(prefixes: list[str], batches_of: Callable[[str], Any]) -> list[Component]:
@@ -43,7 +45,7 @@ def components(prefixes: list[str], batches_of: Callable[[str], Any]) -> list[Co
             raise ConfigError(f"train.eval_components: {sidecar} has no text_bytes (preprocessed by an older "
                               "megapile): preprocess the validation data again")
         name = facts.get("component") or os.path.basename(prefix)
-        found.append(Component(name, batches_of(prefix), facts["tokens"] / facts["text_bytes"]))
+        found.append(Component(name, batches_of(prefix), facts["tokens"], facts["text_bytes"]))
     names = [c.name for c in found]
     if len(set(names)) != len(names):
         raise ConfigError(f"train.eval_components: data.valid has two datasets of one component ({names})")

@@ -13,7 +13,7 @@ from typing import Any
 
 from megapile.config import LoggingConfig
 
-# The console line shows these, in this order, when present.
+# The console line shows these, in this order, when present (a format string or a function of the value).
 _CONSOLE = [
     ("step", "step {}"),
     ("loss", "loss {:.4f}"),
@@ -23,8 +23,8 @@ _CONSOLE = [
     ("tokens_per_s", "{:,.0f} tok/s"),
     ("tflops_per_device", "{:.2f} TFLOP/s/dev"),
     ("mfu", "MFU {:.1%}"),
-    ("elapsed_seconds", "{:hms} elapsed"),
-    ("eta_seconds", "ETA {:hms}"),
+    ("elapsed_seconds", lambda s: f"{hms(s)} elapsed"),
+    ("eta_seconds", lambda s: f"ETA {hms(s)}"),
 ]
 
 
@@ -33,10 +33,6 @@ def hms(seconds: float) -> str:
     s = int(round(seconds))
     h, m = s // 3600, s // 60 % 60
     return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
-
-
-def _console_field(fmt: str, value: Any) -> str:
-    return fmt.replace("{:hms}", hms(value)) if "{:hms}" in fmt else fmt.format(value)
 
 
 def wandb_run_id(run_dir: str) -> str:
@@ -94,7 +90,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
-        line = " | ".join(_console_field(fmt, record[key]) for key, fmt in _CONSOLE if record.get(key) is not None)
+        line = " | ".join(fmt(record[key]) if callable(fmt) else fmt.format(record[key])
+                          for key, fmt in _CONSOLE if record.get(key) is not None)
         (console or print)(line)
         step = record["step"]
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
