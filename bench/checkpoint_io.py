@@ -56,8 +56,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from megapile.model import build_model, param_groups
-    from megapile.parallel.zero import resolve_ds_config, wrap_zero
+    from megapile.model import build_model
+    from megapile.parallel.ds_config import resolve_ds_config
+    from megapile.parallel.layout import Layout
+    from megapile.parallel.parallelize import parallelize
 
     cfg = load_config(None, [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
                              "model.num_heads=8", f"model.vocab_size={args.vocab}", "train.micro_batch_size=1",
@@ -66,7 +68,7 @@ def main() -> None:
     distributed.init(env, backend="gloo")
     model = build_model(cfg.model, seed=0)
     ds = resolve_ds_config({"zero_optimization": {"stage": args.stage}}, cfg, 1, "fp32", "bench")
-    engine, _, _ = wrap_zero(model, param_groups(model, 0.1), cfg, ds)
+    engine = parallelize(cfg, Layout(1, 1, 1, 1), model, ds).engine
     x = torch.randint(0, args.vocab, (1, 16))
     engine.backward(engine(x, targets=x))  # one step so the Adam moments exist and are saved
     engine.step()

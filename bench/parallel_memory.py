@@ -56,30 +56,25 @@ def worker(args) -> None:
     import torch
 
     from megapile import distributed
-    from megapile.model import build_model, param_groups
+    from megapile.model import GPT, build_model
+    from megapile.parallel.ds_config import resolve_ds_config
     from megapile.parallel.layout import resolve_layout
-    from megapile.parallel.zero import resolve_ds_config, wrap_zero
+    from megapile.parallel.parallelize import parallelize
 
     stage, tensor, pipeline = args.worker
     cfg = _config(args, stage, tensor, pipeline)
     env = distributed.detect(os.environ)
     distributed.init(env, backend="gloo")
-    layout = resolve_layout(cfg, env.world_size, stage)
+    cfg.parallel.zero_stage = stage
+    layout = resolve_layout(cfg, env.world_size)
     ds = resolve_ds_config({"zero_optimization": {"stage": stage}}, cfg, layout.data, "fp32", "bench")
     if pipeline > 1:
-        from megapile.parallel.pipeline import wrap_pipeline
-
-        engine, _, _ = wrap_pipeline(cfg, ds, pipeline)
+        with torch.device("meta"):
+            model = GPT(cfg.model)
     else:
         model = build_model(cfg.model, seed=0)
-        groups = param_groups(model, 0.1)
-        if tensor > 1:
-            from megapile.parallel.tensor import wrap_tensor_parallel
-
-            engine, _, _ = wrap_tensor_parallel(model, groups, cfg, ds, tensor)
-        else:
-            engine, _, _ = wrap_zero(model, groups, cfg, ds)
-        del model, groups
+    engine = parallelize(cfg, layout, model, ds).engine
+    del model
     gen = torch.Generator().manual_seed(layout.data_rank(env.rank))
     accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
     for _ in range(2):

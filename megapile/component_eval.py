@@ -19,7 +19,7 @@ from megapile.evaluate import bits_per_byte
 @dataclass
 class Component:
     name: str  # the dataset's Pile component (PREFIX.json), or its file name when it has none
-    batches: Any  # megapile.train.Batches over this dataset alone
+    batches: Any  # megapile.data.loader.Batches over this dataset alone
     tokens: int  # the dataset's tokens (EOD included) and its documents' UTF-8 bytes, from PREFIX.json
     text_bytes: int
 

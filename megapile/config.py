@@ -192,19 +192,39 @@ class LoggingConfig:
     progress: bool = True  # progress bars on a terminal (steps, validation, resharding, saving); --no-progress
 
 
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
 @dataclass
 class ParallelConfig:
-    """Model parallelism. Data parallel size = world size / (tensor × pipeline); megapile/parallel/layout.py checks it."""
+    """How the model is spread over ranks: tensor × pipeline × data (data = world / (tensor × pipeline), checked in
+    megapile/parallel/layout.py) and ZeRO's partitioning and offload within data parallelism."""
 
     tensor: int = 1  # tensor-parallel ranks per layer (Megatron-style attention/MLP split, DeepSpeed AutoTP)
     pipeline: int = 1  # pipeline stages (DeepSpeed PipelineModule, 1F1B schedule)
     pipeline_partition: str = "parameters"  # how blocks go to stages: "parameters" | "uniform"
     pipeline_layers: Optional[list[int]] = None  # an explicit split: transformer blocks per stage, e.g. [3, 3, 2, 2]
+    # ZeRO data parallelism. Unset (null): the --deepspeed_config JSON's value if it sets one, else the default in
+    # brackets; a JSON value that differs from one set here is an error (megapile/parallel/ds_config.py).
+    zero_stage: Optional[int] = None  # 0 | 1 | 2 | 3 [0]
+    offload_optimizer: Optional[str] = None  # "none" | "cpu" | "nvme" (ZeRO >= 1; nvme needs nvme_path in the JSON) [none]
+    offload_params: Optional[str] = None  # "none" | "cpu" | "nvme" (ZeRO-3 only) [none]
+    overlap_comm: Optional[bool] = None  # overlap gradient reduction with backward [DeepSpeed's default]
+    reduce_bucket_size: Optional[int] = None  # elements per gradient reduction bucket [DeepSpeed's default]
+    allgather_bucket_size: Optional[int] = None  # elements per parameter all-gather bucket, ZeRO-1/2 [DeepSpeed's]
 
     def __post_init__(self) -> None:
         _check_positive("parallel.tensor", self.tensor)
         _check_positive("parallel.pipeline", self.pipeline)
         _check_choice("parallel.pipeline_partition", self.pipeline_partition, ("parameters", "uniform"))
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for key in ("offload_optimizer", "offload_params"):
+            if getattr(self, key) is not None:
+                _check_choice(f"parallel.{key}", getattr(self, key), OFFLOAD_DEVICES)
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, key) is not None:
+                _check_positive(f"parallel.{key}", getattr(self, key))
 
 
 @dataclass

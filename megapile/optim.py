@@ -5,6 +5,7 @@ import math
 from functools import partial
 
 import torch
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from megapile.config import OptimConfig
 
@@ -28,8 +29,6 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, cpu_offload: bool) -> 
     """AdamW over the given parameter groups; DeepSpeed's CPU Adam when ZeRO offloads the optimizer."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cpu_offload:  # DeepSpeed refuses other optimizers with offload_optimizer
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     # The fused kernel is ~10x faster than the default per-tensor loop on CPU and faster on GPU too.
     return torch.optim.AdamW(groups, fused=cfg.fused, **kwargs)

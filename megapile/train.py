@@ -1,14 +1,12 @@
-"""Train a GPT on preprocessed Pile data with DeepSpeed.
+"""Train a GPT on preprocessed Pile data with DeepSpeed: build the run, resume, train, evaluate, save.
 
     deepspeed megapile/train.py --deepspeed_config ds_configs/zero2.json --config configs/tiny.yaml
-    torchrun --nproc_per_node 2 megapile/train.py --deepspeed_config ds_configs/zero1.json --config configs/tiny.yaml
+    torchrun --nproc_per_node 2 megapile/train.py --config configs/tiny.yaml parallel.zero_stage=1
     python megapile/train.py --config configs/tiny.yaml train.max_steps=50 optim.lr=3e-4
 
-The position in training is one integer, the global sample index, saved with every checkpoint: at
-every step each data-parallel rank reads its own slice of the same global batch, so any world size sees
-the same samples in the same order. It is a sum of the global batches trained so far, never
-step × global batch: a resume with another `train.global_batch_size` (batch ramp-up) goes on at the
-saved sample index.
+The position in training is one integer, the global sample index, saved with every checkpoint
+(megapile/data/loader.py: every world size reads the same samples in the same order). Building the engine is
+`megapile/parallel/parallelize.py`; choosing, loading and writing checkpoints is `megapile/checkpoint/manager.py`.
 """
 from __future__ import annotations
 
@@ -22,50 +20,42 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import math
-import random
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 import yaml
 
 from megapile import checkpoint, component_eval, console, distributed, progress
-from megapile.checkpoint import compat
-from megapile.config import Config, ConfigError, grad_accum_steps, load_config
+from megapile.checkpoint import manager
+from megapile.checkpoint.manager import TrainingError
+from megapile.checkpoint.rng import seed_everything
+from megapile.config import Config, ConfigError, DatasetSpec, grad_accum_steps, load_config
+from megapile.data import DataError
+from megapile.data.loader import Batches
+from megapile.data.samples import build_samples
+from megapile.data.tokenizer import load_tokenizer
+from megapile.flops import peak_tflops
+from megapile.hf_export import apply_init_from
+from megapile.metrics import MetricsLogger
+from megapile.model import GPT, build_model
+from megapile.parallel.collectives import any_rank, mean_over_ranks
+from megapile.parallel.ds_config import apply_ds_json, load_ds_json, precision_line, resolve_ds_config, resolve_dtype
+from megapile.parallel.layout import Layout, check_vocab, resolve_layout
+from megapile.parallel.parallelize import is_pipelined, parallelize
+from megapile.parallel.step_guard import after_skipped_step
 from megapile.process_exit import exit_now
+from megapile.run_state import Position, Run
 from megapile.signals import EXIT_CHECKPOINTED, StopFlag
-from megapile.parallel import zero
-
-DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero0.json")
-
-
-@dataclass
-class Batches:
-    """This rank's share of each global batch: micro-batch j of the global batch that starts at sample `first`
-    is rows [first + j*m*dp + r*m, +m)."""
-
-    stream: object  # megapile.data.samples stream: get_batch(start, count) -> (count, seq_len + 1)
-    global_batch: int
-    micro_batch: int
-    dp_rank: int
-    dp_size: int
-
-    def micro_batches(self, first: int, device: torch.device):
-        per_micro = self.micro_batch * self.dp_size
-        for j in range(self.global_batch // per_micro):
-            start = first + j * per_micro + self.dp_rank * self.micro_batch
-            rows = torch.from_numpy(self.stream.get_batch(start, self.micro_batch))
-            if device.type == "cuda":  # pinned: the copies run asynchronously, off the host's critical path
-                rows = rows.pin_memory()
-            yield rows[:, :-1].to(device, non_blocking=True), rows[:, 1:].to(device, non_blocking=True)
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults apply without it")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                        help=f"DeepSpeed JSON with the ZeRO settings (default {os.path.relpath(DEFAULT_DS_CONFIG)})")
+                        help="a DeepSpeed JSON to take ZeRO settings from (parallel.* keys the YAML leaves unset; any that "
+                             "disagree with the YAML are an error); default: generated from the YAML alone")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; LOCAL_RANK in the environment wins")
     parser.add_argument("--verbose", action="store_true",
@@ -79,7 +69,7 @@ def cli_main(args: argparse.Namespace) -> int:
         flags = (["logging.verbose=true"] if args.verbose else []) + (["logging.progress=false"] if args.no_progress else [])
         cfg = load_config(args.config, args.overrides + flags)
         env = distributed.detect(os.environ)
-        summary = train(cfg, args.deepspeed_config or DEFAULT_DS_CONFIG, env)
+        summary = train(cfg, args.deepspeed_config, env)
     except (ConfigError, distributed.LaunchError, TrainingError) as e:
         print(f"megapile: error: {e}", file=sys.stderr)
         return 1
@@ -95,63 +85,33 @@ def cli_main(args: argparse.Namespace) -> int:
     return summary["exit_code"]
 
 
-@dataclass
-class Run:
-    """Everything a training loop needs, built once by `setup`."""
-
-    cfg: Config
-    env: distributed.DistEnv
-    device: torch.device
-    engine: object
-    scheduler: object
-    batches: Batches
-    valid_batches: Optional[Batches]
-    logger: object
-    ckpt_dir: str
-    accum: int
-    flops_per_token: int
-    peak_tflops: float
-    fingerprints: dict
-    param_order: list  # parameter names in the order the optimizer numbers them
-    layout: object = None  # megapile.parallel.layout.Layout: tensor × pipeline × data ranks
-    components: list = field(default_factory=list)  # megapile.component_eval.Component: per-component validation
-    tokenizer_files: dict = None  # {path in a checkpoint: bytes}: the tokenizer every checkpoint carries
-
-
-def train(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> dict:
+def train(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) -> dict:
     """Run the whole job; return the final numbers (step, loss, val_loss, exit_code)."""
     stop = StopFlag()
     stop.install()  # before the slow start-up: a signal then still ends in a clean exit
-    run = setup(cfg, ds_config_path, env)
+    run = build(cfg, ds_config_path, env)
     try:
-        start = resume(run)
+        start = manager.resume(run)
         run.logger.rewind(start.step)  # drop steps logged after the checkpoint (all of them on a fresh start)
         return loop(run, start, stop)
     finally:
-        # In order: sinks, the engine (ZeRO-3 hooks and threads), then the process group. Leaving them to
-        # interpreter teardown lets DeepSpeed's ZeRO-3 abort a finished process on CPU.
+        # In order: sinks and readers, the engine (ZeRO-3 hooks and threads), then the process group. Leaving
+        # them to interpreter teardown lets DeepSpeed's ZeRO-3 abort a finished process on CPU.
         run.logger.close()
+        run.close()
         run.engine.destroy()
         distributed.shutdown()
 
 
-def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
-    from megapile.data.samples import build_samples
-    from megapile.flops import peak_tflops
-    from megapile.hf_export import apply_init_from
-    from megapile.metrics import MetricsLogger
-    from megapile.model import build_model, param_groups
-    from megapile.parallel.layout import check_vocab, resolve_layout
-    from megapile.parallel.zero import load_ds_json, resolve_ds_config, resolve_dtype, wrap_zero
-
+def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) -> Run:
+    """Check everything that can be checked before starting processes, then start them and build data, model
+    and engine. `ds_config_path`: a DeepSpeed JSON to read ZeRO settings from, or None (all from the YAML)."""
     console.configure(cfg.logging.verbose)
-    # Everything that can be checked before starting processes and building the model is checked here.
     ds_json = load_ds_json(ds_config_path)
+    source = ds_config_path or "the DeepSpeed config generated from the run config"
+    apply_ds_json(cfg.parallel, ds_json, source)
     init_weights = apply_init_from(cfg)  # model.init_from: shapes (and tokenizer) from a local HF directory
-    layout = resolve_layout(cfg, env.world_size, ds_json.get("zero_optimization", {}).get("stage", 0))
-    if cfg.model.compile and (layout.tensor > 1 or layout.pipeline > 1):
-        raise ConfigError("model.compile is supported with ZeRO data parallelism only (parallel.tensor and "
-                          "parallel.pipeline 1); set model.compile: false")
+    layout = resolve_layout(cfg, env.world_size)
     accum = grad_accum_steps(cfg.train, layout.data)
     _absolute_data_paths(cfg)
     _check_data_paths(cfg)
@@ -160,6 +120,33 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     ckpt_dir = checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir)
     checkpoint.check_writable(ckpt_dir, env.rank)  # on every rank, so no rank waits for one that gave up
 
+    device = _start_processes(cfg, env)
+    dtype = resolve_dtype(cfg, device)
+    ds_config = resolve_ds_config(ds_json, cfg, layout.data, dtype, source)
+    seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
+    batches, valid_batches, components = _build_data(cfg, layout, env)
+    model = _build_model(cfg, layout, device, init_weights)
+    flops_per_token, n_params = model.flops_per_token(cfg.train.seq_len), model.num_params(exclude_embedding=False)
+    state = parallelize(cfg, layout, model, ds_config)
+
+    logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
+    if env.is_main:
+        _write_resolved_config(cfg, ds_config)
+    peak, peak_source = peak_tflops(device, torch.float32 if dtype == "fp32" else torch.bfloat16, cfg.train.peak_tflops)
+    logger.message(
+        f"megapile: {n_params / 1e6:.2f}M parameters, world {env.world_size} ({env.launcher}), "
+        f"ZeRO-{state.engine.zero_optimization_stage()}, {precision_line(ds_config, dtype)}, "
+        f"micro {cfg.train.micro_batch_size} × accum {accum} × dp {layout.data} = global "
+        f"{cfg.train.global_batch_size}, seq {cfg.train.seq_len}, {layout.describe()}; "
+        f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
+    )
+    fingerprints = {"tokenizer": tokenizer_print, "train_data": batches.stream.fingerprint}
+    return Run(cfg, env, device, layout, state, batches, valid_batches, logger, ckpt_dir, accum, flops_per_token,
+               peak, fingerprints, components, tokenizer_files)
+
+
+def _start_processes(cfg: Config, env: distributed.DistEnv) -> torch.device:
+    """This rank's device, and the process group over all ranks."""
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -168,255 +155,137 @@ def setup(cfg: Config, ds_config_path: str, env: distributed.DistEnv) -> Run:
     with console.library_output(cfg.logging.verbose):  # DeepSpeed's "shm comm op built" line
         distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo",
                          timeout_s=cfg.train.collective_timeout_s)
-    dtype = resolve_dtype(cfg, device)
-    ds_config = resolve_ds_config(ds_json, cfg, layout.data, dtype, ds_config_path)
+    return device
 
-    _seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
-    seq_len = cfg.train.seq_len
-    train_specs = cfg.data.train_specs()
-    train_stream = build_samples([s.prefix for s in train_specs], [s.weight for s in train_specs],
-                                 seq_len, cfg.train.seed, cache_dir=cfg.data.cache_dir)
+
+def _build_data(cfg: Config, layout: Layout, env: distributed.DistEnv):
+    """(training batches, validation batches or None, per-component validation) for this rank."""
+    def stream(specs):
+        return build_samples([s.prefix for s in specs], [s.weight for s in specs], cfg.train.seq_len,
+                             cfg.train.seed, cache_dir=cfg.data.cache_dir)
+
+    def batches(specs):
+        return Batches(stream(specs), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                       layout.data_rank(env.rank), layout.data)
+
     valid_specs = cfg.data.valid_specs()
-    valid_stream = (build_samples([s.prefix for s in valid_specs], [s.weight for s in valid_specs],
-                                  seq_len, cfg.train.seed, cache_dir=cfg.data.cache_dir) if valid_specs else None)
+    components = (component_eval.components([s.prefix for s in valid_specs],
+                                            lambda prefix: batches([DatasetSpec(prefix)]))
+                  if cfg.train.eval_components else [])
+    return batches(cfg.data.train_specs()), batches(valid_specs) if valid_specs else None, components
 
-    if layout.pipeline > 1:  # each stage builds and initialises only its own layers (parallel/pipeline.py)
-        from megapile.model import GPT
 
-        with torch.device("meta"):
-            model = GPT(cfg.model)
-    else:
-        model = build_model(cfg.model, seed=cfg.train.seed, device=device)
-        if init_weights is not None:
-            model.load_state_dict(init_weights)
-        if cfg.model.compile:
-            from megapile.model import compile_blocks
-
-            compile_blocks(model)  # lazily: each block's graph is traced on its first forward
-    flops_per_token = model.flops_per_token(seq_len)
-    n_params = model.num_params(exclude_embedding=False)
-    groups = param_groups(model, cfg.optim.weight_decay)
-    names = {id(p): n for n, p in model.named_parameters()}
-    param_order = [names[id(p)] for g in groups for p in g["params"]]  # before ZeRO rewrites the groups
+def _build_model(cfg: Config, layout: Layout, device: torch.device, init_weights: Optional[dict]) -> GPT:
+    """The plain GPT, initialised; on the meta device for a pipeline, whose stages each build their own layers."""
     if layout.pipeline > 1:
-        from megapile.parallel.pipeline import wrap_pipeline
-
-        engine, _, scheduler = wrap_pipeline(cfg, ds_config, layout.pipeline)
-    elif layout.tensor > 1:
-        from megapile.parallel.tensor import wrap_tensor_parallel
-
-        engine, _, scheduler = wrap_tensor_parallel(model, groups, cfg, ds_config, layout.tensor)
-    else:
-        engine, _, scheduler = wrap_zero(model, groups, cfg, ds_config)
-
-    logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
-    if env.is_main:
-        _write_resolved_config(cfg, ds_config)
-    peak, peak_source = peak_tflops(device, torch.float32 if dtype == "fp32" else torch.bfloat16, cfg.train.peak_tflops)
-    logger.message(
-        f"megapile: {n_params / 1e6:.2f}M parameters, world {env.world_size} ({env.launcher}), "
-        f"ZeRO-{engine.zero_optimization_stage()}, {_precision(ds_config, dtype)}, micro {cfg.train.micro_batch_size} × accum {accum} "
-        f"× dp {layout.data} = global {cfg.train.global_batch_size}, seq {seq_len}, {layout.describe()}; "
-        f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
-    )
-    def batches(stream):
-        return Batches(stream, cfg.train.global_batch_size, cfg.train.micro_batch_size, layout.data_rank(env.rank),
-                       layout.data)
-
-    components = (component_eval.components(
-        [s.prefix for s in valid_specs],
-        lambda prefix: batches(build_samples([prefix], [1.0], seq_len, cfg.train.seed, cache_dir=cfg.data.cache_dir)))
-        if cfg.train.eval_components else [])
-    return Run(cfg, env, device, engine, scheduler, batches(train_stream),
-               batches(valid_stream) if valid_stream is not None else None, logger,
-               ckpt_dir, accum, flops_per_token, peak,
-               {"tokenizer": tokenizer_print, "train_data": train_stream.fingerprint}, param_order, layout,
-               tokenizer_files=tokenizer_files, components=components)
-
-
-def _precision(ds_config: dict, dtype: str) -> str:
-    """The start-up line's precision: the training dtype and, under bf16/fp16, what gradients are summed in."""
-    accum_dtype = ds_config.get("data_types", {}).get("grad_accum_dtype", dtype)
-    if dtype == "fp32":
-        return dtype
-    why = ""
-    if accum_dtype != "fp32" and ds_config.get("zero_optimization", {}).get("stage", 0) == 0:
-        why = ": DeepSpeed's ZeRO-0 has no fp32 accumulation, ZeRO-1 has"
-    return f"{dtype} (gradients summed in {accum_dtype}{why})"
+        with torch.device("meta"):
+            return GPT(cfg.model)
+    model = build_model(cfg.model, seed=cfg.train.seed, device=device)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    return model
 
 
 @dataclass
-class Position:
-    """Where training stands: optimizer steps done, global samples and tokens consumed."""
+class _Tally:
+    """What the loop adds up between log records, and over the run."""
 
-    step: int = 0
-    sample_index: int = 0
-    tokens_seen: int = 0
-
-    @classmethod
-    def of(cls, found: "checkpoint.Found") -> "Position":
-        state = found.state
-        return cls(found.step, int(state["sample_index"]), int(state["tokens_seen"]))
-
-
-def resume(run: Run) -> Position:
-    """Load the checkpoint `checkpoint.resume` asks for (auto: the newest intact one; a path: that one, which
-    may be older than the newest: a rollback); return where training goes on."""
-    cfg = run.cfg.checkpoint
-    if cfg.resume == "none":
-        return Position()
-    checksums = cfg.verify == "checksum"
-    if cfg.resume == "auto":
-        found = checkpoint.find_resumable(run.ckpt_dir, checksums, warn=run.logger.message if run.env.is_main else
-                                          (lambda text: None))
-        if found is None:
-            return Position()
-    elif _already_rolled_back(run.ckpt_dir, cfg.resume):  # a restart after the rollback: keep the new branch
-        found = checkpoint.find_resumable(run.ckpt_dir, checksums, warn=run.logger.message if run.env.is_main else
-                                          (lambda text: None)) or checkpoint.open_checkpoint(cfg.resume, checksums)
-        run.logger.message(f"checkpoint.resume: {cfg.resume} was rolled back to already; resuming this branch's "
-                           f"newest checkpoint {found.path}")
-    else:
-        found = checkpoint.open_checkpoint(cfg.resume, checksums)
-    compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, cfg.allow_data_change, found.path)
-    if run.layout is not None:
-        from megapile.parallel.layout import check_same_layout
-
-        check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
-    old_layout = (found.state["zero_stage"], found.state["world_size"])
-    new_layout = (run.engine.zero_optimization_stage(), run.env.world_size)
-    if old_layout == new_layout:
-        checkpoint.load(run.engine, found, run.env.rank, run.env.world_size)
-    else:
-        from megapile.checkpoint import portable
-
-        run.logger.message(
-            f"checkpoint {found.path} is ZeRO-{old_layout[0]} on {old_layout[1]} ranks, this run ZeRO-{new_layout[0]} "
-            f"on {new_layout[1]}: resharding through full fp32 weights and Adam moments. Dropout RNG streams "
-            "cannot follow a change of world size; they are reseeded from (seed, step, rank)."
-        )
-        full = portable.read_full_state(found.path, old_layout[0], run.param_order)
-        portable.apply_full_state(run.engine, full, show_progress=run.env.is_main and run.cfg.logging.progress)
-        _seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
-    position = Position.of(found)
-    run.logger.message(f"resumed from {found.path} at step {found.step} "
-                       f"(sample {position.sample_index}, {position.tokens_seen:,} tokens seen)")
-    saved_batch = found.state.get("config", {}).get("train", {}).get("global_batch_size")
-    if saved_batch is not None and saved_batch != run.cfg.train.global_batch_size:
-        run.logger.message(f"train.global_batch_size changed from {saved_batch} to {run.cfg.train.global_batch_size}: "
-                           f"the next step reads global samples from {position.sample_index} on")
-    _set_aside_newer(run, found)
-    return position
-
-
-def _already_rolled_back(ckpt_dir: str, path: str) -> bool:
-    """True when `path` is the checkpoint this directory last rolled back to and training has saved past it."""
-    done = checkpoint.rolled_back_to(ckpt_dir)
-    if done is None or done != os.path.normpath(os.path.abspath(path)):
-        return False
-    newest = checkpoint.list_complete(ckpt_dir)
-    return bool(newest) and os.path.normpath(os.path.abspath(os.path.join(ckpt_dir, newest[0][1]))) != done
-
-
-def _set_aside_newer(run: Run, found: "checkpoint.Found") -> None:
-    """Resuming an older checkpoint of this run's own directory (a rollback): its newer checkpoints are a future
-    that will be retrained; they are moved aside so that an automatic restart never resumes them."""
-    if os.path.normpath(os.path.dirname(found.path)) != os.path.normpath(run.ckpt_dir):
-        return
-    if run.env.is_main:
-        moved = checkpoint.set_aside_newer(run.ckpt_dir, found.step)
-        if moved:
-            run.logger.message(f"rolled back to step {found.step}: {', '.join(moved)} moved to "
-                               f"{run.ckpt_dir}/rolled_back/ (not deleted; automatic resumes no longer pick them)")
-    if run.env.world_size > 1:
-        torch.distributed.barrier()
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. repeated non-finite losses); the message is one line."""
+    losses: list = field(default_factory=list)  # this window's step losses (tensors: read once per record)
+    seconds: float = 0.0  # this window's training time only: evaluation, saving and logging are timed apart
+    intervals: list = field(default_factory=list)  # (steps, seconds) of each logged window, for the summary
+    skipped: int = 0  # steps whose update was skipped
+    first_bad: Optional[tuple[int, int]] = None  # (step, first global sample) of the current streak of skips
+    save_seconds: Optional[float] = None  # the save since the last record, logged with the next one
 
 
 def loop(run: Run, start: Position, stop: StopFlag) -> dict:
-    cfg, env, engine = run.cfg, run.env, run.engine
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-    start_step, position = start.step, start
-    summary = {"step": start_step, "loss": None, "val_loss": None, "exit_code": 0}
-    bar = progress.bar(desc="train", total=cfg.train.max_steps, initial=start_step, unit="step", leave=True,
-                       enabled=env.is_main and cfg.logging.progress)
-    window_losses: list[torch.Tensor] = []
-    window_seconds = 0.0  # training time only: evaluation, saving and logging are timed apart, not counted
-    save_seconds = None  # the save since the last record, logged with the next one
+    cfg = run.cfg
+    summary = {"step": start.step, "loss": None, "val_loss": None, "exit_code": 0}
+    bar = progress.bar(desc="train", total=cfg.train.max_steps, initial=start.step, unit="step", leave=True,
+                       enabled=run.env.is_main and cfg.logging.progress)
+    tally, position = _Tally(), start
     loop_start = time.perf_counter()  # wall time of this start, evaluation and saving included: for the ETA
-    intervals = []  # (steps, seconds) of each logged interval, for the end-of-run throughput summary
-    skipped_total, first_bad = 0, None
-    for step in range(start_step, cfg.train.max_steps):
-        first_sample = position.sample_index
-        step_start = time.perf_counter()
+    for step in range(start.step, cfg.train.max_steps):
+        step_start, first_sample = time.perf_counter(), position.sample_index
         loss, grad_norm, skipped = train_step(run, first_sample)
-        position = Position(step + 1, first_sample + cfg.train.global_batch_size, position.tokens_seen + tokens_per_step)
-        window_losses.append(loss)
+        position = Position(step + 1, first_sample + cfg.train.global_batch_size,
+                            position.tokens_seen + cfg.train.global_batch_size * cfg.train.seq_len)
         bar.update(1)
-        done = step + 1
-        last = done == cfg.train.max_steps
-        stopping, bad_loss = _any_rank([stop.requested, not bool(torch.isfinite(loss))], env)
-        window_seconds += time.perf_counter() - step_start  # the flags' all-reduce waits for the step to finish
-        if skipped or bad_loss:  # every rank agrees: the grad norm is global, the flags all-reduced
-            skipped_total += 1
-            first_bad = first_bad or (done, first_sample)
-            _check_bad_streak(run, first_bad, done)
-        else:
-            first_bad = None
-        val_loss = eval_seconds = None
-        if run.valid_batches is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
-            eval_start = time.perf_counter()
-            shown = env.is_main and cfg.logging.progress
-            val_loss = evaluate(engine, run.valid_batches, cfg.train.eval_iters, env, run.device, shown)
-            by_component = {}
-            for component in run.components:
-                loss_c = evaluate(engine, component.batches, cfg.train.eval_iters, env, run.device, shown)
-                by_component.update({f"val_loss/{component.name}": loss_c,
-                                     f"val_bpb/{component.name}": component.bits_per_byte(loss_c)})
-            eval_seconds = time.perf_counter() - eval_start
-        if done % cfg.train.log_every == 0 or last or stopping or val_loss is not None:
-            elapsed = max(window_seconds, 1e-9)
-            loss_value = _mean_over_ranks(torch.stack(window_losses).mean(), env)
-            tokens_per_s = tokens_per_step * len(window_losses) / elapsed
-            tflops = run.flops_per_token * tokens_per_s / env.world_size / 1e12
-            record = {
-                "step": done,
-                "loss": loss_value,
-                "lr": run.scheduler.get_last_lr()[0],
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": tokens_per_s,
-                "tflops_per_device": tflops,
-                "mfu": tflops / run.peak_tflops,
-                "samples_seen": position.sample_index,
-                "tokens_seen": position.tokens_seen,
-                "skipped_steps": skipped_total,
-                "elapsed_seconds": (wall := time.perf_counter() - loop_start),
-                "eta_seconds": wall / (done - start_step) * (cfg.train.max_steps - done),
-            }
-            if val_loss is not None:
-                record.update(val_loss=val_loss, eval_seconds=eval_seconds, **by_component)
-            if save_seconds is not None:
-                record["save_seconds"], save_seconds = save_seconds, None
+        done, last = step + 1, step + 1 == cfg.train.max_steps
+        stopping, bad_loss = any_rank([stop.requested, not bool(torch.isfinite(loss))], run.env.world_size)
+        tally.losses.append(loss)
+        tally.seconds += time.perf_counter() - step_start  # the flags' all-reduce waits for the step to finish
+        _count_bad_step(run, tally, skipped or bad_loss, done, first_sample)  # every rank agrees on both
+        evaluation = _evaluate_if_due(run, done, last)
+        if done % cfg.train.log_every == 0 or last or stopping or evaluation:
+            record = _record(run, tally, position, grad_norm, evaluation, time.perf_counter() - loop_start, start.step)
             run.logger.log(record, console=bar.write)
-            intervals.append((len(window_losses), elapsed))
-            summary.update(step=done, loss=loss_value, val_loss=val_loss if val_loss is not None else summary["val_loss"])
-            window_losses, window_seconds = [], 0.0
-        scheduled = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping
-        if scheduled and first_bad is None:  # never checkpoint inside a run of skipped steps
-            save_start = time.perf_counter()
-            save(run, position, must_succeed=last or stopping)
-            save_seconds = time.perf_counter() - save_start
+            summary.update(step=done, loss=record["loss"], val_loss=record.get("val_loss", summary["val_loss"]))
+        if ((cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping) and not tally.first_bad:
+            save_start = time.perf_counter()  # never checkpoint inside a run of skipped steps
+            manager.save(run, position, must_succeed=last or stopping)
+            tally.save_seconds = time.perf_counter() - save_start
         if stopping:
             run.logger.message(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {done}; "
                                f"exit code {EXIT_CHECKPOINTED} (restart the same command to resume)")
             summary["exit_code"] = EXIT_CHECKPOINTED
             break
     bar.close()
-    summary.update(_throughput_summary(run, intervals))
+    summary.update(_throughput_summary(run, tally.intervals))
     return summary
+
+
+def _count_bad_step(run: Run, tally: _Tally, bad: bool, done: int, first_sample: int) -> None:
+    if not bad:
+        tally.first_bad = None
+        return
+    tally.skipped += 1
+    tally.first_bad = tally.first_bad or (done, first_sample)
+    _check_bad_streak(run, tally.first_bad, done)
+
+
+def _evaluate_if_due(run: Run, done: int, last: bool) -> dict:
+    """{val_loss, val_loss/<component>, val_bpb/<component>, eval_seconds} when validation is due, else {}."""
+    cfg = run.cfg.train
+    if run.valid_batches is None or not ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+        return {}
+    eval_start = time.perf_counter()
+    shown = run.env.is_main and run.cfg.logging.progress
+    out = {"val_loss": evaluate(run.engine, run.valid_batches, cfg.eval_iters, run.env, run.device, shown)}
+    for component in run.components:
+        loss = evaluate(run.engine, component.batches, cfg.eval_iters, run.env, run.device, shown)
+        out.update({f"val_loss/{component.name}": loss, f"val_bpb/{component.name}": component.bits_per_byte(loss)})
+    out["eval_seconds"] = time.perf_counter() - eval_start
+    return out
+
+
+def _record(run: Run, tally: _Tally, position: Position, grad_norm: Optional[float], evaluation: dict,
+            wall: float, start_step: int) -> dict:
+    """One metrics record for the window that ends at `position`; starts the next window."""
+    cfg, steps = run.cfg.train, len(tally.losses)
+    elapsed = max(tally.seconds, 1e-9)
+    tokens_per_s = cfg.global_batch_size * cfg.seq_len * steps / elapsed
+    tflops = run.flops_per_token * tokens_per_s / run.env.world_size / 1e12
+    record = {
+        "step": position.step,
+        "loss": mean_over_ranks(torch.stack(tally.losses).mean(), run.env.world_size),
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_device": tflops,
+        "mfu": tflops / run.peak_tflops,
+        "samples_seen": position.sample_index,
+        "tokens_seen": position.tokens_seen,
+        "skipped_steps": tally.skipped,
+        "elapsed_seconds": wall,
+        "eta_seconds": wall / (position.step - start_step) * (cfg.max_steps - position.step),
+        **evaluation,
+    }
+    if tally.save_seconds is not None:
+        record["save_seconds"], tally.save_seconds = tally.save_seconds, None
+    tally.intervals.append((steps, elapsed))
+    tally.losses, tally.seconds = [], 0.0
+    return record
 
 
 def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
@@ -432,8 +301,6 @@ def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
     if run.device.type == "cuda":
         peak_gib, where = torch.cuda.max_memory_allocated(run.device) / 2**30, "allocated on the GPU"
     else:
-        import resource
-
         peak_gib, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "resident (peak RSS)"
     warmup = "first interval excluded as warm-up" if len(intervals) > 1 else "one interval, warm-up included"
     run.logger.message(
@@ -445,15 +312,11 @@ def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
 
 def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[float], bool]:
     """One optimizer step over this rank's micro-batches of the global batch that starts at `first_sample`:
-    (mean loss, global grad norm, update skipped).
-
-    A non-finite gradient norm skips the update: DeepSpeed's ZeRO and bf16/fp16 optimizers do that
-    themselves (and count it in `skipped_steps`); for ZeRO-0 in fp32 megapile's guard on the optimizer's
-    step does the same (megapile/parallel/plain_step.py).
-    """
+    (mean loss, global grad norm, update skipped). A non-finite gradient norm skips the update on every engine
+    (megapile/parallel/step_guard.py)."""
     engine = run.engine
     skipped_before = engine.skipped_steps
-    if _is_pipeline(engine):  # DeepSpeed runs the micro-batches itself (1F1B); the loss comes from the last stage
+    if run.state.pipelined:  # DeepSpeed runs the micro-batches itself (1F1B); the loss comes from the last stage
         loss = engine.train_batch(iter(run.batches.micro_batches(first_sample, run.device)))
         return loss.detach().float(), engine.get_global_grad_norm(), engine.skipped_steps > skipped_before
     loss_sum = torch.zeros((), device=run.device)
@@ -464,7 +327,7 @@ def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[floa
         engine.step()  # a real optimizer step only at the accumulation boundary
     skipped = engine.skipped_steps > skipped_before
     if skipped:
-        zero.after_skipped_step(engine)
+        after_skipped_step(engine)
     return loss_sum / run.accum, engine.get_global_grad_norm(), skipped
 
 
@@ -483,38 +346,6 @@ def _check_bad_streak(run: Run, first_bad: tuple[int, int], done: int) -> None:
     )
 
 
-def save(run: Run, position: Position, must_succeed: bool = False) -> None:
-    """Checkpoint `step`. A failed save raises when `must_succeed` (last step, stop signal) or when
-    checkpoint.on_save_error is "stop"; otherwise it is reported and training goes on."""
-    cfg = run.cfg
-    step = position.step
-    state = {
-        "step": step,
-        "sample_index": position.sample_index,
-        "tokens_seen": position.tokens_seen,
-        "world_size": run.env.world_size,
-        "zero_stage": run.engine.zero_optimization_stage(),
-        "parallel": run.layout.as_dict() if run.layout is not None else {"tensor": 1, "pipeline": 1},
-        "config": cfg.to_dict(),
-        "fingerprints": run.fingerprints,
-        "param_order": run.param_order,  # how a ZeRO-0 optimizer numbers (and bf16/fp16 flattens) the parameters
-        "versions": _versions(),
-    }
-    if _any_rank([not _weights_finite(run.engine)], run.env)[0]:
-        raise TrainingError(f"step {step}: the weights contain NaN or Inf; refusing to save a checkpoint over good ones")
-    try:
-        figures = checkpoint.save(run.engine, run.ckpt_dir, step, state, cfg.checkpoint, run.env.is_main,
-                                  files=run.tokenizer_files, show_progress=cfg.logging.progress)
-    except checkpoint.CheckpointError as e:
-        if must_succeed or cfg.checkpoint.on_save_error == "stop":
-            raise TrainingError(str(e)) from None
-        run.logger.message(f"error: {e}; training continues (checkpoint.on_save_error=continue)")
-        return
-    if figures:
-        run.logger.message(f"saved checkpoint {run.ckpt_dir}/global_step{step}: {figures['save_mb']:.1f} MB in "
-                           f"{figures['save_seconds']:.2f} s ({figures['save_mb_per_s']:.0f} MB/s)")
-
-
 @torch.no_grad()
 def evaluate(engine, batches: Batches, iters: int, env: distributed.DistEnv, device: torch.device,
              show_progress: bool = False) -> float:
@@ -522,26 +353,14 @@ def evaluate(engine, batches: Batches, iters: int, env: distributed.DistEnv, dev
     training batches, so every world size scores exactly the same samples."""
     engine.eval()
     steps = progress.bar(range(iters), desc="validation", unit="batch", enabled=show_progress)
-    if _is_pipeline(engine):  # one pipelined pass per global batch; every stage gets the loss
+    if is_pipelined(engine):  # one pipelined pass per global batch; every stage gets the loss
         losses = [engine.eval_batch(iter(batches.micro_batches(it * batches.global_batch, device))).float()
                   for it in steps]
     else:
         losses = [engine(x, targets=y).float() for it in steps
                   for x, y in batches.micro_batches(it * batches.global_batch, device)]
     engine.train()
-    return _mean_over_ranks(torch.stack(losses).mean(), env)
-
-
-def _is_pipeline(engine) -> bool:
-    return bool(getattr(engine, "pipeline_parallelism", False))
-
-
-def _mean_over_ranks(value: torch.Tensor, env: distributed.DistEnv) -> float:
-    if env.world_size > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= env.world_size
-    return float(value)
+    return mean_over_ranks(torch.stack(losses).mean(), env.world_size)
 
 
 def _set_cpu_threads(env: distributed.DistEnv) -> None:
@@ -552,13 +371,6 @@ def _set_cpu_threads(env: distributed.DistEnv) -> None:
                                                       "SLURM_NTASKS_PER_NODE") if os.environ.get(k, "").isdigit()),
                        env.world_size)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-
-
-def _seed_everything(seed: int, rank: int) -> None:
-    """Dropout and anything else random differ per `rank` (Layout.seed_rank) but are fixed by (seed, rank)."""
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)
 
 
 def _check_data_paths(cfg: Config) -> None:
@@ -592,9 +404,6 @@ def _tokenizer_facts(cfg: Config) -> tuple[str | None, dict[str, bytes]]:
         if cfg.model.vocab_size is None:
             raise ConfigError("model.vocab_size is not set and neither is data.tokenizer to read it from")
         return None, {}
-    from megapile.data import DataError
-    from megapile.data.tokenizer import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         files = {}
@@ -613,30 +422,6 @@ def _tokenizer_facts(cfg: Config) -> tuple[str | None, dict[str, bytes]]:
 def _is_collective_timeout(error: RuntimeError) -> bool:
     text = str(error).lower()
     return "timed out" in text or "timeout" in text
-
-
-def _any_rank(flags: list[bool], env: distributed.DistEnv) -> list[bool]:
-    """Each flag true on every rank when it is true on one (one all-reduce): ranks must act at the same step."""
-    if env.world_size == 1:
-        return list(flags)
-    t = torch.tensor([int(f) for f in flags])
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
-def _weights_finite(engine) -> bool:
-    """This rank's share of the weights (ZeRO-3 keeps a partition in ds_tensor) is all finite."""
-    return all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
-
-
-def _versions() -> dict[str, str]:
-    import deepspeed
-
-    import megapile
-
-    return {"megapile": megapile.__version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__}
 
 
 def _write_resolved_config(cfg: Config, ds_config: dict) -> None:

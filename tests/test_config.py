@@ -5,7 +5,7 @@ import os
 import pytest
 
 from megapile.config import ConfigError, TrainConfig, grad_accum_steps, load_config
-from megapile.parallel.zero import load_ds_json, resolve_ds_config
+from megapile.parallel.ds_config import load_ds_json, resolve_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -163,7 +163,7 @@ def test_bf16_pipeline_at_zero0_is_refused_in_one_line():
     dict, loaded as a per-rank list: KeyError 0 at resume). ZeRO-1 is the supported bf16 pipeline; fp32 stays."""
     cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8", "parallel.pipeline=2"])
     with pytest.raises(ConfigError, match=r"x.json: parallel.pipeline > 1 in bf16 needs zero_optimization.stage 1 "
-                                          r"\(ds_configs/zero1.json\)") as e:
+                                          r"\(parallel.zero_stage: 1\)") as e:
         resolve_ds_config({"zero_optimization": {"stage": 0}}, cfg, dp_size=1, dtype="bf16", source="x.json")
     assert "\n" not in str(e.value)
     for stage, dtype in ((1, "bf16"), (0, "fp32")):

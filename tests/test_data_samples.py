@@ -118,7 +118,7 @@ def test_order_is_a_function_of_the_seed(three):
 
 
 def _rank_batches(stream, step, global_batch, micro, rank, world):
-    """The convention of megapile.train.Batches: micro-batch j of step s is rows [j*m*dp + r*m, +m)."""
+    """The convention of megapile.data.loader.Batches: micro-batch j of step s is rows [j*m*dp + r*m, +m)."""
     first = step * global_batch
     return [stream.get_batch(first + j * micro * world + rank * micro, micro) for j in range(global_batch // (micro * world))]
 

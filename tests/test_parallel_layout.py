@@ -21,7 +21,7 @@ def test_ranks_follow_deepspeeds_pipe_data_model_order():
     assert [layout.tensor_rank(r) for r in range(8)] == [0, 1] * 4
     assert [layout.data_rank(r) for r in range(8)] == [0, 0, 1, 1] * 2
     assert [layout.stage(r) for r in range(8)] == [0] * 4 + [1] * 4
-    tp = resolve_layout(_cfg("parallel.tensor=2"), 8, 1)
+    tp = resolve_layout(_cfg("parallel.tensor=2", "parallel.zero_stage=1"), 8)
     assert (tp.tensor, tp.pipeline, tp.data) == (2, 1, 4) and tp.describe() == "TP 2 × PP 1 × DP 4"
     assert [tp.data_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]  # a TP group reads one batch
 
@@ -30,11 +30,12 @@ def test_ranks_follow_deepspeeds_pipe_data_model_order():
     (["parallel.tensor=3"], 8, 1,
      r"parallel.tensor \(3\) × parallel.pipeline \(1\) = 3 does not divide the world size \(8\)"),
     (["parallel.tensor=2", "parallel.pipeline=2"], 8, 2,
-     "parallel.tensor > 1 with parallel.pipeline > 1 needs zero_optimization.stage 1"),
+     r"parallel.tensor > 1 with parallel.pipeline > 1 needs parallel.zero_stage \(zero_optimization.stage in a "
+     r"DeepSpeed JSON\) 1, got 2"),
     (["parallel.tensor=8", "model.num_heads=4", "model.hidden_size=64"], 8, 1,
      r"model.num_heads \(4\) must be divisible by parallel.tensor \(8\)"),
-    (["parallel.tensor=2"], 2, 0, "parallel.tensor > 1 needs zero_optimization.stage 1 or 2"),
-    (["parallel.tensor=2"], 2, 3, "parallel.tensor > 1 needs zero_optimization.stage 1 or 2"),
+    (["parallel.tensor=2"], 2, 0, r"parallel.tensor > 1 needs parallel.zero_stage .* 1 or 2, got 0"),
+    (["parallel.tensor=2"], 2, 3, r"parallel.tensor > 1 needs parallel.zero_stage .* 1 or 2, got 3"),
     (["parallel.pipeline=2"], 2, 2, "does not support ZeRO-2/3"),
     (["parallel.pipeline=2"], 2, 3, "does not support ZeRO-2/3"),
     (["parallel.pipeline=4", "model.num_layers=2"], 4, 1,
@@ -42,10 +43,14 @@ def test_ranks_follow_deepspeeds_pipe_data_model_order():
     (["parallel.pipeline=2", "parallel.pipeline_layers=[1,2]"], 2, 1,
      r"must give 2 non-negative block counts summing to"),
     (["parallel.pipeline_layers=[1,1]"], 2, 1, "parallel.pipeline_layers is set but parallel.pipeline is 1"),
+    (["parallel.tensor=2", "parallel.offload_optimizer=cpu"], 2, 1,
+     r"parallel.offload_optimizer is supported with ZeRO data parallelism only .* got tensor 2 × pipeline 1"),
+    (["parallel.pipeline=2", "parallel.offload_optimizer=cpu"], 2, 1,
+     r"parallel.offload_optimizer is supported with ZeRO data parallelism only .* got tensor 1 × pipeline 2"),
 ])
 def test_invalid_layouts_are_one_line_errors(overrides, world, stage, message):
     with pytest.raises(ConfigError, match=message) as e:
-        resolve_layout(_cfg(*overrides), world, stage)
+        resolve_layout(_cfg(*overrides, f"parallel.zero_stage={stage}"), world)
     assert "\n" not in str(e.value)
 
 

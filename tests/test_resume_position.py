@@ -5,10 +5,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from megapile.checkpoint import list_complete
-from megapile.train import Batches
 from train_helpers import launch, read_metrics, small_run_overrides
 
 
@@ -72,28 +70,3 @@ def test_a_changed_global_batch_goes_on_at_the_saved_sample_index(tmp_path, prep
     records = read_metrics(run_dir)
     assert [r["samples_seen"] for r in records] == [8, 16, 24, 32, 48, 64, 80, 96]
     assert all(np.isfinite(r["loss"]) for r in records)
-
-
-class _Recorder:
-    """A sample stream that records which global samples were read."""
-
-    def __init__(self):
-        self.read = []
-
-    def get_batch(self, start, count):
-        self.read.extend(range(start, start + count))
-        return np.zeros((count, 5), dtype=np.int64)
-
-
-def test_batches_read_each_global_sample_once_across_a_batch_change():
-    """Two data-parallel ranks, global batch 8 for 4 steps, then 16: every sample in [0, 96) is read exactly once."""
-    streams = [_Recorder(), _Recorder()]
-    sample = 0
-    for global_batch, steps in ((8, 4), (16, 4)):
-        ranks = [Batches(streams[r], global_batch, 2, r, 2) for r in range(2)]
-        for _ in range(steps):
-            for batches in ranks:
-                for x, _ in batches.micro_batches(sample, torch.device("cpu")):
-                    assert x.shape == (2, 4)
-            sample += global_batch
-    assert sorted(streams[0].read + streams[1].read) == list(range(96))

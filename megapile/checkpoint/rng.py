@@ -41,3 +41,10 @@ def _b64(t: torch.Tensor) -> str:
 
 def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Dropout and anything else random differ per `rank` (Layout.seed_rank) but are fixed by (seed, rank)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)

@@ -15,6 +15,7 @@ from megapile.config import Config, ConfigError
 
 TP_ZERO_STAGES = (1, 2)  # AutoTP training is tested with these; ZeRO-0's grad-norm path is TP-unaware
 PP_ZERO_STAGES = (0, 1)  # DeepSpeed's PipelineEngine refuses ZeRO-2/3
+ZERO_STAGE_KEY = "parallel.zero_stage (zero_optimization.stage in a DeepSpeed JSON)"
 
 
 @dataclass(frozen=True)
@@ -45,39 +46,53 @@ class Layout:
         return f"TP {self.tensor} × PP {self.pipeline} × DP {self.data}"
 
 
-def resolve_layout(cfg: Config, world_size: int, zero_stage: int) -> Layout:
-    """The layout `parallel` asks for on `world_size` ranks; ConfigError (one line) when it cannot run."""
-    par, model = cfg.parallel, cfg.model
-    tp, pp = par.tensor, par.pipeline
+def resolve_layout(cfg: Config, world_size: int) -> Layout:
+    """The layout `parallel` asks for on `world_size` ranks; ConfigError (one line) when it cannot run. ZeRO's
+    settings are those resolved from the YAML and the DeepSpeed JSON (`ds_config.apply_ds_json`)."""
+    par = cfg.parallel
+    tp, pp, stage = par.tensor, par.pipeline, par.zero_stage or 0
     if world_size % (tp * pp):
         raise ConfigError(f"parallel.tensor ({tp}) × parallel.pipeline ({pp}) = {tp * pp} does not divide "
                           f"the world size ({world_size})")
-    if tp > 1 and pp > 1 and zero_stage != 1:
-        raise ConfigError(f"parallel.tensor > 1 with parallel.pipeline > 1 needs zero_optimization.stage 1 in the "
-                          f"DeepSpeed JSON, got {zero_stage}")
+    if tp > 1 and pp > 1 and stage != 1:
+        raise ConfigError(f"parallel.tensor > 1 with parallel.pipeline > 1 needs {ZERO_STAGE_KEY} 1, got {stage}")
+    offloaded = [k for k in ("offload_optimizer", "offload_params") if getattr(par, k) not in (None, "none")]
+    if (tp > 1 or pp > 1) and offloaded:
+        raise ConfigError(f"parallel.{offloaded[0]} is supported with ZeRO data parallelism only (parallel.tensor "
+                          f"and parallel.pipeline 1), got tensor {tp} × pipeline {pp}")
+    if cfg.model.compile and (tp > 1 or pp > 1):
+        raise ConfigError("model.compile is supported with ZeRO data parallelism only (parallel.tensor and "
+                          "parallel.pipeline 1); set model.compile: false")
     if tp > 1:
-        if model.num_heads % tp:
-            raise ConfigError(f"model.num_heads ({model.num_heads}) must be divisible by parallel.tensor ({tp}): "
-                              "each tensor-parallel rank holds whole attention heads")
-        if model.ffn_size % tp:
-            raise ConfigError(f"the MLP width ({model.ffn_size}) must be divisible by parallel.tensor ({tp})")
-        if zero_stage not in TP_ZERO_STAGES:
-            raise ConfigError(f"parallel.tensor > 1 needs zero_optimization.stage 1 or 2 in the DeepSpeed JSON, "
-                              f"got {zero_stage}")
+        _check_tensor(cfg, tp, stage)
     if pp > 1:
-        if zero_stage not in PP_ZERO_STAGES:
-            raise ConfigError(f"parallel.pipeline > 1 needs zero_optimization.stage 0 or 1 in the DeepSpeed JSON, "
-                              f"got {zero_stage}: DeepSpeed's pipeline engine does not support ZeRO-2/3")
-        if model.num_layers < pp:
-            raise ConfigError(f"parallel.pipeline ({pp}) is more stages than model.num_layers ({model.num_layers})")
-        if par.pipeline_layers is not None:
-            split = par.pipeline_layers
-            if len(split) != pp or any(n < 0 for n in split) or sum(split) != model.num_layers:
-                raise ConfigError(f"parallel.pipeline_layers {split} must give {pp} non-negative block counts "
-                                  f"summing to model.num_layers ({model.num_layers})")
-    elif par.pipeline_layers is not None and par.pipeline_layers != [model.num_layers]:
+        _check_pipeline(cfg, pp, stage)
+    elif par.pipeline_layers is not None and par.pipeline_layers != [cfg.model.num_layers]:
         raise ConfigError("parallel.pipeline_layers is set but parallel.pipeline is 1")
     return Layout(world_size, tp, pp, world_size // (tp * pp))
+
+
+def _check_tensor(cfg: Config, tp: int, stage: int) -> None:
+    model = cfg.model
+    if model.num_heads % tp:
+        raise ConfigError(f"model.num_heads ({model.num_heads}) must be divisible by parallel.tensor ({tp}): "
+                          "each tensor-parallel rank holds whole attention heads")
+    if model.ffn_size % tp:
+        raise ConfigError(f"the MLP width ({model.ffn_size}) must be divisible by parallel.tensor ({tp})")
+    if stage not in TP_ZERO_STAGES:
+        raise ConfigError(f"parallel.tensor > 1 needs {ZERO_STAGE_KEY} 1 or 2, got {stage}")
+
+
+def _check_pipeline(cfg: Config, pp: int, stage: int) -> None:
+    model, split = cfg.model, cfg.parallel.pipeline_layers
+    if stage not in PP_ZERO_STAGES:
+        raise ConfigError(f"parallel.pipeline > 1 needs {ZERO_STAGE_KEY} 0 or 1, got {stage}: DeepSpeed's "
+                          "pipeline engine does not support ZeRO-2/3")
+    if model.num_layers < pp:
+        raise ConfigError(f"parallel.pipeline ({pp}) is more stages than model.num_layers ({model.num_layers})")
+    if split is not None and (len(split) != pp or any(n < 0 for n in split) or sum(split) != model.num_layers):
+        raise ConfigError(f"parallel.pipeline_layers {split} must give {pp} non-negative block counts "
+                          f"summing to model.num_layers ({model.num_layers})")
 
 
 def check_vocab(cfg: Config, layout: Layout) -> None:

@@ -28,12 +28,15 @@ import re
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megapile.config import Config, ModelConfig
 from megapile.model import GPT, rotary_cos_sin
-from megapile.parallel.plain_step import guard_plain_step, needs_guard, without_clipping
 
 FIRST_BLOCK = 2  # layer index of blocks.0 in the pipeline's layer list
 
@@ -120,8 +123,6 @@ def shard_block(block: nn.Module, group) -> None:
     does without pipelining (parallel/tensor.py): qkv and fc_in column-parallel (whole heads per rank),
     proj and fc_out row-parallel. Split parameters are marked `tensor_model_parallel`, so the global gradient
     norm counts them on every tensor rank and the replicated ones once."""
-    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
-
     set_autotp_mode(training=True)
     attn, mlp = block.attn, block.mlp
     attn.qkv, mlp.fc_in = LinearLayer(attn.qkv, group), LinearLayer(mlp.fc_in, group)
@@ -162,8 +163,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def layer_specs(cfg: ModelConfig, seed: int, tensor: Optional[TensorGroup] = None) -> list:
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
     if cfg.tie_embeddings:
         first = TiedLayerSpec("embed", TokenEmbedding, cfg, seed, tied_weight_attr=["embed.weight"])
         last = TiedLayerSpec("embed", TokenEmbedding, cfg, seed, tied_weight_attr=["embed.weight"],
@@ -177,10 +176,6 @@ def layer_specs(cfg: ModelConfig, seed: int, tensor: Optional[TensorGroup] = Non
 def build_pipeline(cfg: Config, num_stages: int):
     """A `PipelineModule` of `cfg.model` over `num_stages` stages, initialised from `cfg.train.seed`; with
     `parallel.tensor` > 1 each stage's blocks are also split over that many ranks."""
-    import torch.distributed as dist
-    from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
     model_cfg = cfg.model
     tp = cfg.parallel.tensor
     tensor = TensorGroup() if tp > 1 else None
@@ -238,26 +233,6 @@ def _layer_param_counts(cfg: ModelConfig) -> list[int]:
     blocks = [count(b) for b in whole.blocks.values()]
     head = count(whole.embed) if cfg.tie_embeddings else count(whole.head)
     return [count(whole.embed), count(whole.pos_embed), *blocks, count(whole.final_norm), head]
-
-
-def wrap_pipeline(cfg: Config, ds_config: dict, num_stages: int):
-    """(engine, optimizer, scheduler): our AdamW and LR schedule inside DeepSpeed's PipelineEngine."""
-    import deepspeed
-
-    from megapile.model import param_groups
-    from megapile.optim import build_optimizer, build_scheduler
-
-    module = build_pipeline(cfg, num_stages)
-    optimizer = build_optimizer(param_groups(module, cfg.optim.weight_decay), cfg.optim, cpu_offload=False)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    guarded = needs_guard(ds_config)  # ZeRO-0 in fp32: megapile's norm, clipping and non-finite skip
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler,
-        config=without_clipping(ds_config) if guarded else ds_config,
-    )
-    if guarded:  # the norm sums over the stages; a tied weight counts on its owning stage only
-        guard_plain_step(optimizer, cfg.optim.grad_clip, engine.device, engine.grid.get_pipe_parallel_group())
-    return engine, optimizer, scheduler
 
 
 # ----------------------------------------------------------------------------- names

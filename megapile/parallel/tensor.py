@@ -16,11 +16,12 @@ the same data-parallel rank), which DeepSpeed checks on the first forward.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
+from deepspeed.utils import groups
 
-from megapile.config import Config
 from megapile.model import Attention
 
 # (pattern over parameter names, DeepSpeed partition type, dimension of the weight that is split)
@@ -50,8 +51,6 @@ def split_dim(name: str) -> int | None:
     """The dimension along which parameter `name` (a GPT name) is split across tensor-parallel ranks, or None
     when it is replicated. Column-parallel biases are split with their weight's rows; row-parallel biases
     are whole on every rank."""
-    import re
-
     for pattern, kind, dim in TP_PLAN:
         if re.match(pattern, name):
             return dim
@@ -62,29 +61,18 @@ def split_dim(name: str) -> int | None:
 
 def init_groups(tp: int):
     """DeepSpeed's (data, tensor) process groups; returns the module to pass as `mpu`."""
-    from deepspeed.utils import groups
-
     groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
     return groups
 
 
-def wrap_tensor_parallel(model: torch.nn.Module, param_groups: list[dict], cfg: Config, ds_config: dict[str, Any],
-                         tp: int):
-    """(engine, optimizer, scheduler) with the model split over `tp` ranks by AutoTP, ZeRO over the rest."""
-    import deepspeed
-
-    from megapile.optim import build_optimizer, build_scheduler
-
+def prepare_tensor_parallel(model: torch.nn.Module, tp: int):
+    """Process groups for `tp`-way tensor parallelism and per-rank dropout in the split attention; returns the
+    `mpu` for `deepspeed.initialize`, which splits the linears by `autotp_section`'s plan."""
     mpu = init_groups(tp)
     for module in model.modules():
         if isinstance(module, Attention):  # the one dropout inside the sharded region: each rank its own heads
             module.dropout_stream = mpu.get_tensor_model_parallel_rank()
-    ds_config = {**ds_config, "tensor_parallel": autotp_section(tp)}
-    optimizer = build_optimizer(param_groups, cfg.optim, cpu_offload=False)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config, mpu=mpu)
-    return engine, optimizer, scheduler
+    return mpu
 
 
 def gather_full(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

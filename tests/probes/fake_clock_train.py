@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from megapile import train  # noqa: E402
+from megapile.checkpoint import manager  # noqa: E402
 from megapile.process_exit import exit_now  # noqa: E402
 
 _now = [0.0]
@@ -26,5 +27,5 @@ def _takes(seconds: float, function):
 
 train.train_step = _takes(1.0, train.train_step)
 train.evaluate = _takes(1000.0, train.evaluate)
-train.save = _takes(500.0, train.save)
+manager.save = _takes(500.0, manager.save)
 exit_now(train.main())

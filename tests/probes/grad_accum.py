@@ -16,8 +16,10 @@ import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 from megapile.config import Config  # noqa: E402
-from megapile.model import build_model, param_groups  # noqa: E402
-from megapile.parallel.zero import resolve_ds_config, wrap_zero  # noqa: E402
+from megapile.model import build_model  # noqa: E402
+from megapile.parallel.ds_config import resolve_ds_config  # noqa: E402
+from megapile.parallel.layout import Layout  # noqa: E402
+from megapile.parallel.parallelize import parallelize  # noqa: E402
 
 
 def grads(stage: int, accum_dtype: str, micro: int, data: torch.Tensor):
@@ -27,7 +29,7 @@ def grads(stage: int, accum_dtype: str, micro: int, data: torch.Tensor):
     cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.grad_accum_dtype = 8, micro, accum_dtype
     ds = resolve_ds_config({"zero_optimization": {"stage": stage}}, cfg, 1, "bf16", "probe")
     model = build_model(cfg.model, seed=0)
-    engine, _, _ = wrap_zero(model, param_groups(model, 0.1), cfg, ds)
+    engine = parallelize(cfg, Layout(1, 1, 1, 1), model, ds).engine
     for j in range(8 // micro):
         x = data[j * micro:(j + 1) * micro]
         engine.backward(engine(x[:, :-1], targets=x[:, 1:]))

@@ -1,11 +1,13 @@
-"""ZeRO-0 in fp32: give DeepSpeed's plain-optimizer step what its ZeRO and mixed-precision optimizers do.
+"""The step guard: on every engine and in every precision a step computes the global gradient norm, clips by
+it, and skips the update when it is not finite (DeepSpeed counts the skip in `engine.skipped_steps` and holds
+the LR schedule). `parallelize` applies it the same way for every layout.
 
-Without ZeRO and without bf16/fp16, DeepSpeed steps our torch optimizer itself: it applies whatever the
-gradients hold (one NaN reaches every weight) and reports no gradient norm. `guard_plain_step` wraps that
-optimizer's step: the global gradient norm, clipping by it, and no update at all when it is not finite.
-Setting `overflow` on the optimizer makes DeepSpeed count the skip (`engine.skipped_steps`) and hold the LR
-schedule, as it does for an fp16 overflow; `_global_grad_norm` is what `engine.get_global_grad_norm()`
-returns. bf16/fp16 (DeepSpeed's BF16/FP16 optimizers) and ZeRO >= 1 do all of this themselves.
+DeepSpeed's ZeRO (stage >= 1) and bf16/fp16 optimizers do all of this themselves. Without ZeRO and without
+bf16/fp16, DeepSpeed steps our torch optimizer itself: it applies whatever the gradients hold (one NaN reaches
+every weight) and reports no gradient norm. `guard_plain_step` wraps that optimizer's step with the norm,
+clipping and skip; setting `overflow` on the optimizer is how DeepSpeed learns of a skip (as for an fp16
+overflow), and `_global_grad_norm` is what `engine.get_global_grad_norm()` returns. `after_skipped_step` repairs
+what a skipped ZeRO-3 step leaves behind.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import math
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 
 def needs_guard(ds_config: dict[str, Any]) -> bool:
@@ -33,8 +36,6 @@ def guard_plain_step(optimizer: torch.optim.Optimizer, max_norm: float, device: 
     model, whose squared norms are summed: a pipeline's stages; None when every rank holds all of them (data
     parallel replicas hold the same gradients once DeepSpeed has all-reduced them). A weight that a pipeline
     ties across stages counts once: DeepSpeed marks its other copies `ds_pipe_replicated`."""
-    import torch.distributed as dist
-
     params = [p for g in optimizer.param_groups for p in g["params"]]
     owned = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
     step = optimizer.step
@@ -57,3 +58,13 @@ def guard_plain_step(optimizer: torch.optim.Optimizer, max_norm: float, device: 
         return step(*args, **kwargs)
 
     optimizer.step = guarded_step
+
+
+def after_skipped_step(engine) -> None:
+    """Put ZeRO-3 back the way a completed step leaves it. On a non-finite gradient DeepSpeed's stage-3 step
+    partitions every parameter and returns early, before re-gathering its persistent ones (the small
+    parameters it keeps whole on every rank); the next step's recorded fetch order then no longer matches
+    and DeepSpeed aborts ("tracing error") whenever that order was recorded with them whole, e.g. after a resume."""
+    optimizer = engine.optimizer
+    if engine.zero_optimization_stage() == 3 and getattr(optimizer, "persistent_parameters", None):
+        optimizer.persistent_parameters[0].all_gather(optimizer.persistent_parameters)

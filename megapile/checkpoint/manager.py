@@ -1,0 +1,136 @@
+"""Which checkpoint a run resumes, how it is loaded (as saved, or resharded), and what a save records.
+
+`checkpoint.resume`: "auto" takes the newest intact checkpoint of the run's directory; a path takes that one,
+which may be older than the newest: a rollback. Resuming an older checkpoint of the run's own directory moves
+its newer ones aside (never deleted) so that an automatic restart never resumes the abandoned future.
+"""
+from __future__ import annotations
+
+import os
+
+import deepspeed
+import torch
+
+import megapile
+from megapile import checkpoint
+from megapile.checkpoint import compat, portable
+from megapile.checkpoint.rng import seed_everything
+from megapile.parallel.collectives import any_rank
+from megapile.parallel.layout import check_same_layout
+from megapile.run_state import Position, Run
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message is one line."""
+
+
+def resume(run: Run) -> Position:
+    """Load the checkpoint `checkpoint.resume` asks for; return where training goes on."""
+    found = _choose(run)
+    if found is None:
+        return Position()
+    compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, run.cfg.checkpoint.allow_data_change,
+                 found.path)
+    check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
+    old_layout = (found.state["zero_stage"], found.state["world_size"])
+    new_layout = (run.engine.zero_optimization_stage(), run.env.world_size)
+    if old_layout == new_layout:
+        checkpoint.load(run.engine, found, run.env.rank, run.env.world_size)
+    else:
+        run.logger.message(
+            f"checkpoint {found.path} is ZeRO-{old_layout[0]} on {old_layout[1]} ranks, this run ZeRO-{new_layout[0]} "
+            f"on {new_layout[1]}: resharding through full fp32 weights and Adam moments. Dropout RNG streams "
+            "cannot follow a change of world size; they are reseeded from (seed, step, rank)."
+        )
+        full = portable.read_full_state(found.path, old_layout[0], run.param_order)
+        portable.apply_full_state(run.engine, full, show_progress=run.env.is_main and run.cfg.logging.progress)
+        seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
+    position = Position.of_state(found.step, found.state)
+    run.logger.message(f"resumed from {found.path} at step {found.step} "
+                       f"(sample {position.sample_index}, {position.tokens_seen:,} tokens seen)")
+    saved_batch = found.state.get("config", {}).get("train", {}).get("global_batch_size")
+    if saved_batch is not None and saved_batch != run.cfg.train.global_batch_size:
+        run.logger.message(f"train.global_batch_size changed from {saved_batch} to {run.cfg.train.global_batch_size}: "
+                           f"the next step reads global samples from {position.sample_index} on")
+    _set_aside_newer(run, found)
+    return position
+
+
+def _choose(run: Run) -> "checkpoint.Found | None":
+    cfg = run.cfg.checkpoint
+    if cfg.resume == "none":
+        return None
+    checksums = cfg.verify == "checksum"
+    warn = run.logger.message if run.env.is_main else (lambda text: None)
+    if cfg.resume == "auto":
+        return checkpoint.find_resumable(run.ckpt_dir, checksums, warn=warn)
+    if _already_rolled_back(run.ckpt_dir, cfg.resume):  # a restart after the rollback: keep the new branch
+        found = checkpoint.find_resumable(run.ckpt_dir, checksums, warn=warn) or \
+            checkpoint.open_checkpoint(cfg.resume, checksums)
+        run.logger.message(f"checkpoint.resume: {cfg.resume} was rolled back to already; resuming this branch's "
+                           f"newest checkpoint {found.path}")
+        return found
+    return checkpoint.open_checkpoint(cfg.resume, checksums)
+
+
+def _already_rolled_back(ckpt_dir: str, path: str) -> bool:
+    """True when `path` is the checkpoint this directory last rolled back to and training has saved past it."""
+    done = checkpoint.rolled_back_to(ckpt_dir)
+    if done is None or done != os.path.normpath(os.path.abspath(path)):
+        return False
+    newest = checkpoint.list_complete(ckpt_dir)
+    return bool(newest) and os.path.normpath(os.path.abspath(os.path.join(ckpt_dir, newest[0][1]))) != done
+
+
+def _set_aside_newer(run: Run, found: "checkpoint.Found") -> None:
+    """Resuming an older checkpoint of this run's own directory (a rollback): its newer checkpoints are a future
+    that will be retrained; they are moved aside so that an automatic restart never resumes them."""
+    if os.path.normpath(os.path.dirname(found.path)) != os.path.normpath(run.ckpt_dir):
+        return
+    if run.env.is_main:
+        moved = checkpoint.set_aside_newer(run.ckpt_dir, found.step)
+        if moved:
+            run.logger.message(f"rolled back to step {found.step}: {', '.join(moved)} moved to "
+                               f"{run.ckpt_dir}/rolled_back/ (not deleted; automatic resumes no longer pick them)")
+    if run.env.world_size > 1:
+        torch.distributed.barrier()
+
+
+def save(run: Run, position: Position, must_succeed: bool = False) -> None:
+    """Checkpoint `position`. A failed save raises when `must_succeed` (last step, stop signal) or when
+    checkpoint.on_save_error is "stop"; otherwise it is reported and training goes on."""
+    cfg, step = run.cfg, position.step
+    if any_rank([not _weights_finite(run.engine)], run.env.world_size)[0]:
+        raise TrainingError(f"step {step}: the weights contain NaN or Inf; refusing to save a checkpoint over good ones")
+    try:
+        figures = checkpoint.save(run.engine, run.ckpt_dir, step, _state(run, position), cfg.checkpoint,
+                                  run.env.is_main, files=run.tokenizer_files, show_progress=cfg.logging.progress)
+    except checkpoint.CheckpointError as e:
+        if must_succeed or cfg.checkpoint.on_save_error == "stop":
+            raise TrainingError(str(e)) from None
+        run.logger.message(f"error: {e}; training continues (checkpoint.on_save_error=continue)")
+        return
+    if figures:
+        run.logger.message(f"saved checkpoint {run.ckpt_dir}/global_step{step}: {figures['save_mb']:.1f} MB in "
+                           f"{figures['save_seconds']:.2f} s ({figures['save_mb_per_s']:.0f} MB/s)")
+
+
+def _state(run: Run, position: Position) -> dict:
+    """megapile_state.json: where training stands, the layout that wrote it, and what it was trained on."""
+    return {
+        "step": position.step,
+        "sample_index": position.sample_index,
+        "tokens_seen": position.tokens_seen,
+        "world_size": run.env.world_size,
+        "zero_stage": run.engine.zero_optimization_stage(),
+        "parallel": run.layout.as_dict(),
+        "config": run.cfg.to_dict(),
+        "fingerprints": run.fingerprints,
+        "param_order": run.param_order,  # how a ZeRO-0 optimizer numbers (and bf16/fp16 flattens) the parameters
+        "versions": {"megapile": megapile.__version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__},
+    }
+
+
+def _weights_finite(engine) -> bool:
+    """This rank's share of the weights (ZeRO-3 keeps a partition in ds_tensor) is all finite."""
+    return all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())

@@ -1,0 +1,67 @@
+"""What a training run holds once it is built (`train.build`), and where it stands."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from megapile.config import Config
+from megapile.data.loader import Batches
+from megapile.distributed import DistEnv
+from megapile.metrics import MetricsLogger
+from megapile.parallel.layout import Layout
+from megapile.parallel.parallelize import TrainState
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, global samples and tokens consumed. The sample index is a
+    sum of the global batches trained so far, never step × global batch, so a resume with another
+    `train.global_batch_size` goes on at the saved sample index."""
+
+    step: int = 0
+    sample_index: int = 0
+    tokens_seen: int = 0
+
+    @classmethod
+    def of_state(cls, step: int, state: dict[str, Any]) -> "Position":
+        return cls(step, int(state["sample_index"]), int(state["tokens_seen"]))
+
+
+@dataclass
+class Run:
+    """Everything a training loop needs, built once."""
+
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    layout: Layout
+    state: TrainState
+    batches: Batches
+    valid_batches: Optional[Batches]
+    logger: MetricsLogger
+    ckpt_dir: str
+    accum: int
+    flops_per_token: int
+    peak_tflops: float
+    fingerprints: dict
+    components: list = field(default_factory=list)  # megapile.component_eval.Component: per-component validation
+    tokenizer_files: dict = field(default_factory=dict)  # {path in a checkpoint: bytes}: the carried tokenizer
+
+    @property
+    def engine(self) -> Any:
+        return self.state.engine
+
+    @property
+    def scheduler(self) -> Any:
+        return self.state.scheduler
+
+    @property
+    def param_order(self) -> list[str]:
+        return self.state.param_order
+
+    def close(self) -> None:
+        for batches in [self.batches, self.valid_batches, *(c.batches for c in self.components)]:
+            if batches is not None:
+                batches.close()
