@@ -42,13 +42,15 @@ from megapile.hf_export import apply_init_from
 from megapile.metrics import MetricsLogger
 from megapile.model import GPT, build_model
 from megapile.parallel.collectives import any_rank, mean_over_ranks
-from megapile.parallel.ds_config import apply_ds_json, load_ds_json, precision_line, resolve_ds_config, resolve_dtype
+from megapile.parallel.ds_config import precision_line, resolve_parallel
 from megapile.parallel.layout import Layout, check_vocab, resolve_layout
 from megapile.parallel.parallelize import is_pipelined, parallelize
 from megapile.parallel.step_guard import after_skipped_step
 from megapile.process_exit import exit_now
 from megapile.run_state import Position, Run
 from megapile.signals import EXIT_CHECKPOINTED, StopFlag
+
+INTERMIXED_ARGS = True  # megapile/cli.py: `section.key=value` overrides before or after the options
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -107,11 +109,9 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
     """Check everything that can be checked before starting processes, then start them and build data, model
     and engine. `ds_config_path`: a DeepSpeed JSON to read ZeRO settings from, or None (all from the YAML)."""
     console.configure(cfg.logging.verbose)
-    ds_json = load_ds_json(ds_config_path)
-    source = ds_config_path or "the DeepSpeed config generated from the run config"
-    apply_ds_json(cfg.parallel, ds_json, source)
     init_weights = apply_init_from(cfg)  # model.init_from: shapes (and tokenizer) from a local HF directory
-    layout = resolve_layout(cfg, env.world_size)
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    layout, ds_config, dtype = resolve_parallel(cfg, ds_config_path, env.world_size, device)
     accum = grad_accum_steps(cfg.train, layout.data)
     _absolute_data_paths(cfg)
     _check_data_paths(cfg)
@@ -120,9 +120,7 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
     ckpt_dir = checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir)
     checkpoint.check_writable(ckpt_dir, env.rank)  # on every rank, so no rank waits for one that gave up
 
-    device = _start_processes(cfg, env)
-    dtype = resolve_dtype(cfg, device)
-    ds_config = resolve_ds_config(ds_json, cfg, layout.data, dtype, source)
+    _start_processes(cfg, env, device)
     seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
     batches, valid_batches, components = _build_data(cfg, layout, env)
     model = _build_model(cfg, layout, device, init_weights)
@@ -145,9 +143,8 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
                peak, fingerprints, components, tokenizer_files)
 
 
-def _start_processes(cfg: Config, env: distributed.DistEnv) -> torch.device:
-    """This rank's device, and the process group over all ranks."""
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def _start_processes(cfg: Config, env: distributed.DistEnv, device: torch.device) -> None:
+    """This rank's device and threads, and the process group over all ranks."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
@@ -155,7 +152,6 @@ def _start_processes(cfg: Config, env: distributed.DistEnv) -> torch.device:
     with console.library_output(cfg.logging.verbose):  # DeepSpeed's "shm comm op built" line
         distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo",
                          timeout_s=cfg.train.collective_timeout_s)
-    return device
 
 
 def _build_data(cfg: Config, layout: Layout, env: distributed.DistEnv):
@@ -433,7 +429,7 @@ def _write_resolved_config(cfg: Config, ds_config: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megapile train", description=__doc__.split("\n\n")[0])
     add_cli(parser)
-    return cli_main(parser.parse_args(argv))
+    return cli_main(parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

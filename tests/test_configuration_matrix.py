@@ -5,7 +5,8 @@
     layout     ZeRO-0, ZeRO-1, ZeRO-2, ZeRO-3 (data parallel 2); TP2 (ZeRO-1); PP2 (ZeRO-0 in fp32, ZeRO-1 in
                bf16: megapile refuses bf16 ZeRO-0 pipelines, whose checkpoints DeepSpeed cannot load)
 
-Each cell is one 6-step run (checkpoints every 3 steps, a NaN injected into rank 0's loss at step 5) and
+Every cell runs through the one path of `megapile/parallel/parallelize.py`, with the DeepSpeed config generated
+from the YAML's `parallel` keys (no JSON). Each cell is one 6-step run (checkpoints every 3 steps, a NaN injected into rank 0's loss at step 5) and
 one resume of its step-3 checkpoint, and checks:
 
 - the losses are finite (step 5 aside) and fall;
@@ -38,27 +39,27 @@ from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ModelConfig
 from megapile.data.samples import build_samples
 from megapile.model import build_model
-from train_helpers import DS, ROOT, free_port, read_metrics, small_run_overrides
+from train_helpers import ROOT, free_port, read_metrics, small_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 NAN_STEP = 5
-LAYOUTS = {  # name: (DeepSpeed JSON, overrides)
-    "zero0": ("zero0.json", {}),
-    "zero1": ("zero1.json", {}),
-    "zero2": ("zero2.json", {}),
-    "zero3": ("zero3.json", {}),
-    "tp2": ("zero1.json", {"parallel__tensor": 2}),
-    "pp2": ({"fp32": "zero0.json", "bf16": "zero1.json"}, {"parallel__pipeline": 2}),  # JSON by precision
+LAYOUTS = {  # name: overrides; the DeepSpeed config is generated from them (no --deepspeed_config)
+    "zero0": {"parallel__zero_stage": 0},
+    "zero1": {"parallel__zero_stage": 1},
+    "zero2": {"parallel__zero_stage": 2, "parallel__overlap_comm": False},
+    "zero3": {"parallel__zero_stage": 3, "parallel__overlap_comm": False},
+    "tp2": {"parallel__zero_stage": 1, "parallel__tensor": 2},
+    "pp2": {"parallel__pipeline": 2},  # ZeRO-0 in fp32, ZeRO-1 in bf16 (below)
 }
 REPLICATED = ("zero0", "zero1", "zero2", "tp2")
 CELLS = [(p, d, layout) for p in ("fp32", "bf16") for d in (0.0, 0.1) for layout in LAYOUTS]
 
 
-def _train(run_dir, ds, overrides, nproc=2):
+def _train(run_dir, overrides, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_NAN_STEPS=str(NAN_STEP),
                MEGAPILE_REPLICAS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), HARNESS, "--deepspeed_config", os.path.join(DS, ds)] + overrides
+           "--master_port", str(free_port()), HARNESS] + overrides
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{run_dir}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -87,12 +88,13 @@ def _full_weights_val_loss(ckpt: str, preprocessed: dict, seq_len: int, samples:
 @pytest.mark.parametrize("precision,dropout,layout", CELLS,
                          ids=[f"{p}-dropout{d:g}-{layout}" for p, d, layout in CELLS])
 def test_cell(precision, dropout, layout, tmp_path, preprocessed, tokenizer_path):
-    ds, extra = LAYOUTS[layout]
-    ds = ds[precision] if isinstance(ds, dict) else ds
+    extra = dict(LAYOUTS[layout])
+    if layout == "pp2":
+        extra["parallel__zero_stage"] = 0 if precision == "fp32" else 1
     settings = dict(train__dtype=precision, model__dropout=dropout, train__max_steps=6, checkpoint__every=3,
                     train__eval_every=3, optim__decay_steps=6, **extra)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    proc = _train(straight, ds, small_run_overrides(preprocessed, tokenizer_path, straight, **settings))
+    proc = _train(straight, small_run_overrides(preprocessed, tokenizer_path, straight, **settings))
     records = read_metrics(straight)
     loss = [r["loss"] for r in records]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -113,7 +115,7 @@ def test_cell(precision, dropout, layout, tmp_path, preprocessed, tokenizer_path
 
     # save -> resume on the same layout: steps 4-6 bit for bit
     step3 = os.path.join(straight, "checkpoints", "global_step3")
-    _train(resumed, ds, small_run_overrides(preprocessed, tokenizer_path, resumed, checkpoint__resume=step3,
+    _train(resumed, small_run_overrides(preprocessed, tokenizer_path, resumed, checkpoint__resume=step3,
                                             **settings))
     again = [r["loss"] for r in read_metrics(resumed)]
     assert [r["step"] for r in read_metrics(resumed)] == [4, 5, 6]
@@ -125,8 +127,10 @@ def test_cell(precision, dropout, layout, tmp_path, preprocessed, tokenizer_path
     # with it, close only: the per-rank dropout streams are reseeded on a new world size.
     if layout.startswith("zero"):
         one = str(tmp_path / "one")
-        _train(one, "zero0.json", small_run_overrides(preprocessed, tokenizer_path, one, checkpoint__resume=step3,
-                                                      **settings), nproc=1)
+        _train(one, small_run_overrides(preprocessed, tokenizer_path, one, checkpoint__resume=step3,
+                                        **{**{k: v for k, v in settings.items() if k != "parallel__overlap_comm"},
+                                           "parallel__zero_stage": 0}),
+               nproc=1)
         records_one = read_metrics(one)
         assert [r["step"] for r in records_one] == [4, 5, 6] and records_one[1]["skipped_steps"] == 1
         rel = 2e-2 if dropout else 1e-5 if precision == "fp32" else 1e-3

@@ -44,7 +44,8 @@ def _worker() -> None:
 
     from megapile.config import ModelConfig
     from megapile.model import build_model, rotary_cos_sin
-    from megapile.parallel.tensor import autotp_section, init_groups, split_dim
+    from megapile.parallel.parallelize import init_groups
+    from megapile.parallel.tensor import autotp_section, split_dim
 
     deepspeed.init_distributed("gloo")
     rank, tp = dist.get_rank(), dist.get_world_size()

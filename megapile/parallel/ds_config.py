@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from megapile.config import Config, ConfigError, ParallelConfig, grad_accum_steps
+from megapile.parallel.layout import Layout, resolve_layout
 from megapile.parallel.tensor import autotp_section
 
 # parallel.<key> -> (where DeepSpeed reads it under zero_optimization, the value when neither file sets it;
@@ -31,6 +32,18 @@ ZERO_KEYS = {
     "reduce_bucket_size": (("reduce_bucket_size",), None),
     "allgather_bucket_size": (("allgather_bucket_size",), None),
 }
+
+
+def resolve_parallel(cfg: Config, ds_json_path: str | None, world_size: int,
+                     device: torch.device) -> tuple[Layout, dict[str, Any], str]:
+    """What a run config gives on `world_size` ranks of `device`s: (layout, DeepSpeed config, training dtype).
+    Fills `cfg.parallel`'s unset ZeRO keys, so the resolved config says what runs; one-line errors otherwise."""
+    ds_json = load_ds_json(ds_json_path)
+    source = ds_json_path or "the DeepSpeed config generated from the run config"
+    apply_ds_json(cfg.parallel, ds_json, source)
+    layout = resolve_layout(cfg, world_size)
+    dtype = resolve_dtype(cfg, device)
+    return layout, resolve_ds_config(ds_json, cfg, layout.data, dtype, source), dtype
 
 
 def load_ds_json(path: str | None) -> dict[str, Any]:

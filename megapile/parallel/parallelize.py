@@ -17,15 +17,15 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.utils import groups
 
 from megapile.config import Config
-from megapile.model import GPT, compile_blocks, param_groups
+from megapile.model import GPT, Attention, compile_blocks, param_groups
 from megapile.optim import build_optimizer, build_scheduler
 from megapile.parallel.ds_config import optimizer_offloaded
 from megapile.parallel.layout import Layout
 from megapile.parallel.pipeline import build_pipeline
 from megapile.parallel.step_guard import guard_plain_step, needs_guard, without_clipping
-from megapile.parallel.tensor import prepare_tensor_parallel
 
 
 @dataclass
@@ -76,3 +76,19 @@ def parallelize(cfg: Config, layout: Layout, model: GPT, ds_config: dict[str, An
 def _optimizer_order(model: GPT, weight_decay: float) -> list[str]:
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for g in param_groups(model, weight_decay) for p in g["params"]]
+
+
+def init_groups(tp: int):
+    """DeepSpeed's (data, tensor) process groups for AutoTP; returns the module to pass as `mpu`."""
+    groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
+    return groups
+
+
+def prepare_tensor_parallel(model: GPT, tp: int):
+    """Process groups for `tp`-way tensor parallelism and per-rank dropout in the split attention; returns the
+    `mpu` for `deepspeed.initialize`, which splits the linears by the plan of megapile/parallel/tensor.py."""
+    mpu = init_groups(tp)
+    for module in model.modules():
+        if isinstance(module, Attention):  # the one dropout inside the sharded region: each rank its own heads
+            module.dropout_stream = mpu.get_tensor_model_parallel_rank()
+    return mpu

@@ -20,9 +20,6 @@ import re
 from typing import Any
 
 import torch
-from deepspeed.utils import groups
-
-from megapile.model import Attention
 
 # (pattern over parameter names, DeepSpeed partition type, dimension of the weight that is split)
 TP_PLAN = (
@@ -57,22 +54,6 @@ def split_dim(name: str) -> int | None:
         if kind == "column" and re.match(pattern.replace(r"\.weight$", r"\.bias$"), name):
             return 0
     return None
-
-
-def init_groups(tp: int):
-    """DeepSpeed's (data, tensor) process groups; returns the module to pass as `mpu`."""
-    groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
-    return groups
-
-
-def prepare_tensor_parallel(model: torch.nn.Module, tp: int):
-    """Process groups for `tp`-way tensor parallelism and per-rank dropout in the split attention; returns the
-    `mpu` for `deepspeed.initialize`, which splits the linears by `autotp_section`'s plan."""
-    mpu = init_groups(tp)
-    for module in model.modules():
-        if isinstance(module, Attention):  # the one dropout inside the sharded region: each rank its own heads
-            module.dropout_stream = mpu.get_tensor_model_parallel_rank()
-    return mpu
 
 
 def gather_full(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
