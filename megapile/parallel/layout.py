@@ -51,15 +51,15 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     settings are those resolved from the YAML and the DeepSpeed JSON (`ds_config.apply_ds_json`)."""
     par = cfg.parallel
     tp, pp, stage = par.tensor, par.pipeline, par.zero_stage or 0
+    offloaded = [k for k in ("offload_optimizer", "offload_params") if getattr(par, k) not in (None, "none")]
+    if (tp > 1 or pp > 1) and offloaded:
+        raise ConfigError(f"parallel.{offloaded[0]} is supported with ZeRO data parallelism only (parallel.tensor "
+                          f"and parallel.pipeline 1), got tensor {tp} × pipeline {pp}")
     if world_size % (tp * pp):
         raise ConfigError(f"parallel.tensor ({tp}) × parallel.pipeline ({pp}) = {tp * pp} does not divide "
                           f"the world size ({world_size})")
     if tp > 1 and pp > 1 and stage != 1:
         raise ConfigError(f"parallel.tensor > 1 with parallel.pipeline > 1 needs {ZERO_STAGE_KEY} 1, got {stage}")
-    offloaded = [k for k in ("offload_optimizer", "offload_params") if getattr(par, k) not in (None, "none")]
-    if (tp > 1 or pp > 1) and offloaded:
-        raise ConfigError(f"parallel.{offloaded[0]} is supported with ZeRO data parallelism only (parallel.tensor "
-                          f"and parallel.pipeline 1), got tensor {tp} × pipeline {pp}")
     if cfg.model.compile and (tp > 1 or pp > 1):
         raise ConfigError("model.compile is supported with ZeRO data parallelism only (parallel.tensor and "
                           "parallel.pipeline 1); set model.compile: false")
