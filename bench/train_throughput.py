@@ -242,7 +242,7 @@ def run_scaling(args, argv: list[str], cfg: ModelConfig, batch: int, seq_len: in
 
 def _malloc_name() -> str:
     """The allocator serving this process: glibc's unless one was preloaded. On CPU it matters: glibc unmaps
-    large freed buffers and page-faults them in again on the next step, tcmalloc keeps them (README)."""
+    large freed buffers and page-faults them in again on the next step, tcmalloc keeps them (docs/performance.md)."""
     preloaded = [lib for lib in ("tcmalloc", "jemalloc") if lib in os.environ.get("LD_PRELOAD", "")]
     return preloaded[0] if preloaded else "glibc"
 
