@@ -4,9 +4,11 @@
     torchrun --nproc_per_node 2 megapile/train.py --config configs/tiny.yaml parallel.zero_stage=1
     python megapile/train.py --config configs/tiny.yaml train.max_steps=50 optim.lr=3e-4
 
-The position in training is one integer, the global sample index, saved with every checkpoint
-(megapile/data/loader.py: every world size reads the same samples in the same order). Building the engine is
-`megapile/parallel/parallelize.py`; choosing, loading and writing checkpoints is `megapile/checkpoint/manager.py`.
+Reading order: the CLI, `train` (build, resume, loop, tear down), the loop and what it calls per step. The
+position in training is one integer, the global sample index, saved with every checkpoint
+(megapile/data/loader.py: every world size reads the same samples in the same order). Building the run is
+megapile/build.py (the engine: megapile/parallel/parallelize.py); choosing, loading and writing checkpoints
+is megapile/checkpoint/manager.py.
 """
 from __future__ import annotations
 
@@ -19,38 +21,25 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
-import math
 import resource
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import yaml
 
-from megapile import checkpoint, component_eval, console, distributed, progress
+from megapile import distributed, progress
+from megapile.build import build
 from megapile.checkpoint import manager
 from megapile.checkpoint.manager import TrainingError
-from megapile.checkpoint.rng import seed_everything
-from megapile.config import Config, ConfigError, DatasetSpec, grad_accum_steps, load_config
-from megapile.data import DataError
+from megapile.config import Config, ConfigError, load_config
 from megapile.data.loader import Batches
-from megapile.data.samples import build_samples
-from megapile.data.tokenizer import load_tokenizer
-from megapile.flops import peak_tflops
-from megapile.hf_export import apply_init_from
-from megapile.metrics import MetricsLogger
-from megapile.model import GPT, build_model
 from megapile.parallel.collectives import any_rank, mean_over_ranks
-from megapile.parallel.ds_config import precision_line, resolve_parallel
-from megapile.parallel.layout import Layout, check_vocab, resolve_layout
-from megapile.parallel.parallelize import is_pipelined, parallelize
+from megapile.parallel.parallelize import is_pipelined
 from megapile.parallel.step_guard import after_skipped_step
 from megapile.process_exit import exit_now
 from megapile.run_state import Position, Run
 from megapile.signals import EXIT_CHECKPOINTED, StopFlag
-
-INTERMIXED_ARGS = True  # megapile/cli.py: `section.key=value` overrides before or after the options
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -103,83 +92,6 @@ def train(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
         run.close()
         run.engine.destroy()
         distributed.shutdown()
-
-
-def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) -> Run:
-    """Check everything that can be checked before starting processes, then start them and build data, model
-    and engine. `ds_config_path`: a DeepSpeed JSON to read ZeRO settings from, or None (all from the YAML)."""
-    console.configure(cfg.logging.verbose)
-    init_weights = apply_init_from(cfg)  # model.init_from: shapes (and tokenizer) from a local HF directory
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    layout, ds_config, dtype = resolve_parallel(cfg, ds_config_path, env.world_size, device)
-    accum = grad_accum_steps(cfg.train, layout.data)
-    _absolute_data_paths(cfg)
-    _check_data_paths(cfg)
-    tokenizer_print, tokenizer_files = _tokenizer_facts(cfg)
-    check_vocab(cfg, layout)
-    ckpt_dir = checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir)
-    checkpoint.check_writable(ckpt_dir, env.rank)  # on every rank, so no rank waits for one that gave up
-
-    _start_processes(cfg, env, device)
-    seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
-    batches, valid_batches, components = _build_data(cfg, layout, env)
-    model = _build_model(cfg, layout, device, init_weights)
-    flops_per_token, n_params = model.flops_per_token(cfg.train.seq_len), model.num_params(exclude_embedding=False)
-    state = parallelize(cfg, layout, model, ds_config)
-
-    logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
-    if env.is_main:
-        _write_resolved_config(cfg, ds_config)
-    peak, peak_source = peak_tflops(device, torch.float32 if dtype == "fp32" else torch.bfloat16, cfg.train.peak_tflops)
-    logger.message(
-        f"megapile: {n_params / 1e6:.2f}M parameters, world {env.world_size} ({env.launcher}), "
-        f"ZeRO-{state.engine.zero_optimization_stage()}, {precision_line(ds_config, dtype)}, "
-        f"micro {cfg.train.micro_batch_size} × accum {accum} × dp {layout.data} = global "
-        f"{cfg.train.global_batch_size}, seq {cfg.train.seq_len}, {layout.describe()}; "
-        f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
-    )
-    fingerprints = {"tokenizer": tokenizer_print, "train_data": batches.stream.fingerprint}
-    return Run(cfg, env, device, layout, state, batches, valid_batches, logger, ckpt_dir, accum, flops_per_token,
-               peak, fingerprints, components, tokenizer_files)
-
-
-def _start_processes(cfg: Config, env: distributed.DistEnv, device: torch.device) -> None:
-    """This rank's device and threads, and the process group over all ranks."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        _set_cpu_threads(env)
-    with console.library_output(cfg.logging.verbose):  # DeepSpeed's "shm comm op built" line
-        distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo",
-                         timeout_s=cfg.train.collective_timeout_s)
-
-
-def _build_data(cfg: Config, layout: Layout, env: distributed.DistEnv):
-    """(training batches, validation batches or None, per-component validation) for this rank."""
-    def stream(specs):
-        return build_samples([s.prefix for s in specs], [s.weight for s in specs], cfg.train.seq_len,
-                             cfg.train.seed, cache_dir=cfg.data.cache_dir)
-
-    def batches(specs):
-        return Batches(stream(specs), cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                       layout.data_rank(env.rank), layout.data)
-
-    valid_specs = cfg.data.valid_specs()
-    components = (component_eval.components([s.prefix for s in valid_specs],
-                                            lambda prefix: batches([DatasetSpec(prefix)]))
-                  if cfg.train.eval_components else [])
-    return batches(cfg.data.train_specs()), batches(valid_specs) if valid_specs else None, components
-
-
-def _build_model(cfg: Config, layout: Layout, device: torch.device, init_weights: Optional[dict]) -> GPT:
-    """The plain GPT, initialised; on the meta device for a pipeline, whose stages each build their own layers."""
-    if layout.pipeline > 1:
-        with torch.device("meta"):
-            return GPT(cfg.model)
-    model = build_model(cfg.model, seed=cfg.train.seed, device=device)
-    if init_weights is not None:
-        model.load_state_dict(init_weights)
-    return model
 
 
 @dataclass
@@ -359,71 +271,9 @@ def evaluate(engine, batches: Batches, iters: int, env: distributed.DistEnv, dev
     return mean_over_ranks(torch.stack(losses).mean(), env.world_size)
 
 
-def _set_cpu_threads(env: distributed.DistEnv) -> None:
-    """The deepspeed launcher leaves OMP_NUM_THREADS unset: split the cores between local ranks."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    local_world = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                                                      "SLURM_NTASKS_PER_NODE") if os.environ.get(k, "").isdigit()),
-                       env.world_size)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-
-
-def _check_data_paths(cfg: Config) -> None:
-    specs = cfg.data.train_specs()
-    if not specs:
-        raise ConfigError("data.train is not set: give a preprocessed prefix or a list of {prefix, weight}")
-    for section, items in (("data.train", specs), ("data.valid", cfg.data.valid_specs())):
-        for spec in items:
-            for ext in (".bin", ".idx"):
-                if not os.path.exists(spec.prefix + ext):
-                    raise ConfigError(f"{section}: {spec.prefix}{ext} not found (run `megapile preprocess` first)")
-            if spec.weight <= 0 or not math.isfinite(spec.weight):
-                raise ConfigError(f"{section}: weight of {spec.prefix} must be a positive number, got {spec.weight}")
-
-
-def _absolute_data_paths(cfg: Config) -> None:
-    """Relative data, tokenizer and cache paths mean the working directory at start (as on a command line);
-    they are made absolute once here, so the resolved config and every checkpoint name the same files."""
-    data = cfg.data
-    for specs in (data.train, data.valid):
-        for spec in specs if isinstance(specs, list) else ():
-            spec.prefix = os.path.abspath(spec.prefix)
-    data.train, data.valid = (os.path.abspath(v) if isinstance(v, str) else v for v in (data.train, data.valid))
-    data.tokenizer, data.cache_dir = (os.path.abspath(v) if v else v for v in (data.tokenizer, data.cache_dir))
-
-
-def _tokenizer_facts(cfg: Config) -> tuple[str | None, dict[str, bytes]]:
-    """Fill model.vocab_size from data.tokenizer when unset; return the tokenizer's fingerprint and its files'
-    bytes as they go into every checkpoint (read once, so every copy has that fingerprint)."""
-    if not cfg.data.tokenizer:
-        if cfg.model.vocab_size is None:
-            raise ConfigError("model.vocab_size is not set and neither is data.tokenizer to read it from")
-        return None, {}
-    try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        files = {}
-        for path in tokenizer.files:
-            with open(path, "rb") as f:
-                files[f"{checkpoint.TOKENIZER_DIR}/{os.path.basename(path)}"] = f.read()
-    except (DataError, OSError) as e:
-        raise ConfigError(f"data.tokenizer: {e}") from None
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    return tokenizer.fingerprint, files
-
-
 def _is_collective_timeout(error: RuntimeError) -> bool:
     text = str(error).lower()
     return "timed out" in text or "timeout" in text
-
-
-def _write_resolved_config(cfg: Config, ds_config: dict) -> None:
-    os.makedirs(cfg.logging.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump({**cfg.to_dict(), "deepspeed": ds_config}, f, sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> int:
