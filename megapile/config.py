@@ -45,7 +45,7 @@ class ModelConfig:
     checkpoint_every: int = 1  # with activation_checkpointing: recompute every k-th block only (1: all; pipeline: all)
     chunked_loss: bool = True  # fused output projection + cross-entropy a chunk of rows at a time (no full
     #                            fp32 logits); false: F.linear + F.cross_entropy over the whole (B*T, vocab)
-    compile: bool = False  # torch.compile each block at start-up (CPU and GPU); README "Performance" has the figures
+    compile: bool = False  # torch.compile each block at start-up (CPU and GPU); docs/performance.md has the figures
     attention: str = "sdpa"  # "sdpa" (torch fused/flash kernels) | "flash_attn" (the flash-attn package)
     init_from: Optional[str] = None  # a local Hugging Face model directory to start from
 

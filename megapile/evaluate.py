@@ -35,6 +35,13 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from megapile import distributed
+from megapile.data import DataError
+from megapile.data.indexed import IndexedDataset, dataset_exists
+from megapile.data.reader import JsonlSource
+from megapile.hf_export import ExportError, is_hf_dir, load_model
+from megapile.progress import bar as progress_bar
+
 OVERALL = "overall"
 
 
@@ -107,8 +114,6 @@ def window_nll(model, inputs: list[list[int]], targets: list[list[int]], scored:
 
 def iter_documents(data: str, tokenizer, max_docs: Optional[int]) -> Iterator[tuple[int, str, Optional[str], Optional[list[int]]]]:
     """(index, text, component, tokens or None) of each document; tokens are given for preprocessed data."""
-    from megapile.data.indexed import IndexedDataset, dataset_exists
-
     prefix = re.sub(r"\.(bin|idx)$", "", data)
     count = 0
     if dataset_exists(prefix):
@@ -126,8 +131,6 @@ def iter_documents(data: str, tokenizer, max_docs: Optional[int]) -> Iterator[tu
             yield i, tokenizer.decode(tokens), component, tokens
             count += 1
         return
-    from megapile.data.reader import JsonlSource
-
     for i, doc in enumerate(JsonlSource(data)):
         if max_docs is not None and i >= max_docs:
             return
@@ -214,8 +217,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_output(loaded, checkpoint: str, data: str) -> str:
-    from megapile.hf_export import is_hf_dir
-
     base = os.path.basename(data)
     if re.search(r"[*?\[]", base):  # a glob: name it after its folder
         base = os.path.basename(os.path.dirname(data)) or "data"
@@ -227,10 +228,6 @@ def _default_output(loaded, checkpoint: str, data: str) -> str:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from megapile import distributed
-    from megapile.data import DataError
-    from megapile.hf_export import ExportError, load_model
-
     def fail(message: str) -> int:
         print(f"megapile: error: {message}", file=sys.stderr)
         return 1
@@ -250,8 +247,6 @@ def cli_main(args: argparse.Namespace) -> int:
         distributed.init(env, backend="nccl" if cuda else "gloo")
     try:
         loaded = load_model(args.checkpoint, device, args.tokenizer)
-        from megapile.progress import bar as progress_bar
-
         bar = progress_bar(desc="eval", unit="window", enabled=env.is_main and not args.no_progress)
         totals = evaluate(loaded.model, loaded.tokenizer, args.data, seq_len=args.seq_len, stride=args.stride,
                           max_docs=args.max_docs, batch_size=args.batch_size, rank=env.rank,

@@ -16,6 +16,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megapile.hf_export import ExportError, load_model
+from megapile.model import KVCache
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -46,8 +49,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     `on_token(row, token)` is called for every token as it is chosen. Without the cache, every step
     recomputes the whole sequence (the baseline the KV cache is measured against).
     """
-    from megapile.model import KVCache
-
     cfg = model.cfg
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -121,8 +122,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from megapile.hf_export import ExportError, load_model
-
     def fail(message: str) -> int:
         print(f"megapile: error: {message}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from megapile.config import ConfigError, ModelConfig
 
@@ -33,6 +34,7 @@ _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 
 def config_to_hf(cfg: ModelConfig):
     """A transformers GPTNeoXConfig or GPT2Config for the same model."""
+    # lazy: transformers is optional (a test extra) and adds ~0.7 s to torch; eval/generate of a checkpoint skip it
     import transformers
 
     # Special-token ids belong to the tokenizer, which a ModelConfig does not know: HF's defaults
@@ -258,8 +260,8 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def load_hf_dir(path: str, **overrides: Any) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a local Hugging Face model directory (config.json + *.safetensors or
     pytorch_model*.bin) into our ModelConfig and state dict. Never touches the network."""
+    # lazy: transformers is optional (a test extra) and adds ~0.7 s to torch; eval/generate of a checkpoint skip it
     import transformers
-    from safetensors.torch import load_file
 
     hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     cfg = config_from_hf(hf_config, **overrides)
@@ -280,8 +282,6 @@ def load_hf_dir(path: str, **overrides: Any) -> tuple[ModelConfig, dict[str, tor
 
 def save_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], path: str) -> None:
     """Write our weights as a Hugging Face model directory (config.json + model.safetensors)."""
-    from safetensors.torch import save_file
-
     os.makedirs(path, exist_ok=True)
     hf_config = config_to_hf(cfg)
     hf_config.architectures = ["GPTNeoXForCausalLM" if cfg.arch == "neox" else "GPT2LMHeadModel"]

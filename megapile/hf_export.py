@@ -29,8 +29,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import save_file
 
+from megapile.checkpoint import carried_tokenizer, portable, tools
 from megapile.config import Config, ConfigError, ModelConfig
+from megapile.data import DataError
+from megapile.data.tokenizer import load_tokenizer
+from megapile.hf_convert import _HF_HEAD, config_to_hf, load_hf_dir, state_dict_to_hf
+from megapile.model import GPT
+from megapile.progress import bar
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -63,9 +70,6 @@ def is_hf_dir(path: str) -> bool:
 
 def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[str], Any]:
     """(model config, full fp32 weights, tokenizer path, Found) of a training checkpoint of any layout."""
-    from megapile.checkpoint import carried_tokenizer, portable, tools
-    from megapile.model import GPT
-
     try:
         found = tools.resolve(path)
     except FileNotFoundError as e:
@@ -91,11 +95,6 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
 
 def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optional[str] = None) -> Loaded:
     """A GPT in eval mode (fp32) plus its tokenizer, from a checkpoint (dir) or an HF directory."""
-    from megapile.data import DataError
-    from megapile.data.tokenizer import load_tokenizer
-    from megapile.hf_convert import load_hf_dir
-    from megapile.model import GPT
-
     if not os.path.exists(path):
         raise ExportError(f"{path}: no such checkpoint or model directory")
     step, trained_with = None, None
@@ -141,9 +140,8 @@ def write_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, output: str
                  dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 10**9,
                  show_progress: bool = False) -> list[str]:
     """config.json, (sharded) safetensors, generation_config.json and tokenizer files into `output`."""
+    # lazy: transformers is optional (a test extra) and adds ~0.7 s to torch; eval/generate of a checkpoint skip it
     import transformers
-
-    from megapile.hf_convert import _HF_HEAD, config_to_hf, state_dict_to_hf
 
     os.makedirs(output, exist_ok=True)
     for name in os.listdir(output):  # a re-export must not leave shards of the previous one behind
@@ -172,8 +170,6 @@ def write_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, output: str
 def _save_sharded(sd: dict[str, torch.Tensor], output: str, max_shard_bytes: int,
                   show_progress: bool = False) -> list[str]:
     """model.safetensors, or shards of at most max_shard_bytes (a bigger tensor gets its own) + an index."""
-    from safetensors.torch import save_file
-
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in sd.items():
@@ -189,8 +185,6 @@ def _save_sharded(sd: dict[str, torch.Tensor], output: str, max_shard_bytes: int
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    from megapile.progress import bar
-
     for name, shard in bar(list(zip(names, shards)), desc="export", unit="shard", enabled=show_progress):
         save_file(shard, os.path.join(output, name), metadata=metadata)
         weight_map.update({k: name for k in shard})
@@ -229,8 +223,6 @@ def apply_init_from(cfg: Config) -> Optional[dict[str, torch.Tensor]]:
     if cfg.parallel.pipeline > 1:
         raise ConfigError("model.init_from is not supported with parallel.pipeline > 1; "
                           "start with pipeline 1, checkpoint, then resume on the pipeline layout")
-    from megapile.hf_convert import load_hf_dir
-
     try:
         hf_cfg, weights = load_hf_dir(path, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
     except (KeyError, ValueError, OSError) as e:
@@ -245,9 +237,6 @@ def apply_init_from(cfg: Config) -> Optional[dict[str, torch.Tensor]]:
 
 
 def _check_same_vocab(data_tokenizer: str, model_dir: str) -> None:
-    from megapile.data import DataError
-    from megapile.data.tokenizer import load_tokenizer
-
     try:
         ours, theirs = load_tokenizer(data_tokenizer), load_tokenizer(model_dir)
     except DataError as e:
@@ -279,14 +268,12 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from megapile.config import ConfigError as _ConfigError
-
     try:
         if os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
             raise ExportError("--output must differ from --checkpoint")
         summary = export(args.checkpoint, args.output, args.dtype, parse_size(args.max_shard_size), args.tokenizer,
                          show_progress=not args.no_progress)
-    except (ExportError, _ConfigError, KeyError) as e:
+    except (ExportError, ConfigError, KeyError) as e:
         print(f"megapile: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
         return 1
     print(f"exported {summary['source']} to {summary['output']} as "

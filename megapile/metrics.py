@@ -72,7 +72,7 @@ class MetricsLogger:
         self._path = os.path.join(cfg.run_dir, "metrics.jsonl")
         self._file = open(self._path, "a", buffering=1)
         if cfg.wandb:
-            import wandb
+            import wandb  # lazy: +0.4 s on top of everything else a run imports; only logging.wandb needs it
 
             self._wandb = wandb.init(
                 project=cfg.wandb_project,
@@ -122,6 +122,7 @@ class MetricsLogger:
         os.replace(tmp, self._path)
         self._file = open(self._path, "a", buffering=1)
         if self._cfg.tensorboard:
+            # lazy: needs the optional tensorboard package (a test extra), +0.15 s; only logging.tensorboard uses it
             from torch.utils.tensorboard import SummaryWriter
 
             # TensorBoard hides the earlier starts' events from step+1 on: they are logged again from here

@@ -154,7 +154,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     instead of the logits: the (N, vocab) logits are never stored whole (a memory win on GPU),
     and one chunk buffer is reused where log_softmax + nll_loss + their backwards allocate several
     logits-sized tensors, which glibc's malloc page-faults in anew every step (a speed win on CPU;
-    README "Performance"). Logits, softmax and the weight-gradient sum are at least fp32.
+    docs/performance.md). Logits, softmax and the weight-gradient sum are at least fp32.
 
     The saved gradients are unscaled (neither 1/count nor the loss scale) until `grad_loss` arrives in
     backward: under fp16 a row's terms, 1/count x ~1/V, are subnormal or zero, while DeepSpeed's loss scale
@@ -266,7 +266,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         # The loss's fp32 logits chunk, kept from step to step on CPU, where glibc would unmap a freed one and
-        # the next step would page-fault all of it in again (~10 % of a pythia-14m step; README "Performance").
+        # the next step would page-fault all of it in again (~10 % of a pythia-14m step; docs/performance.md).
         # GPU allocators cache freed blocks themselves, so there it is not kept.
         self._loss_workspace: list = []
         V, C = cfg.padded_vocab_size, cfg.hidden_size
@@ -463,6 +463,7 @@ def _name_seed(seed: int, name: str) -> int:
 
 def _import_flash_attn():
     try:
+        # lazy: an optional GPU package whose CUDA extension is large; only model.attention=flash_attn needs it
         from flash_attn import flash_attn_func
     except ImportError as e:
         raise ImportError(

@@ -109,7 +109,9 @@ def deepspeed_estimate_gb(m: ModelConfig, layout: Layout) -> Optional[float]:
     """DeepSpeed's own model-state estimate, which covers data parallelism alone (TP = PP = 1, ZeRO-2/3)."""
     if layout.tp != 1 or layout.pp != 1 or layout.zero not in (2, 3):
         return None
+    # lazy: deepspeed (with torch, ~2.5 s) only for these rows; `megapile plan` imports nothing heavy otherwise
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    # lazy: as the line above
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     n = total_params(m)

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from matplotlib.figure import Figure  # a Figure without pyplot: no display and no global backend to set
+
 
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -26,16 +28,12 @@ def read_metrics(run_dir: str) -> list[dict]:
 def plot_runs(run_dirs: list[str], output: str) -> None:
     """Four panels (training and validation loss, lr, tokens/s), and a fifth with one line per Pile component's
     validation bits per byte when a run logged them (train.eval_components)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
     panels = [("loss", "training loss"), ("val_loss", "validation loss"), ("lr", "learning rate"),
               ("tokens_per_s", "tokens / s")]
     runs = [(os.path.basename(os.path.normpath(d)), read_metrics(d)) for d in run_dirs]
     components = sorted({k for _, records in runs for r in records for k in r if k.startswith("val_bpb/")})
-    fig, axes = plt.subplots(3 if components else 2, 2, figsize=(11, 10.5 if components else 7))
+    fig = Figure(figsize=(11, 10.5 if components else 7))
+    axes = fig.subplots(3 if components else 2, 2)
     flat = list(axes.flat)
     for label, records in runs:
         for ax, (key, _) in zip(flat, panels):
@@ -53,7 +51,6 @@ def plot_runs(run_dirs: list[str], output: str) -> None:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=100)
-    plt.close(fig)
 
 
 def _line(ax, records: list[dict], key: str, label: str) -> None:

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch.distributed as dist
+
 from megapile.checkpoint import manifest, rng
 from megapile.config import CheckpointConfig, ConfigError
 
@@ -35,6 +37,11 @@ STATE_FILE = "megapile_state.json"
 TOKENIZER_DIR = "tokenizer"
 ROLLBACK_FILE = "rolled_back/last_rollback.json"
 _TAG = re.compile(r"^global_step(\d+)$")
+
+try:  # optional: torch < 2.6 has no switch for torch.save's zip CRC32
+    from torch.utils.serialization import config as _torch_serialization
+except ImportError:
+    _torch_serialization = None
 
 
 @dataclass
@@ -203,8 +210,6 @@ def _as_os_error(error: Exception, directory: str) -> OSError:
 
 
 def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -274,21 +279,17 @@ def _write_latest(directory: str, tag: str) -> None:
 
 @contextlib.contextmanager
 def _torch_zip_crc_off():
-    try:
-        from torch.utils.serialization import config
-    except ImportError:  # torch < 2.6 has no switch
+    if _torch_serialization is None:  # torch < 2.6 has no switch
         yield
         return
-    before = config.save.compute_crc32
-    config.save.compute_crc32 = False
+    before = _torch_serialization.save.compute_crc32
+    _torch_serialization.save.compute_crc32 = False
     try:
         yield
     finally:
-        config.save.compute_crc32 = before
+        _torch_serialization.save.compute_crc32 = before
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()

@@ -6,6 +6,8 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+from megapile.progress import bar
+
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20
 
@@ -36,8 +38,6 @@ def _crc_all(paths: list[str]) -> list[int]:
 
 def write(directory: str, show_progress: bool = False) -> dict:
     """Checksum every file under `directory`, fsync them, and write manifest.json (fsynced too)."""
-    from megapile.progress import bar
-
     rels = _files(directory)
     paths = [os.path.join(directory, rel) for rel in rels]
     for path in bar(paths, desc="seal checkpoint", unit="file", enabled=show_progress):

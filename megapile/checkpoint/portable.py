@@ -9,23 +9,32 @@ the one form every layout shares: the full fp32 value of each named parameter an
   functions reassemble them too. A ZeRO-0 checkpoint holds a plain torch optimizer state dict.
 - Writing: DeepSpeed's tensor-fragment API (`safe_set_full_fp32_param`, `safe_set_full_optimizer_state`)
   puts each full tensor into whatever partition this rank owns, in the new layout.
+
+Each function that touches DeepSpeed's shards imports deepspeed itself (lazy): it adds ~0.5 s to torch's import
+and logs "Setting accelerator to CPU" without a GPU, and eval, generate and export-hf import this module for
+Hugging Face directories too, which never touch a shard.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
+
+from megapile.progress import bar
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def read_full_weights(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """The fp32 value of every parameter, from a checkpoint of any layout."""
-    from deepspeed.utils import zero_to_fp32 as z
+    from deepspeed.utils import zero_to_fp32 as z  # lazy: see the module docstring
 
     state = _megapile_state(path)
     if any(state.get("parallel", {}).get(k, 1) > 1 for k in ("tensor", "pipeline")):
-        from megapile.parallel.shards import read_parallel_weights
+        # lazy: checkpoint.shards imports deepspeed at the top (megapile.parallel.pipeline too); see the docstring
+        from megapile.checkpoint.shards import read_parallel_weights
 
         return read_parallel_weights(path, state)  # tensor/pipeline slices joined into GPT names
     if zero_stage == 0:
@@ -39,9 +48,6 @@ def read_full_weights(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
 
 
 def _megapile_state(path: str) -> dict[str, Any]:
-    import json
-    import os
-
     state_file = os.path.join(path, "megapile_state.json")
     if not os.path.exists(state_file):
         return {}
@@ -55,7 +61,7 @@ def read_full_state(path: str, zero_stage: int, param_order: list[str]) -> dict[
     `param_order` names the parameters in the order the optimizer numbers them (its groups, in order),
     which is how a ZeRO-0 checkpoint's plain torch optimizer state refers to them.
     """
-    from deepspeed.utils.zero_to_fp32 import get_model_state_file
+    from deepspeed.utils.zero_to_fp32 import get_model_state_file  # lazy: see the module docstring
 
     model_file = get_model_state_file(path, zero_stage)  # ZeRO-3 names it per rank; rank 0 holds the schedule
     # DeepSpeed's own files hold pickled Python objects; they are only ever loaded from our checkpoint dir.
@@ -112,7 +118,7 @@ def _unflatten(flats: list[torch.Tensor], param_order: list[str], module: dict) 
 def _read_zero(path: str, zero_stage: int, moments: tuple[str, ...] = MOMENTS) -> dict[str, Any]:
     """ZeRO-1/2/3 shards, and bf16 ZeRO-1's BF16_Optimizer shards (partitioned like ZeRO-1, but without the
     `zero_stage` entry that DeepSpeed's own `zero_to_fp32` entry points insist on)."""
-    from deepspeed.utils import zero_to_fp32 as z
+    from deepspeed.utils import zero_to_fp32 as z  # lazy: see the module docstring
 
     zero_model_states = z.parse_model_states(z.get_model_state_files(path))
     optim_files = z.get_optim_files(path)
@@ -149,9 +155,7 @@ def _moment_groups(shard: dict, key: str, zero_stage: int) -> list[torch.Tensor]
 
 def apply_full_state(engine, full: dict[str, Any], show_progress: bool = False) -> None:
     """Load full weights, Adam moments, step and schedule into a freshly built engine of any layout."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    from megapile.progress import bar
+    import deepspeed  # lazy: see the module docstring
 
     stage = engine.zero_optimization_stage()
     params = dict(engine.module.named_parameters())
@@ -159,8 +163,6 @@ def apply_full_state(engine, full: dict[str, Any], show_progress: bool = False) 
     if missing:
         raise ValueError(f"the checkpoint has no value for {', '.join(missing[:5])}")
     if stage == 3:
-        import deepspeed
-
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
             for name, p in params.items():
                 p.data.copy_(full["fp32"][name].to(p.device, p.dtype))
@@ -178,9 +180,9 @@ def apply_full_state(engine, full: dict[str, Any], show_progress: bool = False) 
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: point each
             engine.optimizer._lazy_init_hp_params_optimizer_state()  # parameter's fragment at the new state
         for name, p in bar(params.items(), desc="reshard", total=len(params), unit="tensor", enabled=show_progress):
-            safe_set_full_fp32_param(p, full["fp32"][name].to(p.device))
+            deepspeed.utils.safe_set_full_fp32_param(p, full["fp32"][name].to(p.device))
             for key in MOMENTS:
-                safe_set_full_optimizer_state(p, full[key][name].to(p.device), key)
+                deepspeed.utils.safe_set_full_optimizer_state(p, full[key][name].to(p.device), key)
         for state in engine.optimizer.optimizer.state.values():
             if "step" in state:
                 state["step"] = _like(state["step"], full["step"])

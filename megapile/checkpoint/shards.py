@@ -16,6 +16,10 @@ import os
 import re
 
 import torch
+from deepspeed.utils import zero_to_fp32 as z
+
+from megapile.parallel.pipeline import gpt_name
+from megapile.parallel.tensor import gather_full
 
 
 def read_parallel_weights(path: str, state: dict) -> dict[str, torch.Tensor]:
@@ -24,9 +28,6 @@ def read_parallel_weights(path: str, state: dict) -> dict[str, torch.Tensor]:
     Model-parallel rank m is pipeline stage m // tensor, tensor rank m % tensor (DeepSpeed numbers the ranks of
     one data-parallel replica in global-rank order: stage-major, tensor-minor).
     """
-    from megapile.parallel.pipeline import gpt_name
-    from megapile.parallel.tensor import gather_full
-
     parallel = state.get("parallel") or {}
     tensor, pipeline = parallel.get("tensor", 1), parallel.get("pipeline", 1)
     zero_stage = int(state["zero_stage"])
@@ -47,8 +48,6 @@ def read_parallel_weights(path: str, state: dict) -> dict[str, torch.Tensor]:
 
 
 def _model_parallel_rank_weights(path: str, mp_rank: int, zero_stage: int) -> dict[str, torch.Tensor]:
-    from deepspeed.utils import zero_to_fp32 as z
-
     model_state = torch.load(os.path.join(path, f"mp_rank_{mp_rank:02d}_model_states.pt"), map_location="cpu",
                              weights_only=False)
     if zero_stage == 0:

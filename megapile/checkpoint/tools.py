@@ -11,7 +11,10 @@ import os
 import shutil
 import sys
 
+from safetensors.torch import save_file
+
 from megapile.checkpoint import STATE_FILE, Found, carried_tokenizer, find_resumable, list_complete, manifest
+from megapile.checkpoint.portable import read_full_weights
 
 
 def resolve(path: str) -> Found:
@@ -76,10 +79,6 @@ def _resumes_on(state: dict) -> str:
 
 def consolidate(found: Found, output: str) -> int:
     """Write the fp32 weights of any layout to one safetensors file; return the number of tensors."""
-    from safetensors.torch import save_file
-
-    from megapile.checkpoint.portable import read_full_weights
-
     weights = read_full_weights(found.path, int(found.state["zero_stage"]))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = output + ".tmp"

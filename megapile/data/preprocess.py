@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
 import numpy as np
+from tqdm import tqdm
 
+from megapile import __version__
 from megapile.data import DataError
 from megapile.data.indexed import IndexedDatasetWriter, token_dtype
 from megapile.data.reader import (
@@ -190,73 +192,93 @@ def preprocess(
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
         raise DataError(f"output directory '{os.path.dirname(output_prefix)}' does not exist (for --output-prefix '{output_prefix}')")
-    result = PreprocessResult(outputs={})
-    writers: dict[str, IndexedDatasetWriter] = {}
     bar = _progress_bar(source, progress)
 
     with ExitStack() as stack:
         stack.callback(bar.close)
-
-        def writer_for(group: str) -> IndexedDatasetWriter:
-            if group not in writers:
-                prefix = component_prefix(output_prefix, group) if split_by_component else output_prefix
-                writers[group] = stack.enter_context(IndexedDatasetWriter(prefix, dtype))
-                result.outputs[group] = prefix
-            return writers[group]
-
-        if not split_by_component:
-            writer_for("")
-
-        def consume(r: _ChunkResult) -> None:
-            if strict and r.skips.total:
-                reason, where = next((k, v[0]) for k, v in r.skips.examples.items() if v)
-                raise DataError(f"{where}: {SKIP_REASONS.get(reason, reason)}")
-            for group, tokens in r.tokens.items():
-                writer_for(group).add_documents(tokens, r.lengths[group])
-                counts = result.per_component.setdefault(group, {"documents": 0, "tokens": 0, "text_bytes": 0})
-                counts["documents"] += len(r.lengths[group])
-                counts["tokens"] += len(tokens)
-                counts["text_bytes"] += r.text_bytes[group]
-                result.documents += len(r.lengths[group])
-                result.tokens += len(tokens)
-            result.skips.update(r.skips)
-            result.filtered += r.filtered
-            result.input_bytes += r.input_bytes
-            bar.update(max(0, r.progress - bar.n))
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{result.documents / elapsed:,.0f} docs/s, {result.input_bytes / 1e6 / elapsed:,.2f} MB/s", refresh=False)
-
+        outputs = _Outputs(stack, output_prefix, dtype, split_by_component, strict, bar, start)
         chunks = source.iter_chunks(chunk_bytes)
+        task = (filter_, split_by_component, dtype)  # _process's arguments after the chunk
         if workers <= 1:
-            global _tokenizer
-            _tokenizer = tok
-            for chunk in chunks:
-                consume(_process(chunk, filter_, split_by_component, dtype))
+            _run_here(chunks, tok, task, outputs.consume)
         else:
-            # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory, or
-            # unable to start) raises BrokenProcessPool here instead of hanging the run forever.
-            pool = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tok.path, tok.fingerprint)
-            )
-            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-            pending: collections.deque = collections.deque()
-            for chunk in chunks:
-                pending.append(pool.submit(_process, chunk, filter_, split_by_component, dtype))
-                if len(pending) > 2 * workers:
-                    consume(pending.popleft().result())
-            while pending:
-                consume(pending.popleft().result())
+            _run_in_pool(chunks, workers, tok, task, outputs.consume, stack)
 
+        result = outputs.result
         result.skips.update(source.skips)
         result.seconds = time.perf_counter() - start
-        for group, writer in writers.items():
+        for group, writer in outputs.writers.items():
             writer.finalize(sidecar=_sidecar(result, group, writer, tok, source, split_by_component))
     return result
 
 
-def _sidecar(result: PreprocessResult, group: str, writer: IndexedDatasetWriter, tok: Tokenizer, source, split: bool) -> dict[str, Any]:
-    from megapile import __version__
+class _Outputs:
+    """One run's writers (one per component when split, each entered into `stack` when first needed) and its
+    running totals; `consume` takes each chunk's tokens in input order."""
 
+    def __init__(self, stack: ExitStack, output_prefix: str, dtype: np.dtype, split: bool, strict: bool, bar,
+                 start: float):
+        self.stack, self.output_prefix, self.dtype, self.split, self.strict = stack, output_prefix, dtype, split, strict
+        self.bar, self.start = bar, start
+        self.result = PreprocessResult(outputs={})
+        self.writers: dict[str, IndexedDatasetWriter] = {}
+        if not split:
+            self.writer_for("")
+
+    def writer_for(self, group: str) -> IndexedDatasetWriter:
+        if group not in self.writers:
+            prefix = component_prefix(self.output_prefix, group) if self.split else self.output_prefix
+            self.writers[group] = self.stack.enter_context(IndexedDatasetWriter(prefix, self.dtype))
+            self.result.outputs[group] = prefix
+        return self.writers[group]
+
+    def consume(self, r: _ChunkResult) -> None:
+        result, bar = self.result, self.bar
+        if self.strict and r.skips.total:
+            reason, where = next((k, v[0]) for k, v in r.skips.examples.items() if v)
+            raise DataError(f"{where}: {SKIP_REASONS.get(reason, reason)}")
+        for group, tokens in r.tokens.items():
+            self.writer_for(group).add_documents(tokens, r.lengths[group])
+            counts = result.per_component.setdefault(group, {"documents": 0, "tokens": 0, "text_bytes": 0})
+            counts["documents"] += len(r.lengths[group])
+            counts["tokens"] += len(tokens)
+            counts["text_bytes"] += r.text_bytes[group]
+            result.documents += len(r.lengths[group])
+            result.tokens += len(tokens)
+        result.skips.update(r.skips)
+        result.filtered += r.filtered
+        result.input_bytes += r.input_bytes
+        bar.update(max(0, r.progress - bar.n))
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        bar.set_postfix_str(f"{result.documents / elapsed:,.0f} docs/s, {result.input_bytes / 1e6 / elapsed:,.2f} MB/s", refresh=False)
+
+
+def _run_here(chunks: Iterable[Chunk], tok: Tokenizer, task: tuple, consume) -> None:
+    """workers <= 1: tokenize every chunk in this process."""
+    global _tokenizer
+    _tokenizer = tok
+    for chunk in chunks:
+        consume(_process(chunk, *task))
+
+
+def _run_in_pool(chunks: Iterable[Chunk], workers: int, tok: Tokenizer, task: tuple, consume, stack: ExitStack) -> None:
+    """Tokenize in `workers` spawned processes, at most 2 x workers + 1 chunks in flight, results in input order."""
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory, or
+    # unable to start) raises BrokenProcessPool here instead of hanging the run forever.
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tok.path, tok.fingerprint)
+    )
+    stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_process, chunk, *task))
+        if len(pending) > 2 * workers:
+            consume(pending.popleft().result())
+    while pending:
+        consume(pending.popleft().result())
+
+
+def _sidecar(result: PreprocessResult, group: str, writer: IndexedDatasetWriter, tok: Tokenizer, source, split: bool) -> dict[str, Any]:
     return {
         "format": "megatron-mmap-indexed-dataset v1",
         "component": group or None,
@@ -301,8 +323,6 @@ class _NoBar:
 def _progress_bar(source, enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
-
     width = shutil.get_terminal_size((100, 24)).columns  # a terminal that reports 0 columns gets 100
     return tqdm(total=source.total_bytes or None, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, ncols=width)
 
@@ -337,6 +357,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 def _hf_source(args: argparse.Namespace) -> HFSource:
     """--hf-dataset and its options as an HFSource; loading failures become one-line DataErrors."""
+    # lazy: ~1 s to import, paid again by every spawned worker (they import this module); only --hf-dataset needs it
     import datasets
 
     try:

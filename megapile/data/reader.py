@@ -26,6 +26,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Union
 
+import zstandard
+
 from megapile.data import DataError
 
 DEFAULT_MAX_DOC_BYTES = 256 << 20  # longer JSON lines are skipped ("too_long") without being held
@@ -152,8 +154,6 @@ def _iter_zstd_blocks(raw) -> Iterator[tuple[bytes, int]]:
     through a `_FrameWalker` that follows the frame and block headers and knows whether the
     file ended between frames.
     """
-    import zstandard
-
     walker = _FrameWalker()
     tap = _Tap(raw, walker)
     reader = zstandard.ZstdDecompressor().stream_reader(tap, read_size=_READ_SIZE, read_across_frames=True)

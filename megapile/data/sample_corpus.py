@@ -32,6 +32,8 @@ import sys
 import sysconfig
 from typing import Callable, Iterator, Optional
 
+import zstandard
+
 from megapile.data import DataError
 
 SHARES = {"Docs": 0.2, "ManPages": 0.2, "Docstrings": 0.1, "Github": 0.5}  # of --max-mb; Github takes what is left
@@ -242,8 +244,6 @@ def collect_documents(max_bytes: int, seed: int) -> list[dict]:
 
 def build_sample_corpus(out_dir: str, max_mb: float = 20.0, seed: int = 1234, train_shards: int = 2) -> dict:
     """Write OUT_DIR/{train,val,test}/NN.jsonl.zst and manifest.json; return the manifest."""
-    import zstandard
-
     if max_mb <= 0:
         raise DataError(f"--max-mb must be positive, got {max_mb}")
     records = collect_documents(int(max_mb * 1e6), seed)

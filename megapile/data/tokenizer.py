@@ -22,7 +22,10 @@ import sys
 import tempfile
 from typing import Iterable, Optional, Sequence, Union
 
+from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, processors, trainers
+
 from megapile.data import DataError
+from megapile.data.reader import JsonlSource
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -94,8 +97,6 @@ def _find(directory: str, names: Sequence[str]) -> Optional[str]:
 
 def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
     """Load a tokenizer.json, a Hugging Face tokenizer directory, or a GPT-2 vocab+merges pair."""
-    from tokenizers import Tokenizer as Backend
-
     path = str(path)
     if not os.path.exists(path):
         raise DataError(f"tokenizer not found: '{path}'")
@@ -122,8 +123,6 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
 
 
 def _gpt2_from_files(vocab: str, merges: str):
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
-
     backend = Backend(models.BPE.from_file(vocab, merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -142,8 +141,6 @@ def train_tokenizer(
     show_progress: bool = False,
 ) -> Tokenizer:
     """Train a byte-level BPE (GPT-NeoX style: <|endoftext|>=0, <|padding|>=1) and save it atomically."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, processors, trainers
-
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise DataError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens), got {vocab_size}")
     backend = Backend(models.BPE())
@@ -197,8 +194,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from megapile.data.reader import JsonlSource
-
     try:
         source = JsonlSource(args.input, components=args.component)
         tok = train_tokenizer(
