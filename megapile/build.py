@@ -26,8 +26,9 @@ from megapile.metrics import MetricsLogger
 from megapile.model import GPT, build_model
 from megapile.parallel.ds_config import precision_line, resolve_parallel
 from megapile.parallel.layout import Layout, check_vocab
-from megapile.parallel.parallelize import parallelize
+from megapile.parallel.parallelize import TrainState, parallelize
 from megapile.run_state import Run
+from megapile.spikes import PipelineJudge, SpikeDetector
 
 
 def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) -> Run:
@@ -64,8 +65,20 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
         f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
     )
     fingerprints = {"tokenizer": tokenizer_print, "train_data": batches.stream.fingerprint}
+    spikes = SpikeDetector(cfg.train.spike) if cfg.train.spike.enabled else None
     return Run(cfg, env, device, layout, state, batches, valid_batches, logger, ckpt_dir, accum, flops_per_token,
-               peak, fingerprints, components, tokenizer_files)
+               peak, fingerprints, components, tokenizer_files, spikes,
+               _pipeline_judge(state, spikes, layout, accum) if spikes and state.pipelined else None)
+
+
+def _pipeline_judge(state: TrainState, spikes: SpikeDetector, layout: Layout, accum: int) -> PipelineJudge:
+    """Put the spike judge inside the pipeline's loss function (the only place a pipeline's loss is known before
+    its update). The verdict is shared from the last stage's first rank: stage pp-1, data rank 0, tensor rank 0."""
+    module = state.engine.module
+    judge = PipelineJudge(spikes, module.loss_fn, accum, state.engine.grid.get_data_parallel_group(),
+                          (layout.pipeline - 1) * layout.data * layout.tensor)
+    module.loss_fn = judge
+    return judge
 
 
 def _start_processes(cfg: Config, env: distributed.DistEnv, device: torch.device) -> None:

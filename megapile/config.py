@@ -137,6 +137,27 @@ class OptimConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike handling (megapile/spikes.py): a step whose loss is more than `z_threshold` standard deviations
+    above the last `window` accepted steps is skipped; too many of them roll the run back and step over their data."""
+
+    enabled: bool = False
+    window: int = 128  # accepted steps the mean and standard deviation are taken over
+    min_steps: int = 16  # no verdict before the window holds this many steps
+    z_threshold: float = 6.0  # how many standard deviations above the window's mean is a spike
+    max_skips: int = 3  # this many spikes within `window` steps roll the run back ...
+    patience: int = 2  # ... and so do this many consecutive ones
+    rollback_steps: int = 100  # roll back to the newest checkpoint at least this many steps before the first spike
+    max_rollbacks: int = 3  # then stop with a one-line error
+
+    def __post_init__(self) -> None:
+        for key in ("window", "min_steps", "z_threshold", "max_skips", "patience", "rollback_steps", "max_rollbacks"):
+            _check_positive(f"train.spike.{key}", getattr(self, key))
+        if self.min_steps > self.window:
+            raise ConfigError(f"train.spike.min_steps ({self.min_steps}) must be <= train.spike.window ({self.window})")
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100
     seq_len: int = 128
@@ -154,6 +175,10 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: GPU table or measured CPU matmul
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
     collective_timeout_s: float = 600.0  # a rank that waits longer than this for the others fails the job
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    # Global sample ranges [start, end) never trained: a step whose batch would overlap one starts after it instead.
+    # A rollback adds its range to the run's list by itself (checkpoint state); this gives more from the start.
+    skip_samples: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_iters",
@@ -161,6 +186,9 @@ class TrainConfig:
             _check_positive(f"train.{key}", getattr(self, key))
         _check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("train.grad_accum_dtype", self.grad_accum_dtype, ("auto", "fp32", "bf16", "fp16"))
+        for pair in self.skip_samples:
+            if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
+                raise ConfigError(f"train.skip_samples must hold [start, end) pairs with 0 <= start < end, got {pair}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from megapile.distributed import DistEnv
 from megapile.metrics import MetricsLogger
 from megapile.parallel.layout import Layout
 from megapile.parallel.parallelize import TrainState
+from megapile.spikes import PipelineJudge, SpikeDetector, merge_ranges
 
 
 @dataclass
@@ -23,10 +24,12 @@ class Position:
     step: int = 0
     sample_index: int = 0
     tokens_seen: int = 0
+    skip_samples: list = field(default_factory=list)  # sorted [start, end) global sample ranges never trained
 
     @classmethod
-    def of_state(cls, step: int, state: dict[str, Any]) -> "Position":
-        return cls(step, int(state["sample_index"]), int(state["tokens_seen"]))
+    def of_state(cls, step: int, state: dict[str, Any], skip_samples: list) -> "Position":
+        return cls(step, int(state["sample_index"]), int(state["tokens_seen"]),
+                   merge_ranges(state.get("skip_samples", []), skip_samples))
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Run:
     fingerprints: dict
     components: list = field(default_factory=list)  # megapile.component_eval.Component: per-component validation
     tokenizer_files: dict = field(default_factory=dict)  # {path in a checkpoint: bytes}: the carried tokenizer
+    spikes: Optional[SpikeDetector] = None  # train.spike.enabled: the loss-spike detector (megapile/spikes.py)
+    pipeline_judge: Optional[PipelineJudge] = None  # its judge inside a pipeline's loss function
 
     @property
     def engine(self) -> Any:

@@ -21,6 +21,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from megapile.parallel.step_guard import after_skipped_step
 from megapile.process_exit import exit_now
 from megapile.run_state import Position, Run
 from megapile.signals import EXIT_CHECKPOINTED, StopFlag
+from megapile.spikes import Rollback, Verdict, first_sample_after_skips
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +85,12 @@ def train(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
     run = build(cfg, ds_config_path, env)
     try:
         start = manager.resume(run)
-        run.logger.rewind(start.step)  # drop steps logged after the checkpoint (all of them on a fresh start)
-        return loop(run, start, stop)
+        while True:
+            run.logger.rewind(start.step)  # drop steps logged after the checkpoint (all of them on a fresh start)
+            summary = loop(run, start, stop)
+            if "rollback" not in summary:
+                return summary
+            start = manager.roll_back(run, summary["rollback"])  # train.spike: too many loss spikes
     finally:
         # In order: sinks and readers, the engine (ZeRO-3 hooks and threads), then the process group. Leaving
         # them to interpreter teardown lets DeepSpeed's ZeRO-3 abort a finished process on CPU.
@@ -101,7 +107,8 @@ class _Tally:
     losses: list = field(default_factory=list)  # this window's step losses (tensors: read once per record)
     seconds: float = 0.0  # this window's training time only: evaluation, saving and logging are timed apart
     intervals: list = field(default_factory=list)  # (steps, seconds) of each logged window, for the summary
-    skipped: int = 0  # steps whose update was skipped
+    skipped: int = 0  # steps whose update was skipped (non-finite or a loss spike)
+    spikes: int = 0  # of those, the loss spikes (train.spike)
     first_bad: Optional[tuple[int, int]] = None  # (step, first global sample) of the current streak of skips
     save_seconds: Optional[float] = None  # the save since the last record, logged with the next one
 
@@ -114,16 +121,24 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
     tally, position = _Tally(), start
     loop_start = time.perf_counter()  # wall time of this start, evaluation and saving included: for the ETA
     for step in range(start.step, cfg.train.max_steps):
-        step_start, first_sample = time.perf_counter(), position.sample_index
-        loss, grad_norm, skipped = train_step(run, first_sample)
+        step_start = time.perf_counter()
+        first_sample = first_sample_after_skips(position.sample_index, cfg.train.global_batch_size,
+                                                position.skip_samples)
+        loss, grad_norm, skipped, verdict = train_step(run, first_sample)
         position = Position(step + 1, first_sample + cfg.train.global_batch_size,
-                            position.tokens_seen + cfg.train.global_batch_size * cfg.train.seq_len)
+                            position.tokens_seen + cfg.train.global_batch_size * cfg.train.seq_len,
+                            position.skip_samples)
         bar.update(1)
         done, last = step + 1, step + 1 == cfg.train.max_steps
         stopping, bad_loss = any_rank([stop.requested, not bool(torch.isfinite(loss))], run.env.world_size)
         tally.losses.append(loss)
         tally.seconds += time.perf_counter() - step_start  # the flags' all-reduce waits for the step to finish
-        _count_bad_step(run, tally, skipped or bad_loss, done, first_sample)  # every rank agrees on both
+        spiked = verdict is not None and verdict.spike
+        _count_bad_step(run, tally, (skipped and not spiked) or bad_loss, done, first_sample)  # every rank agrees
+        rollback = _observe_spikes(run, tally, verdict, grad_norm, done, first_sample) if verdict else None
+        if rollback is not None:
+            summary["rollback"] = rollback
+            break
         evaluation = _evaluate_if_due(run, done, last)
         if done % cfg.train.log_every == 0 or last or stopping or evaluation:
             record = _record(run, tally, position, grad_norm, evaluation, time.perf_counter() - loop_start, start.step)
@@ -141,6 +156,28 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
     bar.close()
     summary.update(_throughput_summary(run, tally.intervals))
     return summary
+
+
+def _observe_spikes(run: Run, tally: _Tally, verdict: Verdict, grad_norm: Optional[float], done: int,
+                    first_sample: int) -> Optional[Rollback]:
+    """Feed the step to the spike detector; say what a spike did. A Rollback when the spikes are too many."""
+    samples = (first_sample, first_sample + run.cfg.train.global_batch_size)
+    # one value on every rank (a rank without a norm, or a skipped step, gives NaN: then there is none)
+    mine = float("nan") if grad_norm is None or verdict.spike else float(grad_norm)
+    norm = mean_over_ranks(torch.tensor(mine, dtype=torch.float64, device=run.device), run.env.world_size)
+    norm = norm if math.isfinite(norm) else None
+    norm_z = run.spikes.norm_z(norm)
+    if verdict.spike:
+        tally.spikes += 1
+        tally.skipped += 1  # skipped_steps counts every update not applied
+        run.logger.message(f"step {done}: loss spike skipped: loss {verdict.loss:.4f} is {verdict.z:.1f} standard "
+                           f"deviations above the last {len(run.spikes.losses)} steps (train.spike.z_threshold="
+                           f"{run.cfg.train.spike.z_threshold:g}); global samples [{samples[0]}, {samples[1]})")
+    elif norm_z > run.cfg.train.spike.z_threshold:
+        run.logger.message(f"step {done}: gradient-norm spike: {norm:.4g} is {norm_z:.1f} standard deviations "
+                           f"above the window (applied, clipped to optim.grad_clip; counts toward a rollback); "
+                           f"global samples [{samples[0]}, {samples[1]})")
+    return run.spikes.observe(done, samples, verdict, norm)
 
 
 def _count_bad_step(run: Run, tally: _Tally, bad: bool, done: int, first_sample: int) -> None:
@@ -185,6 +222,7 @@ def _record(run: Run, tally: _Tally, position: Position, grad_norm: Optional[flo
         "samples_seen": position.sample_index,
         "tokens_seen": position.tokens_seen,
         "skipped_steps": tally.skipped,
+        **({"spikes_skipped": tally.spikes} if run.spikes is not None else {}),
         "elapsed_seconds": wall,
         "eta_seconds": wall / (position.step - start_step) * (cfg.max_steps - position.step),
         **evaluation,
@@ -218,25 +256,33 @@ def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
     return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": mfu, "peak_memory_gib": peak_gib}
 
 
-def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[float], bool]:
+def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[float], bool, Optional[Verdict]]:
     """One optimizer step over this rank's micro-batches of the global batch that starts at `first_sample`:
-    (mean loss, global grad norm, update skipped). A non-finite gradient norm skips the update on every engine
-    (megapile/parallel/step_guard.py)."""
+    (mean loss, global grad norm, update skipped, spike verdict or None). A non-finite gradient norm skips the
+    update on every engine (megapile/parallel/step_guard.py); so does a loss spike (megapile/spikes.py), judged
+    after the last forward pass and before its backward."""
     engine = run.engine
     skipped_before = engine.skipped_steps
     if run.state.pipelined:  # DeepSpeed runs the micro-batches itself (1F1B); the loss comes from the last stage
-        loss = engine.train_batch(iter(run.batches.micro_batches(first_sample, run.device)))
-        return loss.detach().float(), engine.get_global_grad_norm(), engine.skipped_steps > skipped_before
-    loss_sum = torch.zeros((), device=run.device)
-    for x, y in run.batches.micro_batches(first_sample, run.device):
+        loss = engine.train_batch(iter(run.batches.micro_batches(first_sample, run.device))).detach().float()
+        verdict = run.pipeline_judge.share() if run.pipeline_judge is not None else None
+        if verdict is not None and verdict.spike:
+            loss = torch.tensor(verdict.loss)  # the NaN that skipped the update is not the step's loss
+        return loss, engine.get_global_grad_norm(), engine.skipped_steps > skipped_before, verdict
+    loss_sum, verdict = torch.zeros((), device=run.device), None
+    for j, (x, y) in enumerate(run.batches.micro_batches(first_sample, run.device)):
         loss = engine(x, targets=y)
-        engine.backward(loss)
         loss_sum += loss.detach().float()
+        if run.spikes is not None and j == run.accum - 1:
+            verdict = run.spikes.judge(mean_over_ranks(loss_sum / run.accum, run.env.world_size))
+            if verdict.spike:
+                loss = loss * float("nan")  # every engine skips the update of a non-finite gradient
+        engine.backward(loss)
         engine.step()  # a real optimizer step only at the accumulation boundary
     skipped = engine.skipped_steps > skipped_before
     if skipped:
         after_skipped_step(engine)
-    return loss_sum / run.accum, engine.get_global_grad_norm(), skipped
+    return loss_sum / run.accum, engine.get_global_grad_norm(), skipped, verdict
 
 
 def _check_bad_streak(run: Run, first_bad: tuple[int, int], done: int) -> None:

@@ -6,6 +6,7 @@ its newer ones aside (never deleted) so that an automatic restart never resumes 
 """
 from __future__ import annotations
 
+import json
 import os
 
 import deepspeed
@@ -18,6 +19,9 @@ from megapile.checkpoint.rng import seed_everything
 from megapile.parallel.collectives import any_rank
 from megapile.parallel.layout import check_same_layout
 from megapile.run_state import Position, Run
+from megapile.spikes import Rollback, merge_ranges
+
+SPIKE_FILE = "spikes.json"  # in the checkpoint directory: ranges rollbacks stepped over, and how many there were
 
 
 class TrainingError(RuntimeError):
@@ -27,11 +31,27 @@ class TrainingError(RuntimeError):
 def resume(run: Run) -> Position:
     """Load the checkpoint `checkpoint.resume` asks for; return where training goes on."""
     found = _choose(run)
+    skip = merge_ranges(run.cfg.train.skip_samples, _spike_record(run.ckpt_dir)["skip_samples"])
     if found is None:
-        return Position()
+        return Position(skip_samples=skip)
     compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, run.cfg.checkpoint.allow_data_change,
                  found.path)
     check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
+    _load(run, found)
+    position = Position.of_state(found.step, found.state, skip)
+    run.logger.message(f"resumed from {found.path} at step {found.step} "
+                       f"(sample {position.sample_index}, {position.tokens_seen:,} tokens seen)")
+    saved_batch = found.state.get("config", {}).get("train", {}).get("global_batch_size")
+    if saved_batch is not None and saved_batch != run.cfg.train.global_batch_size:
+        run.logger.message(f"train.global_batch_size changed from {saved_batch} to {run.cfg.train.global_batch_size}: "
+                           f"the next step reads global samples from {position.sample_index} on")
+    _set_aside_newer(run, found)
+    return position
+
+
+def _load(run: Run, found: "checkpoint.Found") -> None:
+    """The checkpoint's weights, optimizer state, RNG streams and spike window into this run: as saved on the same
+    layout, resharded through full fp32 state otherwise."""
     old_layout = (found.state["zero_stage"], found.state["world_size"])
     new_layout = (run.engine.zero_optimization_stage(), run.env.world_size)
     if old_layout == new_layout:
@@ -45,15 +65,58 @@ def resume(run: Run) -> Position:
         full = portable.read_full_state(found.path, old_layout[0], run.param_order)
         portable.apply_full_state(run.engine, full, show_progress=run.env.is_main and run.cfg.logging.progress)
         seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
-    position = Position.of_state(found.step, found.state)
-    run.logger.message(f"resumed from {found.path} at step {found.step} "
-                       f"(sample {position.sample_index}, {position.tokens_seen:,} tokens seen)")
-    saved_batch = found.state.get("config", {}).get("train", {}).get("global_batch_size")
-    if saved_batch is not None and saved_batch != run.cfg.train.global_batch_size:
-        run.logger.message(f"train.global_batch_size changed from {saved_batch} to {run.cfg.train.global_batch_size}: "
-                           f"the next step reads global samples from {position.sample_index} on")
+    if run.spikes is not None and found.state.get("spike_detector"):
+        run.spikes.load_state_dict(found.state["spike_detector"])
+    elif run.spikes is not None:  # saved without train.spike: the window starts empty
+        run.spikes.reset()
+
+
+def roll_back(run: Run, rollback: Rollback) -> Position:
+    """Too many loss spikes (megapile/spikes.py): reload the newest checkpoint at least train.spike.rollback_steps
+    before the first of them and go on with their global samples never trained. The range and the count of
+    rollbacks are written to CHECKPOINT_DIR/spikes.json at once, so a requeue before the next save skips them too."""
+    cfg = run.cfg.train.spike
+    record = _spike_record(run.ckpt_dir)
+    rollbacks = record["rollbacks"] + 1
+    start, end = rollback.samples
+    if rollbacks > cfg.max_rollbacks:
+        raise TrainingError(f"step {rollback.first_step}: {rollback.reason}, after {cfg.max_rollbacks} rollbacks "
+                            f"(train.spike.max_rollbacks); the spikes began at global samples [{start}, {end})")
+    target = rollback.first_step - cfg.rollback_steps
+    older = [tag for step, tag in checkpoint.list_complete(run.ckpt_dir) if step <= target]
+    if not older:
+        raise TrainingError(f"step {rollback.first_step}: {rollback.reason}, but {run.ckpt_dir} holds no checkpoint "
+                            f"at or before step {target} to roll back to (train.spike.rollback_steps="
+                            f"{cfg.rollback_steps}; checkpoint.every and checkpoint.keep_every keep older ones)")
+    found = checkpoint.open_checkpoint(os.path.join(run.ckpt_dir, older[0]), run.cfg.checkpoint.verify == "checksum")
+    skip = merge_ranges(record["skip_samples"], [[start, end]])
+    if run.env.world_size > 1:
+        torch.distributed.barrier()  # every rank has read the record before rank 0 changes it
+    if run.env.is_main:
+        _write_spike_record(run.ckpt_dir, {"skip_samples": skip, "rollbacks": rollbacks})
+    _load(run, found)
+    run.logger.message(f"step {rollback.first_step}: {rollback.reason}: rollback {rollbacks} of at most "
+                       f"{cfg.max_rollbacks} to {found.path}; global samples [{start}, {end}) will not be trained")
     _set_aside_newer(run, found)
-    return position
+    return Position.of_state(found.step, found.state, merge_ranges(run.cfg.train.skip_samples, skip))
+
+
+def _spike_record(ckpt_dir: str) -> dict:
+    """What rollbacks decided in this checkpoint directory: {"skip_samples": ranges, "rollbacks": n}."""
+    try:
+        with open(os.path.join(ckpt_dir, SPIKE_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {"skip_samples": [], "rollbacks": 0}
+
+
+def _write_spike_record(ckpt_dir: str, record: dict) -> None:
+    path = os.path.join(ckpt_dir, SPIKE_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def _choose(run: Run) -> "checkpoint.Found | None":
@@ -126,6 +189,8 @@ def _state(run: Run, position: Position) -> dict:
         "parallel": run.layout.as_dict(),
         "config": run.cfg.to_dict(),
         "fingerprints": run.fingerprints,
+        "skip_samples": position.skip_samples,  # global sample ranges never trained (data state)
+        **({"spike_detector": run.spikes.state_dict()} if run.spikes is not None else {}),
         "param_order": run.param_order,  # how a ZeRO-0 optimizer numbers (and bf16/fp16 flattens) the parameters
         "versions": {"megapile": megapile.__version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__},
     }

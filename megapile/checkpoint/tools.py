@@ -48,8 +48,18 @@ def info(found: Found) -> str:
         "saved by     " + ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items()),
         "resumes on   " + _resumes_on(s),
         "tokenizer    " + _tokenizer_line(found),
+        "skipped      " + _skipped_line(s),
     ]
     return "\n".join(lines)
+
+
+def _skipped_line(state: dict) -> str:
+    """The global sample ranges this run never trains (train.skip_samples, loss-spike rollbacks)."""
+    ranges = state.get("skip_samples") or []
+    if not ranges:
+        return "no samples"
+    shown = ", ".join(f"[{a}, {b})" for a, b in ranges)
+    return f"{sum(b - a for a, b in ranges)} global samples: {shown}"
 
 
 def _tokenizer_line(found: Found) -> str:

@@ -4,8 +4,12 @@ parallelism: on the last stage), and reports read by the tests (a test harness, 
     MEGAPILE_NAN_STEPS="3,4"   1-based optimizer steps, counted from the run's start (a resumed run too); may be empty
     MEGAPILE_REPLICAS=1        at the end, print a digest of the parameters this rank holds whole and that other
                                ranks hold too (not ZeRO-3 partitions, not tensor-parallel slices)
+    MEGAPILE_SPIKE_SAMPLES="a-b"  a loss spike: every rank multiplies the training loss by MEGAPILE_SPIKE_FACTOR
+                               (default 30) in each step whose global batch overlaps samples [a, b) (a stand-in
+                               for a poisoned stretch of data); several ranges joined by commas
+    MEGAPILE_EXIT_AFTER_ROLLBACK=1  die (exit 9, no clean-up) right after a loss-spike rollback, before any save
 
-For each NaN step, every rank prints whether its weights came out of the step exactly as they went in.
+For each NaN or spike step, every rank prints whether its weights came out of the step exactly as they went in.
 """
 import hashlib
 import os
@@ -17,16 +21,29 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from megapile import model, train  # noqa: E402
+from megapile.checkpoint import manager  # noqa: E402
 from megapile.parallel import pipeline, tensor  # noqa: E402
 from megapile.process_exit import exit_now  # noqa: E402
 
 NAN_STEPS = {int(s) for s in os.environ.get("MEGAPILE_NAN_STEPS", "").split(",") if s}
+SPIKES = [tuple(int(v) for v in r.split("-")) for r in os.environ.get("MEGAPILE_SPIKE_SAMPLES", "").split(",") if r]
+SPIKE_FACTOR = float(os.environ.get("MEGAPILE_SPIKE_FACTOR", "30"))
 RANK = os.environ.get("RANK", "0")
 _step = [0]  # the 1-based step being trained, set before its micro-batches run
+_batch = [(0, 0)]  # the global samples [start, end) of that step
+
+
+def _spiking() -> bool:
+    start, end = _batch[0]
+    return any(start < b and end > a for a, b in SPIKES)
 
 
 def _poisoned(loss: torch.Tensor) -> torch.Tensor:
     return loss * float("nan") if _step[0] in NAN_STEPS else loss
+
+
+def _spiked(loss: torch.Tensor) -> torch.Tensor:
+    return loss * SPIKE_FACTOR if _spiking() else loss
 
 
 _original_forward = model.GPT.forward
@@ -34,8 +51,8 @@ _original_forward = model.GPT.forward
 
 def forward(self, input_ids, targets=None):
     out = _original_forward(self, input_ids, targets)
-    if targets is not None and self.training and RANK == "0":
-        out = _poisoned(out)
+    if targets is not None and self.training:
+        out = _spiked(_poisoned(out) if RANK == "0" else out)
     return out
 
 
@@ -45,7 +62,7 @@ _original_lm_loss = pipeline.lm_loss
 def lm_loss(logits, targets):
     """The pipeline's loss (last stage): NaN on every micro-batch of the chosen steps; evaluation is left alone."""
     out = _original_lm_loss(logits, targets)
-    return _poisoned(out) if torch.is_grad_enabled() else out
+    return _spiked(_poisoned(out)) if torch.is_grad_enabled() else out
 
 
 def _local_weights(engine):
@@ -64,12 +81,24 @@ _original_step = train.train_step
 def train_step(run, first_sample):
     """Report whether a step with an injected NaN left this rank's weights exactly as they were."""
     _step[0] = first_sample // run.cfg.train.global_batch_size + 1  # the batch size is fixed in these runs
-    before = _local_weights(run.engine) if _step[0] in NAN_STEPS else None
+    _batch[0] = (first_sample, first_sample + run.cfg.train.global_batch_size)
+    before = _local_weights(run.engine) if _step[0] in NAN_STEPS or _spiking() else None
     out = _original_step(run, first_sample)
     if before is not None:
         same = all(torch.equal(a, b) for a, b in zip(before, _local_weights(run.engine)))
         _say(f"rank {RANK} step {_step[0]} weights unchanged: {same}")
     return out
+
+
+_original_roll_back = manager.roll_back
+
+
+def roll_back(run, rollback):
+    position = _original_roll_back(run, rollback)
+    _say(f"rank {RANK} rolled back to step {position.step}, skipping {position.skip_samples}")
+    if os.environ.get("MEGAPILE_EXIT_AFTER_ROLLBACK") == "1":
+        os._exit(9)  # a kill before the next save: the requeue must still step over the range
+    return position
 
 
 _original_loop = train.loop
@@ -93,4 +122,5 @@ model.GPT.forward = forward
 pipeline.lm_loss = lm_loss
 train.train_step = train_step
 train.loop = loop
+manager.roll_back = roll_back
 exit_now(train.main())  # as megapile/train.py ends
