@@ -181,3 +181,26 @@ def test_a_persistent_spike_rolls_back_and_steps_over_its_samples(layout, tmp_pa
     assert "loss spike" not in again.stdout + again.stderr and "rolled back" not in again.stdout
     resumed, _ = _final_weights(requeued, 14)
     assert all(torch.equal(resumed[k], reference[k]) for k in weights)
+
+
+@pytest.mark.slow
+def test_spikes_that_outlast_the_rollbacks_or_have_no_checkpoint_behind_them_stop_in_one_line(
+        tmp_path, preprocessed, tokenizer_path):
+    """Samples [64, 200) spike for good: the one rollback allowed steps over [64, 80), the spikes go on at 80, and
+    the run stops naming them. With no checkpoint far enough back, the first rollback stops the run."""
+    settings = dict(**SPIKE, **LAYOUTS["fp32-zero1"], train__max_steps=20, train__spike__rollback_steps=4,
+                    train__spike__max_rollbacks=1)
+    env = {"MEGAPILE_SPIKE_SAMPLES": "64-200"}
+    run_dir = str(tmp_path / "again")
+    proc = _train(small_run_overrides(preprocessed, tokenizer_path, run_dir, **settings), env=env, check=False)
+    assert proc.returncode != 0 and "rank 0 rolled back to step 4, skipping [[64, 80]]" in proc.stdout
+    assert ("megapile: error: step 9: 2 spikes in a row (train.spike.patience=2), after 1 rollbacks "
+            "(train.spike.max_rollbacks); the spikes began at global samples [80, 96)") in proc.stderr, proc.stderr
+
+    run_dir = str(tmp_path / "nothing")
+    proc = _train(small_run_overrides(preprocessed, tokenizer_path, run_dir, **{
+        **settings, "train__spike__rollback_steps": 8}), env=env, check=False)
+    assert proc.returncode != 0 and "rolled back" not in proc.stdout
+    assert (f"megapile: error: step 9: 2 spikes in a row (train.spike.patience=2), but {run_dir}/checkpoints holds "
+            "no checkpoint at or before step 1 to roll back to (train.spike.rollback_steps=8; checkpoint.every and "
+            "checkpoint.keep_every keep older ones)") in proc.stderr, proc.stderr
