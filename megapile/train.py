@@ -35,7 +35,7 @@ from megapile.checkpoint import manager
 from megapile.checkpoint.manager import TrainingError
 from megapile.config import Config, ConfigError, load_config
 from megapile.data.loader import Batches
-from megapile.parallel.collectives import any_rank, mean_over_ranks
+from megapile.parallel.collectives import agree, mean_over_ranks
 from megapile.parallel.parallelize import is_pipelined
 from megapile.parallel.step_guard import after_skipped_step
 from megapile.process_exit import exit_now
@@ -130,12 +130,14 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
                             position.skip_samples)
         bar.update(1)
         done, last = step + 1, step + 1 == cfg.train.max_steps
-        stopping, bad_loss = any_rank([stop.requested, not bool(torch.isfinite(loss))], run.env.world_size)
+        # with train.spike also the gradient norm, the same on every rank (NaN where a rank has none, or skipped)
+        norm = [] if verdict is None else [math.nan if grad_norm is None or verdict.spike else float(grad_norm)]
+        (stopping, bad_loss), norm = agree([stop.requested, not bool(torch.isfinite(loss))], norm, run.env.world_size)
         tally.losses.append(loss)
         tally.seconds += time.perf_counter() - step_start  # the flags' all-reduce waits for the step to finish
         spiked = verdict is not None and verdict.spike
         _count_bad_step(run, tally, (skipped and not spiked) or bad_loss, done, first_sample)  # every rank agrees
-        rollback = _observe_spikes(run, tally, verdict, grad_norm, done, first_sample) if verdict else None
+        rollback = None if verdict is None else _observe_spikes(run, tally, verdict, norm[0], done, first_sample)
         if rollback is not None:
             summary["rollback"] = rollback
             break
@@ -158,13 +160,11 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
     return summary
 
 
-def _observe_spikes(run: Run, tally: _Tally, verdict: Verdict, grad_norm: Optional[float], done: int,
+def _observe_spikes(run: Run, tally: _Tally, verdict: Verdict, norm: float, done: int,
                     first_sample: int) -> Optional[Rollback]:
-    """Feed the step to the spike detector; say what a spike did. A Rollback when the spikes are too many."""
+    """Feed the step to the spike detector; say what a spike did. A Rollback when the spikes are too many.
+    `norm`: the step's gradient norm, agreed by all ranks; NaN when there is none."""
     samples = (first_sample, first_sample + run.cfg.train.global_batch_size)
-    # one value on every rank (a rank without a norm, or a skipped step, gives NaN: then there is none)
-    mine = float("nan") if grad_norm is None or verdict.spike else float(grad_norm)
-    norm = mean_over_ranks(torch.tensor(mine, dtype=torch.float64, device=run.device), run.env.world_size)
     norm = norm if math.isfinite(norm) else None
     norm_z = run.spikes.norm_z(norm)
     if verdict.spike:

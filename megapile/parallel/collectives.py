@@ -22,3 +22,15 @@ def mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
         dist.all_reduce(value)
         value /= world_size
     return float(value)
+
+
+def agree(flags: list[bool], values: list[float], world_size: int) -> tuple[list[bool], list[float]]:
+    """`any_rank` of the flags and the mean over ranks of the values, in one all-reduce (a NaN value stays NaN)."""
+    if world_size == 1:
+        return list(flags), list(values)
+    t = torch.tensor([float(f) for f in flags] + list(values), dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    out = t.tolist()
+    return [v > 0 for v in out[:len(flags)]], [v / world_size for v in out[len(flags):]]
