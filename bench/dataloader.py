@@ -3,9 +3,12 @@
 Writes a synthetic dataset of --tokens tokens (documents of random length, mean --doc-len; 2 GB
 of disk for 1B tokens, in the page cache afterwards) split in two prefixes blended 0.7/0.3, then prints:
 the time to build the index (cold) and to load it from the cache (warm), samples/s for
-training-order batches and for random access, and the process RSS.
+training-order batches and for random access, the process RSS, and how long the training loop waits for
+its batches (megapile.data.loader.Batches) with and without the background read-ahead, over steps that cross
+into a new epoch (whose shuffled index is built on first touch), a step being --step-ms of host idle time
+(a stand-in for a GPU step).
 
-    python bench/dataloader.py [--tokens 1e9] [--seq-len 2048] [--batch 8]
+    python bench/dataloader.py [--tokens 1e9] [--seq-len 2048] [--batch 8] [--step-ms 300]
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
 
 def write_synthetic(prefix: str, num_tokens: int, mean_doc_len: int, seed: int) -> int:
@@ -52,6 +56,22 @@ def memory_mb() -> dict[str, float]:
     return out
 
 
+def loader_waits(stream, micro: int, accum: int, first: int, steps: int, step_s: float, prefetch: bool):
+    """Seconds the loop waits for each step's micro-batches, reading global batches from sample `first` on."""
+    from megapile.data.loader import Batches
+
+    batches = Batches(stream, micro * accum, micro, 0, 1, prefetch=prefetch)
+    waits = []
+    for step in range(steps):
+        t = time.perf_counter()
+        for _ in batches.micro_batches(first + step * micro * accum, torch.device("cpu")):
+            pass
+        waits.append(time.perf_counter() - t)
+        time.sleep(step_s)  # the step: the host is idle while the device computes
+    batches.close()
+    return waits
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=float, default=1e9)
@@ -59,6 +79,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8, help="samples per get_batch call (a micro-batch)")
     p.add_argument("--seconds", type=float, default=3.0, help="time per throughput measurement")
+    p.add_argument("--step-ms", type=float, default=300.0, help="simulated step time for the read-ahead measurement")
     args = p.parse_args()
 
     from megapile.data.samples import build_samples
@@ -98,6 +119,14 @@ def main() -> None:
         t = time.perf_counter()
         stream.get_batch(5 * n_epoch, args.batch)  # two datasets enter a new epoch: two index builds
         print(f"first batch of a later epoch (builds that epoch's index): {time.perf_counter() - t:.2f} s")
+        accum, steps = 4, 8
+        for epoch, prefetch in ((7, False), (9, True)):  # each run crosses into an epoch not yet built
+            first = epoch * n_epoch - 3 * args.batch * accum
+            waits = loader_waits(stream, args.batch, accum, first, steps, args.step_ms / 1e3, prefetch)
+            print(f"loop waits for its batches, read-ahead {'on ' if prefetch else 'off'}: steps 2-{steps} "
+                  f"(global batch {args.batch * accum}, a new epoch from step 4) mean "
+                  f"{1e3 * sum(waits[1:]) / (steps - 1):.1f} ms, worst {1e3 * max(waits[1:]):.1f} ms; "
+                  f"step 1 {1e3 * waits[0]:.1f} ms")
         now = memory_mb()
         print(f"memory: private (RssAnon) {now['RssAnon']:.0f} MB, {now['RssAnon'] - base['RssAnon']:+.0f} MB for the "
               f"stream; data pages mapped (RssFile) {now['RssFile']:.0f} MB")
