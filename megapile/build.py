@@ -36,7 +36,7 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
     and engine. `ds_config_path`: a DeepSpeed JSON to read ZeRO settings from, or None (all from the YAML)."""
     console.configure(cfg.logging.verbose)
     init_weights = apply_init_from(cfg)  # model.init_from: shapes (and tokenizer) from a local HF directory
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = distributed.local_device(env, os.environ)
     layout, ds_config, dtype = resolve_parallel(cfg, ds_config_path, env.world_size, device)
     accum = grad_accum_steps(cfg.train, layout.data)
     _absolute_data_paths(cfg)

@@ -168,7 +168,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: validate only at the end (when data.valid is set)
     eval_iters: int = 4  # validation batches per evaluation
     eval_components: bool = False  # also score each data.valid dataset apart: val_loss/<component>, val_bpb/<component>
-    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    dtype: str = "auto"  # "auto" (fp32 on CPU; bf16 on GPUs of compute capability >= 8.0, else fp16) | "fp32" | "bf16" | "fp16"
     # What bf16/fp16 micro-batch gradients are summed (and reduced) in: "auto" fp32 wherever DeepSpeed offers it
     # (ZeRO >= 1), else the training dtype (said at start-up); "fp32" (refused where DeepSpeed lacks it) | "bf16" | "fp16"
     grad_accum_dtype: str = "auto"

@@ -146,6 +146,29 @@ def _wait_for_master(env: DistEnv, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def local_device(env: DistEnv, environ: Mapping[str, str]):
+    """This rank's torch device: the GPU `cuda_ordinal` picks when CUDA is available, else the CPU."""
+    import torch  # lazy: torch, see the module docstring
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", cuda_ordinal(env.local_rank, torch.cuda.device_count(),
+                                             environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+def cuda_ordinal(local_rank: int, visible: int, cuda_visible_devices: str | None) -> int:
+    """Which of the `visible` GPUs this process uses. One visible GPU is this task's own (srun --gpus-per-task=1,
+    or CUDA_VISIBLE_DEVICES set per task): ordinal 0 whatever LOCAL_RANK says. Otherwise the node's GPUs are
+    shared by its ranks: ordinal LOCAL_RANK, which must exist."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise LaunchError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs "
+                      f"(CUDA_VISIBLE_DEVICES={cuda_visible_devices or 'unset'}): give each task one GPU of its own, "
+                      "or every task all of the node's GPUs")
+
+
 def shutdown() -> None:
     """Tear the process group down in order, so a finished run exits with status 0."""
     import torch.distributed as dist  # lazy: torch, see the module docstring

@@ -237,10 +237,10 @@ def cli_main(args: argparse.Namespace) -> int:
             return fail(f"--{key.replace('_', '-')} must be >= 1")
     try:
         env = distributed.detect(os.environ)
+        device = distributed.local_device(env, os.environ)
     except distributed.LaunchError as e:
         return fail(str(e))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    cuda = device.type == "cuda"
     if env.world_size > 1:
         if cuda:
             torch.cuda.set_device(device)

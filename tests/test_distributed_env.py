@@ -174,3 +174,29 @@ def test_groups_created_after_init_time_out_like_the_world_group():
             p.kill()
     assert "failed after" in out, out
     assert float(out.split()[-2]) < 3 + 10
+
+
+@pytest.mark.parametrize("launcher_env,visible,ordinal", [
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, 8, 1),  # torchrun
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3", "SLURM_JOB_ID": "7",
+      "SLURM_STEP_NODELIST": "n1", "CUDA_VISIBLE_DEVICES": "3"}, 1, 0),  # srun --gpus-per-task=1: its own GPU
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+      "MASTER_ADDR": "h"}, 4, 2),  # mpirun, all of the node's GPUs visible
+])
+def test_each_rank_picks_a_gpu_it_can_see(monkeypatch, launcher_env, visible, ordinal):
+    """The CUDA pieces are faked (availability, device count); the choice is real: one visible GPU is the task's
+    own (ordinal 0, whatever LOCAL_RANK says), otherwise LOCAL_RANK, which must be visible."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    env = detect(launcher_env)
+    assert distributed.local_device(env, launcher_env) == torch.device("cuda", ordinal)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.local_device(env, launcher_env) == torch.device("cpu")
+
+
+def test_a_rank_without_a_gpu_of_its_own_is_a_launch_error():
+    with pytest.raises(LaunchError, match=r"LOCAL_RANK=3 but this process sees 2 GPUs \(CUDA_VISIBLE_DEVICES=0,1\): "
+                                          "give each task one GPU of its own, or every task all of the node's GPUs"):
+        distributed.cuda_ordinal(3, 2, "0,1")

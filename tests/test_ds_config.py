@@ -126,3 +126,17 @@ def test_config_show_prints_the_resolved_config_and_the_generated_json():
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip() == ("megapile: error: ds_configs/zero2.json: zero_optimization.stage is 2 but the "
                                    "megapile config gives 3 (parallel.zero_stage): set it in one place")
+
+
+def test_dtype_auto_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch):
+    """fp32 on CPU; on a GPU bf16 from compute capability 8.0 (faked here), fp16 with loss scaling before it."""
+    from megapile.parallel.ds_config import resolve_dtype
+
+    cfg = load_config(None, BATCH)
+    assert resolve_dtype(cfg, CPU) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported, dtype in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, s=supported: s)
+        assert resolve_dtype(cfg, torch.device("cuda", 0)) == dtype
+    _, _, ds = _resolve(["train.dtype=auto"], world=2)  # through resolve_parallel on CPU
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}

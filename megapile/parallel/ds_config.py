@@ -83,9 +83,15 @@ def apply_ds_json(par: ParallelConfig, ds: dict[str, Any], source: str) -> None:
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> str:
+    """train.dtype, with auto: fp32 on CPU; on a GPU bf16 where it computes in bf16 (compute capability >= 8.0,
+    e.g. A100, H100), else fp16, which DeepSpeed trains with dynamic loss scaling."""
     if cfg.train.dtype != "auto":
         return cfg.train.dtype
-    return "bf16" if device.type == "cuda" else "fp32"
+    if device.type != "cuda":
+        return "fp32"
+    if not torch.cuda.is_available():  # `megapile config show --device cuda` on a machine without a GPU
+        return "bf16"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def resolve_ds_config(ds: dict[str, Any], cfg: Config, dp_size: int, dtype: str, source: str) -> dict[str, Any]:
