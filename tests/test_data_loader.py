@@ -99,3 +99,23 @@ def test_closing_stops_the_reader_and_later_requests_read_directly():
     before = threading.active_count()
     assert _trained(batches, 4) == [4, 5, 6, 7]
     assert threading.active_count() == before
+
+
+def test_each_micro_batch_goes_to_the_device_as_one_contiguous_block(monkeypatch):
+    """A pinned block's column slices are not contiguous, and a non_blocking copy of them is staged through pageable
+    memory; the loader copies the whole (m, seq_len + 1) block once and slices it on the device (faked here)."""
+    from megapile.data import loader
+
+    copies = []
+
+    def fake_copy(block, device):
+        assert block.is_contiguous() and block.shape == (2, 5)
+        copies.append(block.clone())
+        return copies[-1]
+
+    monkeypatch.setattr(loader, "to_device", fake_copy)
+    batches = Batches(_Stream(), 8, 2, 0, 2, prefetch=False)
+    for x, y in batches.micro_batches(0, torch.device("cuda", 0)):
+        block = copies[-1]  # the copy made for this micro-batch: inputs and targets are views of it
+        assert x.data_ptr() == block.data_ptr() and y.data_ptr() == block.data_ptr() + block.element_size()
+    assert len(copies) == 2

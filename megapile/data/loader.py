@@ -43,10 +43,8 @@ class Batches:
         if self._pool is not None:
             self._ahead = (first + self.global_batch, self._pool.submit(self.rows, first + self.global_batch))
         for r in rows:
-            t = torch.from_numpy(r)
-            if device.type == "cuda":  # pinned: the copies run asynchronously, off the host's critical path
-                t = t.pin_memory()
-            yield t[:, :-1].to(device, non_blocking=True), t[:, 1:].to(device, non_blocking=True)
+            block = to_device(torch.from_numpy(r), device)  # one copy of the whole block, sliced on the device
+            yield block[:, :-1], block[:, 1:]
 
     def close(self) -> None:
         if self._pool is not None:
@@ -61,3 +59,12 @@ class Batches:
                 return future.result()  # a read error surfaces here, at the step that needs the rows
             future.exception()  # not the rows asked for: wait, so only one thread reads the stream
         return self.rows(first)
+
+
+def to_device(block: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A contiguous (m, seq_len + 1) block on `device`. On a GPU it is pinned first, so the copy runs
+    asynchronously; its slices (inputs, targets) are not contiguous, and copying them would be staged through
+    pageable memory, so only the whole block is copied."""
+    if device.type != "cuda":
+        return block
+    return block.pin_memory().to(device, non_blocking=True)
