@@ -169,13 +169,31 @@ def cuda_ordinal(local_rank: int, visible: int, cuda_visible_devices: str | None
                       "or every task all of the node's GPUs")
 
 
-def shutdown() -> None:
-    """Tear the process group down in order, so a finished run exits with status 0."""
+def shutdown(healthy: bool = True) -> None:
+    """Tear the process group down in order, so a finished run exits with status 0. After a failed collective
+    (`collective_failed`) the group is broken: nothing more is sent on it (a barrier would wait for a dead rank),
+    and the process leaves through megapile.process_exit without tearing it down."""
     import torch.distributed as dist  # lazy: torch, see the module docstring
 
-    if dist.is_available() and dist.is_initialized():
+    if healthy and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# What a collective raises, lower-cased, when another rank hung or died: gloo's and NCCL's timeouts (NCCL's with
+# blocking wait, or its watchdog), gloo's broken connections, NCCL's remote and system errors.
+COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
+                       "nccl error", "ncclremoteerror", "ncclsystemerror")
+
+
+def collective_failed(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank stopped responding or died (gloo or
+    NCCL), which a restart resumes from, rather than a bug."""
+    import torch.distributed as dist  # lazy: torch, see the module docstring
+
+    if isinstance(error, dist.DistBackendError):  # NCCL's failures, the watchdog's timeout among them
+        return True
+    return isinstance(error, RuntimeError) and any(k in str(error).lower() for k in COLLECTIVE_FAILURES)
 
 
 def slurm_hostnames(nodelist: str) -> list[str]:

@@ -67,7 +67,7 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"megapile: error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        if not _is_collective_timeout(e):
+        if not distributed.collective_failed(e):
             raise
         print(f"megapile: error: a collective did not complete within train.collective_timeout_s="
               f"{cfg.train.collective_timeout_s:g} s: another rank stopped responding or died; restart the job "
@@ -83,6 +83,7 @@ def train(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
     stop = StopFlag()
     stop.install()  # before the slow start-up: a signal then still ends in a clean exit
     run = build(cfg, ds_config_path, env)
+    healthy = True  # the process group: false after a collective failed (a rank hung or died)
     try:
         start = manager.resume(run)
         while True:
@@ -91,13 +92,17 @@ def train(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
             if "rollback" not in summary:
                 return summary
             start = manager.roll_back(run, summary["rollback"])  # train.spike: too many loss spikes
+    except RuntimeError as e:
+        healthy = not distributed.collective_failed(e)
+        raise
     finally:
         # In order: sinks and readers, the engine (ZeRO-3 hooks and threads), then the process group. Leaving
         # them to interpreter teardown lets DeepSpeed's ZeRO-3 abort a finished process on CPU.
         run.logger.close()
         run.close()
-        run.engine.destroy()
-        distributed.shutdown()
+        if healthy:  # DeepSpeed's teardown may talk to the other ranks
+            run.engine.destroy()
+        distributed.shutdown(healthy)
 
 
 @dataclass
@@ -315,11 +320,6 @@ def evaluate(engine, batches: Batches, iters: int, env: distributed.DistEnv, dev
                   for x, y in batches.micro_batches(it * batches.global_batch, device)]
     engine.train()
     return mean_over_ranks(torch.stack(losses).mean(), env.world_size)
-
-
-def _is_collective_timeout(error: RuntimeError) -> bool:
-    text = str(error).lower()
-    return "timed out" in text or "timeout" in text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,3 +200,36 @@ def test_a_rank_without_a_gpu_of_its_own_is_a_launch_error():
     with pytest.raises(LaunchError, match=r"LOCAL_RANK=3 but this process sees 2 GPUs \(CUDA_VISIBLE_DEVICES=0,1\): "
                                           "give each task one GPU of its own, or every task all of the node's GPUs"):
         distributed.cuda_ordinal(3, 2, "0,1")
+
+
+@pytest.mark.parametrize("error,failed", [
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for recv "
+                  "operation to complete"), True),  # gloo: a stopped rank
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4242"),
+     True),  # gloo: a dead rank
+    ("DistBackendError", "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE, "
+                         "NumelIn=1, NumelOut=1, Timeout(ms)=600000) ran for 600027 milliseconds before timing out."),
+    ("DistBackendError", "NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network "
+                         "error, NCCL version 2.21.5 ncclRemoteError: A call failed possibly due to a network error"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),  # a real error: its traceback stays
+    (ValueError("timeout"), False),
+])
+def test_a_collective_that_failed_because_a_rank_hung_or_died_is_recognised_on_both_backends(error, failed):
+    import torch.distributed as dist
+
+    if error == "DistBackendError":  # what NCCL raises (the watchdog's timeout, a dead peer)
+        error, failed = dist.DistBackendError(failed), True
+    assert distributed.collective_failed(error) is failed
+
+
+def test_shutdown_after_a_failed_collective_sends_nothing_on_the_broken_group(monkeypatch):
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    distributed.shutdown(healthy=False)
+    assert calls == []
+    distributed.shutdown()
+    assert calls == ["barrier", "destroy"]
