@@ -69,9 +69,7 @@ def apply_ds_json(par: ParallelConfig, ds: dict[str, Any], source: str) -> None:
     for key, (path, default) in ZERO_KEYS.items():
         given = _lookup(zero, path)
         mine = getattr(par, key)
-        if given is not None and mine is not None and given != mine:
-            raise ConfigError(f"{source}: zero_optimization.{'.'.join(path)} is {given!r} but the megapile config "
-                              f"gives {mine!r} (parallel.{key}): set it in one place")
+        _check_agree(source, key, given, mine)
         if mine is None:
             setattr(par, key, given if given is not None else default)
     if par.zero_stage not in (0, 1, 2, 3):
@@ -127,9 +125,7 @@ def _fill_zero(out: dict[str, Any], par: ParallelConfig, source: str) -> None:
         mine, given = getattr(par, key), _lookup(zero, path)
         if mine is None or (path[-1] == "device" and mine == "none" and given is None):
             continue  # unset: DeepSpeed's default (or the JSON's value); no offload: no section
-        if given is not None and given != mine:
-            raise ConfigError(f"{source}: zero_optimization.{'.'.join(path)} is {given!r} but the megapile config "
-                              f"gives {mine!r} (parallel.{key}): set it in one place")
+        _check_agree(source, key, given, mine)
         node = zero
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -189,6 +185,14 @@ def precision_line(ds_config: dict, dtype: str) -> str:
     if accum_dtype != "fp32" and ds_config.get("zero_optimization", {}).get("stage", 0) == 0:
         why = ": DeepSpeed's ZeRO-0 has no fp32 accumulation, ZeRO-1 has"
     return f"{dtype} (gradients summed in {accum_dtype}{why})"
+
+
+def _check_agree(source: str, key: str, given: Any, mine: Any) -> None:
+    """A ZeRO key set in both the JSON (`given`) and the YAML (`mine`, parallel.<key>) must have one value."""
+    if given is not None and mine is not None and given != mine:
+        path = ".".join(ZERO_KEYS[key][0])
+        raise ConfigError(f"{source}: zero_optimization.{path} is {given!r} but the megapile config gives {mine!r} "
+                          f"(parallel.{key}): set it in one place")
 
 
 def _lookup(node: dict, path: tuple[str, ...]) -> Any:
