@@ -15,7 +15,7 @@ import yaml
 
 from megapile import checkpoint, component_eval, console, distributed
 from megapile.checkpoint.rng import seed_everything
-from megapile.config import Config, ConfigError, DatasetSpec, grad_accum_steps
+from megapile.config import Config, ConfigError, DatasetSpec
 from megapile.data import DataError
 from megapile.data.loader import Batches
 from megapile.data.samples import build_samples
@@ -38,7 +38,7 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
     init_weights = apply_init_from(cfg)  # model.init_from: shapes (and tokenizer) from a local HF directory
     device = distributed.local_device(env, os.environ)
     layout, ds_config, dtype = resolve_parallel(cfg, ds_config_path, env.world_size, device)
-    accum = grad_accum_steps(cfg.train, layout.data)
+    accum = ds_config["gradient_accumulation_steps"]  # micro × accum × dp == global, checked in resolve_ds_config
     _absolute_data_paths(cfg)
     _check_data_paths(cfg)
     tokenizer_print, tokenizer_files = _tokenizer_facts(cfg)
