@@ -14,7 +14,7 @@ import torch
 
 import megapile
 from megapile import checkpoint
-from megapile.checkpoint import compat, portable
+from megapile.checkpoint import compat, manifest, portable
 from megapile.checkpoint.rng import seed_everything
 from megapile.parallel.collectives import any_rank
 from megapile.parallel.layout import check_same_layout
@@ -117,6 +117,7 @@ def _write_spike_record(ckpt_dir: str, record: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    manifest.fsync_dir(ckpt_dir)  # the rename itself survives a crash, as `latest`'s does
 
 
 def _choose(run: Run) -> "checkpoint.Found | None":
