@@ -3,22 +3,24 @@
 On disk, under `checkpoint.dir`:
 
     global_step300/            one complete checkpoint
-        <DeepSpeed's files>    model/optimizer/scheduler shards, one set per rank
+        <DeepSpeed's files>    model/optimizer/scheduler shards, one set per rank: the fast resume on the same
+                               layout (tensor × pipeline × data, ZeRO stage, precision)
+        portable/              every rank's slices of the fp32 masters and Adam moments, by parameter name and
+                               position: a resume on any other layout (megapile/checkpoint/fragments.py)
         megapile_state.json    step, global sample index, every rank's RNG streams, config, fingerprints
         tokenizer/             a byte copy of the run's tokenizer file(s), so the checkpoint works wherever
                                it is copied (eval, generate, export-hf); its sha256 is the recorded fingerprint
         manifest.json          every file with its size and CRC32; written last
     latest                     the tag of the newest complete checkpoint (DeepSpeed's format)
 
-A save writes `global_stepN.tmp/`, has rank 0 checksum it into a manifest, fsyncs, renames the folder to
-`global_stepN/` and only then replaces `latest`. A kill at any moment leaves either a `.tmp` folder
+A save (megapile/checkpoint/collective.py) writes `global_stepN.tmp/`; every rank fsyncs and checksums the files
+it wrote, rank 0 writes the manifest from all of them, renames the folder to `global_stepN/` and only then
+replaces `latest`. A kill at any moment leaves either a `.tmp` folder
 (ignored and later removed) or a complete checkpoint. A resume takes the newest folder whose manifest
 verifies, so a damaged newest checkpoint falls back to the previous good one with a warning.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import re
@@ -28,21 +30,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch.distributed as dist
-
-from megapile.checkpoint import manifest, rng
+from megapile.checkpoint import manifest
 from megapile.config import CheckpointConfig, ConfigError
 
 STATE_FILE = "megapile_state.json"
 TOKENIZER_DIR = "tokenizer"
 ROLLBACK_FILE = "rolled_back/last_rollback.json"
 _TAG = re.compile(r"^global_step(\d+)$")
-
-try:  # optional: torch < 2.6 has no switch for torch.save's zip CRC32
-    from torch.utils.serialization import config as _torch_serialization
-except ImportError:
-    _torch_serialization = None
-
 
 @dataclass
 class Found:
@@ -131,64 +125,6 @@ def carried_tokenizer(path: str) -> Optional[str]:
     return carried if os.path.isdir(carried) else None
 
 
-def save(engine, directory: str, step: int, state: dict[str, Any], cfg: CheckpointConfig,
-         is_main: bool, files: Optional[dict[str, bytes]] = None, show_progress: bool = False) -> dict[str, float]:
-    """Collective: every rank writes its shards, rank 0 seals the checkpoint. Returns timing figures.
-
-    `files` ({relative path: contents}) are written by rank 0 into the checkpoint too, under the manifest.
-
-    A write that fails on any rank (disk full, I/O error) fails the save on every rank with CheckpointError,
-    after removing the partial `.tmp` folder; nothing that existed before is touched.
-    """
-    tag = f"global_step{step}"
-    tmp_tag, tmp, final = tag + ".tmp", os.path.join(directory, tag + ".tmp"), os.path.join(directory, tag)
-    start = time.perf_counter()
-    error = None
-    if is_main:
-        try:
-            os.makedirs(directory, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        except OSError as e:
-            error = e
-    _raise_if_any_failed(error, tag, tmp, is_main)
-    try:
-        with _torch_zip_crc_off():  # our manifest checksums every file; torch's zip CRC32 costs ~35% of a save
-            engine.save_checkpoint(directory, tag=tmp_tag, save_latest=False)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("iostream error")
-        error = _as_os_error(e, directory)
-        _barrier()  # DeepSpeed's save ends in a barrier that the other ranks are waiting in
-    states = _gather(rng.capture())
-    _raise_if_any_failed(error, tag, tmp, is_main)  # every rank's shards are on disk past this point
-    figures = {}
-    if is_main:
-        try:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({**state, "rng": states}, f)
-            for rel, data in (files or {}).items():
-                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-                with open(os.path.join(tmp, rel), "wb") as f:
-                    f.write(data)
-            manifest.write(tmp, show_progress)
-            _replace_dir(tmp, final)
-            manifest.fsync_dir(directory)
-        except OSError as e:
-            error = e
-    _raise_if_any_failed(error, tag, tmp, is_main)
-    if is_main:
-        # The checkpoint is complete and found by a directory scan from here on; a failure to update
-        # `latest` or to prune old checkpoints is reported but does not undo it.
-        try:
-            _write_latest(directory, tag)
-            prune(directory, cfg)
-        except OSError as e:
-            print(f"warning: checkpoint {final} is complete, but updating latest/pruning failed: {e}", file=sys.stderr)
-        seconds = time.perf_counter() - start
-        size = manifest.total_bytes(final)
-        figures = {"save_seconds": seconds, "save_mb": size / 1e6, "save_mb_per_s": size / 1e6 / max(seconds, 1e-9)}
-    _barrier()
-    return figures
-
-
 def check_writable(directory: str, rank: int) -> None:
     """Fail at start-up, on every rank, when checkpoints could never be written, not hours later."""
     probe = os.path.join(directory, f".write_probe_rank{rank}")
@@ -199,34 +135,6 @@ def check_writable(directory: str, rank: int) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"checkpoint.dir: cannot write to {directory}: {e.strerror or e}") from None
-
-
-def _as_os_error(error: Exception, directory: str) -> OSError:
-    if isinstance(error, OSError):
-        return error
-    free = shutil.disk_usage(directory).free
-    reason = os.strerror(errno.ENOSPC) if free < (1 << 20) else f"write failed: {error}"
-    return OSError(errno.ENOSPC if free < (1 << 20) else errno.EIO, f"{reason}, {free / 1e6:.1f} MB free", directory)
-
-
-def _gather(obj: Any) -> list[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _raise_if_any_failed(error: Optional[OSError], tag: str, tmp: str, is_main: bool) -> None:
-    """Collective: if any rank failed, every rank raises the same CheckpointError (rank 0 cleans up)."""
-    errors = _gather(None if error is None else f"{error.strerror or error} ({getattr(error, 'filename', '') or ''})")
-    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-    if not failed:
-        return
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    rank, text = failed[0]
-    raise CheckpointError(f"saving {tag} failed on rank {rank}: {text}; the previous checkpoint and 'latest' are untouched")
 
 
 def prune(directory: str, cfg: CheckpointConfig) -> list[str]:
@@ -242,18 +150,6 @@ def prune(directory: str, cfg: CheckpointConfig) -> list[str]:
         if name.endswith(".tmp") and (m := _TAG.match(name[:-4])) and newest is not None and int(m.group(1)) < newest:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     return removed
-
-
-def load(engine, found: Found, rank: int, world_size: int, load_optimizer: bool = True) -> None:
-    """Load DeepSpeed's shards of `found` into the engine and this rank's RNG streams."""
-    directory = os.path.dirname(found.path)
-    path, _ = engine.load_checkpoint(directory, tag=found.tag, load_optimizer_states=load_optimizer,
-                                     load_lr_scheduler_states=True, load_module_strict=True)
-    if path is None:
-        raise ConfigError(f"checkpoint {found.path}: DeepSpeed could not load it")
-    states = found.state.get("rng") or []
-    if len(states) == world_size:
-        rng.restore(states[rank])
 
 
 def _replace_dir(tmp: str, final: str) -> None:
@@ -277,19 +173,3 @@ def _write_latest(directory: str, tag: str) -> None:
     manifest.fsync_dir(directory)
 
 
-@contextlib.contextmanager
-def _torch_zip_crc_off():
-    if _torch_serialization is None:  # torch < 2.6 has no switch
-        yield
-        return
-    before = _torch_serialization.save.compute_crc32
-    _torch_serialization.save.compute_crc32 = False
-    try:
-        yield
-    finally:
-        _torch_serialization.save.compute_crc32 = before
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

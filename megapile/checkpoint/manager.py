@@ -14,8 +14,9 @@ import torch
 
 import megapile
 from megapile import checkpoint
-from megapile.checkpoint import compat, manifest, portable
+from megapile.checkpoint import collective, compat, fragments, manifest, portable, slices
 from megapile.checkpoint.rng import seed_everything
+from megapile.config import ConfigError
 from megapile.parallel.collectives import any_rank
 from megapile.parallel.layout import check_same_layout
 from megapile.run_state import Position, Run
@@ -36,7 +37,6 @@ def resume(run: Run) -> Position:
         return Position(skip_samples=skip)
     compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, run.cfg.checkpoint.allow_data_change,
                  found.path)
-    check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
     _load(run, found)
     position = Position.of_state(found.step, found.state, skip)
     run.logger.message(f"resumed from {found.path} at step {found.step} "
@@ -50,25 +50,54 @@ def resume(run: Run) -> Position:
 
 
 def _load(run: Run, found: "checkpoint.Found") -> None:
-    """The checkpoint's weights, optimizer state, RNG streams and spike window into this run: as saved on the same
-    layout, resharded through full fp32 state otherwise."""
-    old_layout = (found.state["zero_stage"], found.state["world_size"])
-    new_layout = (run.engine.zero_optimization_stage(), run.env.world_size)
-    if old_layout == new_layout:
-        checkpoint.load(run.engine, found, run.env.rank, run.env.world_size)
+    """The checkpoint's weights, optimizer state, RNG streams and spike window into this run: DeepSpeed's own
+    shards on the layout that wrote them; on any other layout each rank reads the slices it needs."""
+    saved, now = _layout_of(found.state), _layout_of(_state_layout(run))
+    if saved == {**now, "dtype": saved["dtype"] or now["dtype"]}:
+        collective.load(run.engine, found, run.env.rank, run.env.world_size)
     else:
-        run.logger.message(
-            f"checkpoint {found.path} is ZeRO-{old_layout[0]} on {old_layout[1]} ranks, this run ZeRO-{new_layout[0]} "
-            f"on {new_layout[1]}: resharding through full fp32 weights and Adam moments. Dropout RNG streams "
-            "cannot follow a change of world size; they are reseeded from (seed, step, rank)."
-        )
-        full = portable.read_full_state(found.path, old_layout[0], run.param_order)
-        portable.apply_full_state(run.engine, full, show_progress=run.env.is_main and run.cfg.logging.progress)
-        seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
+        _load_other_layout(run, found, saved, now)
     if run.spikes is not None and found.state.get("spike_detector"):
         run.spikes.load_state_dict(found.state["spike_detector"])
     elif run.spikes is not None:  # saved without train.spike: the window starts empty
         run.spikes.reset()
+
+
+def _load_other_layout(run: Run, found: "checkpoint.Found", saved: dict, now: dict) -> None:
+    show = run.env.is_main and run.cfg.logging.progress
+    num_layers = run.cfg.model.num_layers
+    if fragments.present(found.path):
+        source, how = fragments.Stored(found.path), "each rank reads its slices of the fp32 masters and Adam moments"
+    else:  # saved before checkpoints carried their slices: ZeRO layouts only, through full tensors on every rank
+        check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
+        source = portable.FullState(portable.read_full_state(found.path, saved["zero"], run.param_order))
+        how = "an older checkpoint without slices: every rank reads full fp32 weights and Adam moments"
+    run.logger.message(f"checkpoint {found.path} is {_describe(saved)}, this run {_describe(now)}: {how}; "
+                       "the dropout RNG streams do not follow a change of layout and are reseeded from "
+                       "(seed, step, rank)")
+    slices.load(run.engine, source, run.layout, run.env.rank, num_layers, show_progress=show)
+    seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
+
+
+def _state_layout(run: Run) -> dict:
+    """The part of megapile_state.json that says which layout wrote a checkpoint."""
+    engine = run.engine
+    dtype = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    return {"world_size": run.env.world_size, "zero_stage": engine.zero_optimization_stage(),
+            "parallel": run.layout.as_dict(), "dtype": dtype}
+
+
+def _layout_of(state: dict) -> dict:
+    parallel = state.get("parallel") or {}
+    dtype = state.get("dtype")  # None: saved before checkpoints recorded it (the config may say "auto")
+    return {"tensor": parallel.get("tensor", 1), "pipeline": parallel.get("pipeline", 1),
+            "world": state["world_size"], "zero": int(state["zero_stage"]), "dtype": dtype}
+
+
+def _describe(layout: dict) -> str:
+    data = layout["world"] // (layout["tensor"] * layout["pipeline"])
+    return (f"tensor {layout['tensor']} × pipeline {layout['pipeline']} × data {data}, ZeRO-{layout['zero']}, "
+            f"{layout['dtype'] or 'precision unrecorded'}")
 
 
 def roll_back(run: Run, rollback: Rollback) -> Position:
@@ -121,11 +150,30 @@ def _write_spike_record(ckpt_dir: str, record: dict) -> None:
 
 
 def _choose(run: Run) -> "checkpoint.Found | None":
+    """The checkpoint to resume: rank 0 finds and verifies it (checksums, fallback to an older good one) and tells
+    the others, which then read only its state file; a refusal is the same one-line error on every rank."""
+    choice: list = [None]
+    if run.env.is_main:
+        try:
+            found = _find(run)
+            choice = [found.path if found else None]
+        except ConfigError as e:
+            choice = [e]
+    if run.env.world_size > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], ConfigError):
+        raise choice[0]
+    if choice[0] is None:
+        return None
+    return found if run.env.is_main else checkpoint.open_checkpoint(choice[0], checksums=False)
+
+
+def _find(run: Run) -> "checkpoint.Found | None":
     cfg = run.cfg.checkpoint
     if cfg.resume == "none":
         return None
     checksums = cfg.verify == "checksum"
-    warn = run.logger.message if run.env.is_main else (lambda text: None)
+    warn = run.logger.message
     if cfg.resume == "auto":
         return checkpoint.find_resumable(run.ckpt_dir, checksums, warn=warn)
     if _already_rolled_back(run.ckpt_dir, cfg.resume):  # a restart after the rollback: keep the new branch
@@ -167,8 +215,9 @@ def save(run: Run, position: Position, must_succeed: bool = False) -> None:
     if any_rank([not _weights_finite(run.engine)], run.env.world_size)[0]:
         raise TrainingError(f"step {step}: the weights contain NaN or Inf; refusing to save a checkpoint over good ones")
     try:
-        figures = checkpoint.save(run.engine, run.ckpt_dir, step, _state(run, position), cfg.checkpoint,
-                                  run.env.is_main, files=run.tokenizer_files, show_progress=cfg.logging.progress)
+        figures = collective.save(run.engine, run.ckpt_dir, step, _state(run, position), cfg.checkpoint,
+                                  run.env.is_main, collective.Slices(run.layout, run.env.rank, cfg.model.num_layers),
+                                  files=run.tokenizer_files, show_progress=cfg.logging.progress)
     except checkpoint.CheckpointError as e:
         if must_succeed or cfg.checkpoint.on_save_error == "stop":
             raise TrainingError(str(e)) from None
@@ -185,9 +234,7 @@ def _state(run: Run, position: Position) -> dict:
         "step": position.step,
         "sample_index": position.sample_index,
         "tokens_seen": position.tokens_seen,
-        "world_size": run.env.world_size,
-        "zero_stage": run.engine.zero_optimization_stage(),
-        "parallel": run.layout.as_dict(),
+        **_state_layout(run),  # world_size, zero_stage, parallel, dtype
         "config": run.cfg.to_dict(),
         "fingerprints": run.fingerprints,
         "skip_samples": position.skip_samples,  # global sample ranges never trained (data state)

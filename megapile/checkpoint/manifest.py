@@ -20,7 +20,7 @@ def crc32_of(path: str) -> int:
     return crc
 
 
-def _files(directory: str) -> list[str]:
+def files(directory: str) -> list[str]:
     found = []
     for root, _, names in os.walk(directory):
         for name in names:
@@ -37,14 +37,41 @@ def _crc_all(paths: list[str]) -> list[int]:
 
 
 def write(directory: str, show_progress: bool = False) -> dict:
-    """Checksum every file under `directory`, fsync them, and write manifest.json (fsynced too)."""
-    rels = _files(directory)
+    """Checksum every file under `directory`, fsync them, and write manifest.json (fsynced too): one process."""
+    return write_entries(directory, seal(directory, files(directory), show_progress))
+
+
+def seal(directory: str, rels: list[str], show_progress: bool = False) -> dict[str, dict]:
+    """fsync the files `rels` (relative to `directory`) and return their manifest entries (size, CRC32)."""
     paths = [os.path.join(directory, rel) for rel in rels]
     for path in bar(paths, desc="seal checkpoint", unit="file", enabled=show_progress):
         _fsync(path)
-    entries = {rel: {"size": os.path.getsize(path), "crc32": crc}
-               for rel, path, crc in zip(rels, paths, _crc_all(paths))}
-    manifest = {"format": 1, "files": entries}
+    return {rel: {"size": os.path.getsize(path), "crc32": crc} for rel, path, crc in zip(rels, paths, _crc_all(paths))}
+
+
+def shares(directory: str, rels: list[str], world: int, writer) -> list[list[str]]:
+    """Split `rels` between `world` ranks to seal: a file goes to the rank `writer(rel)` names (the one that wrote
+    it, whose fsync flushes its own cache), the others to whichever share is smallest so far, by bytes."""
+    out: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    unowned = []
+    for rel in rels:
+        rank = writer(rel)
+        if rank is not None and 0 <= rank < world:
+            out[rank].append(rel)
+            load[rank] += os.path.getsize(os.path.join(directory, rel))
+        else:
+            unowned.append(rel)
+    for rel in sorted(unowned, key=lambda r: -os.path.getsize(os.path.join(directory, r))):
+        rank = min(range(world), key=lambda r: load[r])
+        out[rank].append(rel)
+        load[rank] += os.path.getsize(os.path.join(directory, rel))
+    return out
+
+
+def write_entries(directory: str, entries: dict[str, dict]) -> dict:
+    """manifest.json (fsynced) listing `entries`; written last, so its presence means the files are complete."""
+    manifest = {"format": 1, "files": dict(sorted(entries.items()))}
     path = os.path.join(directory, MANIFEST)
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -79,7 +106,7 @@ def verify(directory: str, checksums: bool = True) -> list[str]:
 
 
 def total_bytes(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(directory, rel)) for rel in _files(directory))
+    return sum(os.path.getsize(os.path.join(directory, rel)) for rel in files(directory))
 
 
 def _fsync(path: str) -> None:

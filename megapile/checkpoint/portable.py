@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from megapile.progress import bar
+from megapile.checkpoint import fragments
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def read_full_weights(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """The fp32 value of every parameter, from a checkpoint of any layout."""
+    if fragments.present(path):  # its slices, by parameter name
+        stored = fragments.Stored(path)
+        return {name: stored.full(name) for name in stored.params}
     from deepspeed.utils import zero_to_fp32 as z  # lazy: see the module docstring
 
     state = _megapile_state(path)
@@ -153,85 +156,21 @@ def _moment_groups(shard: dict, key: str, zero_stage: int) -> list[torch.Tensor]
     return [st[key] for st in _base_states(shard, zero_stage)]
 
 
-def apply_full_state(engine, full: dict[str, Any], show_progress: bool = False) -> None:
-    """Load full weights, Adam moments, step and schedule into a freshly built engine of any layout."""
-    import deepspeed  # lazy: see the module docstring
+class FullState:
+    """An older checkpoint's full tensors (`read_full_state`), as a source for `slices.load`: checkpoints written
+    before the portable slices existed reshard through it."""
 
-    stage = engine.zero_optimization_stage()
-    params = dict(engine.module.named_parameters())
-    missing = sorted(set(params) - set(full["fp32"]))
-    if missing:
-        raise ValueError(f"the checkpoint has no value for {', '.join(missing[:5])}")
-    if stage == 3:
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-            for name, p in params.items():
-                p.data.copy_(full["fp32"][name].to(p.device, p.dtype))
-    else:
-        for name, p in params.items():
-            p.data.copy_(full["fp32"][name].to(p.device, p.dtype))
-    if stage == 0:
-        _apply_stage0_optimizer(engine.optimizer, params, full)
-    else:
-        # ZeRO-3's base optimizer sees its flat fp32 partitions only inside step(); ZeRO-1/2 lists them.
-        base = engine.optimizer.optimizer
-        flats = (engine.optimizer.fp32_partitioned_groups_flat if stage == 3
-                 else [p for g in base.param_groups for p in g["params"]])
-        _ensure_adam_state(base, flats)
-        if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: point each
-            engine.optimizer._lazy_init_hp_params_optimizer_state()  # parameter's fragment at the new state
-        for name, p in bar(params.items(), desc="reshard", total=len(params), unit="tensor", enabled=show_progress):
-            deepspeed.utils.safe_set_full_fp32_param(p, full["fp32"][name].to(p.device))
-            for key in MOMENTS:
-                deepspeed.utils.safe_set_full_optimizer_state(p, full[key][name].to(p.device), key)
-        for state in engine.optimizer.optimizer.state.values():
-            if "step" in state:
-                state["step"] = _like(state["step"], full["step"])
-    scheduler = engine.lr_scheduler
-    if scheduler is not None and full.get("lr_scheduler"):
-        scheduler.load_state_dict(full["lr_scheduler"])
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # the next step must use the resumed schedule's lr, not the initial one
+    def __init__(self, full: dict[str, Any]):
+        self.full = full
+        self.step = full["step"]
+        self.lr_scheduler = full.get("lr_scheduler")
 
+    def has(self, name: str, kind: str) -> bool:
+        return name in self.full.get(kind, {})
 
-def _apply_stage0_optimizer(optimizer, params: dict[str, torch.nn.Parameter], full: dict[str, Any]) -> None:
-    """ZeRO-0's optimizer state. fp32: a plain torch optimizer over the module's parameters. bf16/fp16:
-    DeepSpeed's FP16 optimizers step fp32 masters of the module's parameters, and copy them into the module
-    after each step, so the masters must take the full fp32 values too: the unfused optimizer (bf16 on CPU)
-    holds one master per parameter (`fp32_groups`), the fused one (FusedAdam on GPU) one flat master per
-    parameter group (`fp32_groups_flat`, the group's parameters concatenated in order)."""
-    by_id = {id(p): n for n, p in params.items()}
-    if not hasattr(optimizer, "fp16_groups"):
-        inner, targets = optimizer, [(p, [by_id[id(p)]]) for g in optimizer.param_groups for p in g["params"]]
-    elif hasattr(optimizer, "fp32_groups_flat"):
-        inner = optimizer.optimizer
-        targets = [(flat, [by_id[id(p)] for p in group])
-                   for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups)]
-    else:
-        inner = optimizer.optimizer
-        targets = [(master, [by_id[id(p)]]) for masters, group in zip(optimizer.fp32_groups, optimizer.fp16_groups)
-                   for master, p in zip(masters, group)]
-
-    def joined(key: str, names: list[str], like: torch.Tensor) -> torch.Tensor:
-        return torch.cat([full[key][n].reshape(-1) for n in names]).view(like.shape).to(like.device, like.dtype)
-
-    for target, names in targets:
-        with torch.no_grad():
-            target.copy_(joined("fp32", names, target))  # a module parameter itself (fp32) or its master
-        inner.state[target] = {"step": torch.tensor(float(full["step"])),
-                               **{key: joined(key, names, target) for key in MOMENTS}}
-
-
-def _ensure_adam_state(optimizer: torch.optim.Optimizer, flats: list[torch.Tensor]) -> None:
-    """ZeRO-3 (and CPU Adam) create Adam state at the first step; the moments need somewhere to go before it."""
-    int_step = type(optimizer).__name__ == "DeepSpeedCPUAdam"  # its C++ kernel takes a Python int
-    for p in flats:
-        state = optimizer.state[p]
-        state.setdefault("step", 0 if int_step else torch.tensor(0.0))
-        for key in MOMENTS:
-            state.setdefault(key, torch.zeros_like(p))
-
-
-def _like(reference: Any, value: int) -> Any:
-    if torch.is_tensor(reference):
-        return torch.full_like(reference, value)
-    return value
+    def read(self, name: str, kind: str, split_dim: Optional[int], tp_rank: int, tensor: int, start: int,
+             end: int) -> torch.Tensor:
+        value = self.full[kind][name]
+        if split_dim is not None:
+            value = value.chunk(tensor, dim=split_dim)[tp_rank]
+        return value.reshape(-1)[start:end].float()

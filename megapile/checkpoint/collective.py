@@ -1,0 +1,222 @@
+"""A training run's checkpoint save and load: collective, every rank writing and sealing its own part.
+
+A save writes `global_stepN.tmp/`: DeepSpeed's shards (the fast resume on the same layout), every rank's
+layout-free slices (megapile/checkpoint/fragments.py: any other layout), megapile's state and the carried
+tokenizer. Every rank then fsyncs and checksums the files it wrote, in parallel, and rank 0 writes the manifest
+from all of them, renames the folder to `global_stepN/` and only then replaces `latest` (megapile/checkpoint/
+__init__.py describes the folder and why a kill at any instant leaves the previous checkpoint loadable).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from megapile.checkpoint import STATE_FILE, CheckpointError, Found, _replace_dir, _write_latest, manifest, prune
+from megapile.checkpoint import fragments, rng
+from megapile.checkpoint import slices as slices_access
+from megapile.config import CheckpointConfig, ConfigError
+from megapile.parallel.layout import Layout
+
+try:  # optional: torch < 2.6 has no switch for torch.save's zip CRC32
+    from torch.utils.serialization import config as _torch_serialization
+except ImportError:
+    _torch_serialization = None
+
+
+@dataclass
+class Slices:
+    """What a save needs to write the layout-free slices (megapile/checkpoint/fragments.py)."""
+
+    layout: Layout
+    rank: int
+    num_layers: int
+
+
+def save(engine, directory: str, step: int, state: dict[str, Any], cfg: CheckpointConfig,
+         is_main: bool, slices: Slices, files: Optional[dict[str, bytes]] = None,
+         show_progress: bool = False) -> dict[str, float]:
+    """Collective: every rank writes DeepSpeed's shards and its own layout-free slices, then checksums and fsyncs
+    its share of the files; rank 0 writes the state, index and manifest and renames. Returns timing figures.
+
+    `files` ({relative path: contents}) are written by rank 0 into the checkpoint too, under the manifest.
+
+    A write that fails on any rank (disk full, I/O error) fails the save on every rank with CheckpointError,
+    after removing the partial `.tmp` folder; nothing that existed before is touched.
+    """
+    tag = f"global_step{step}"
+    tmp_tag, tmp, final = tag + ".tmp", os.path.join(directory, tag + ".tmp"), os.path.join(directory, tag)
+    start = time.perf_counter()
+    error = None
+    if is_main:
+        try:
+            os.makedirs(directory, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, tag, tmp, is_main)
+    try:
+        with _torch_zip_crc_off():  # our manifest checksums every file; torch's zip CRC32 costs ~35% of a save
+            engine.save_checkpoint(directory, tag=tmp_tag, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("iostream error")
+        error = _as_os_error(e, directory)
+        _barrier()  # DeepSpeed's save ends in a barrier that the other ranks are waiting in
+    written = ([], {})
+    if error is None:
+        try:
+            params = slices_access.held(engine, slices.layout, slices.rank, slices.num_layers)
+            written = fragments.write(slices_access.holder(engine), params, slices.layout, slices.rank, tmp)
+        except (OSError, RuntimeError) as e:  # safetensors reports I/O errors as its own (RuntimeError) type
+            error = _as_os_error(e, directory)
+    gathered = _gather((rng.capture(), written))
+    _raise_if_any_failed(error, tag, tmp, is_main)  # every rank's files are on disk past this point
+    if is_main:
+        try:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump({**state, "rng": [g[0] for g in gathered]}, f)
+            for rel, data in (files or {}).items():
+                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                with open(os.path.join(tmp, rel), "wb") as f:
+                    f.write(data)
+            fragments.write_index(tmp, [g[1] for g in gathered], _optimizer_step(engine),
+                                  engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
+                                  slices.layout.as_dict())
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, tag, tmp, is_main)
+    _seal(tmp, slices, is_main, show_progress)
+    figures = {}
+    if is_main:
+        try:
+            _replace_dir(tmp, final)
+            manifest.fsync_dir(directory)
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, tag, tmp, is_main)
+    if is_main:
+        # The checkpoint is complete and found by a directory scan from here on; a failure to update
+        # `latest` or to prune old checkpoints is reported but does not undo it.
+        try:
+            _write_latest(directory, tag)
+            prune(directory, cfg)
+        except OSError as e:
+            print(f"warning: checkpoint {final} is complete, but updating latest/pruning failed: {e}", file=sys.stderr)
+        seconds = time.perf_counter() - start
+        size = manifest.total_bytes(final)
+        figures = {"save_seconds": seconds, "save_mb": size / 1e6, "save_mb_per_s": size / 1e6 / max(seconds, 1e-9)}
+    _barrier()
+    return figures
+
+
+def _seal(tmp: str, slices: Slices, is_main: bool, show_progress: bool) -> None:
+    """Every rank fsyncs and checksums its share of the files (the ones it wrote, where the name says which), in
+    parallel; rank 0 lists and shares them out and writes the manifest from all shares. A failure fails the save
+    on every rank."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    error, entries, plan = None, {}, [None]
+    if is_main:
+        try:
+            plan = [manifest.shares(tmp, manifest.files(tmp), world, lambda rel: _writer(rel, slices.layout))]
+        except OSError as e:
+            error = e
+    if dist.is_initialized():
+        dist.broadcast_object_list(plan, src=0)
+    try:
+        entries = manifest.seal(tmp, plan[0][slices.rank], show_progress and is_main) if plan[0] else {}
+    except OSError as e:
+        error = e
+    gathered = _gather(entries)
+    if is_main and error is None:
+        try:
+            manifest.write_entries(tmp, {rel: e for part in gathered for rel, e in part.items()})
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, os.path.basename(tmp)[:-len(".tmp")], tmp, is_main)
+
+
+_SLICE_FILE = re.compile(rf"^{fragments.DIR}/rank(\d+)-\d+\.safetensors$")
+_ZERO_FILE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_")
+
+
+def _writer(rel: str, layout: Layout) -> Optional[int]:
+    """The rank that wrote file `rel`, when its name says: its slices, or DeepSpeed's per-rank ZeRO shards (data
+    rank d of model-parallel rank m = stage × tensor + tensor rank); None for the rest."""
+    if m := _SLICE_FILE.match(rel):
+        return int(m.group(1))
+    if m := _ZERO_FILE.search(rel):
+        d, mp = int(m.group(1)), int(m.group(2))
+        for rank in range(layout.world):
+            if layout.data_rank(rank) == d and layout.stage(rank) * layout.tensor + layout.tensor_rank(rank) == mp:
+                return rank
+    return None
+
+
+def _optimizer_step(engine) -> int:
+    return slices_access.optimizer_step(slices_access.holder(engine))
+
+
+def _as_os_error(error: Exception, directory: str) -> OSError:
+    if isinstance(error, OSError):
+        return error
+    free = shutil.disk_usage(directory).free
+    reason = os.strerror(errno.ENOSPC) if free < (1 << 20) else f"write failed: {error}"
+    return OSError(errno.ENOSPC if free < (1 << 20) else errno.EIO, f"{reason}, {free / 1e6:.1f} MB free", directory)
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _raise_if_any_failed(error: Optional[OSError], tag: str, tmp: str, is_main: bool) -> None:
+    """Collective: if any rank failed, every rank raises the same CheckpointError (rank 0 cleans up)."""
+    errors = _gather(None if error is None else f"{error.strerror or error} ({getattr(error, 'filename', '') or ''})")
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rank, text = failed[0]
+    raise CheckpointError(f"saving {tag} failed on rank {rank}: {text}; the previous checkpoint and 'latest' are untouched")
+
+
+def load(engine, found: Found, rank: int, world_size: int, load_optimizer: bool = True) -> None:
+    """Load DeepSpeed's shards of `found` into the engine and this rank's RNG streams."""
+    directory = os.path.dirname(found.path)
+    path, _ = engine.load_checkpoint(directory, tag=found.tag, load_optimizer_states=load_optimizer,
+                                     load_lr_scheduler_states=True, load_module_strict=True)
+    if path is None:
+        raise ConfigError(f"checkpoint {found.path}: DeepSpeed could not load it")
+    states = found.state.get("rng") or []
+    if len(states) == world_size:
+        rng.restore(states[rank])
+
+
+@contextlib.contextmanager
+def _torch_zip_crc_off():
+    if _torch_serialization is None:  # torch < 2.6 has no switch
+        yield
+        return
+    before = _torch_serialization.save.compute_crc32
+    _torch_serialization.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        _torch_serialization.save.compute_crc32 = before
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,166 @@
+"""The layout-free part of a checkpoint: every rank writes the slices of the fp32 master weights and Adam moments
+it holds, each described by global parameter name and where it sits; a run of any layout reads only the slices
+its own ranks need.
+
+    global_stepN/portable/rank00003-0.safetensors   this rank's slices, 1-D fp32, one tensor per slice, in files
+                                                    of at most FILE_BYTES (bounds the host copy of a GPU shard)
+    global_stepN/portable/index.json                every slice (parameter, kind, tensor-parallel part, flat range,
+                                                    file, key), every parameter's global shape and split, Adam's
+                                                    step and the LR schedule; written by rank 0 from all ranks'
+
+A slice is the flat range [start, end) of a *local* tensor: part `tp_rank` of `tensor` of the parameter cut along
+its tensor-parallel `split_dim` (megapile/checkpoint/slices.py). ZeRO-1/2/3 ranks write the fragments their
+optimizer holds; ZeRO-0's replicas split each tensor between them, so every rank writes about the same amount.
+A reader on the same tensor-parallel cut copies the overlapping ranges; on another cut it assembles one
+parameter at a time and cuts it anew, so a rank never holds more than its shard plus one parameter.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megapile.parallel.layout import Layout
+
+KINDS = ("fp32", "exp_avg", "exp_avg_sq")  # the fp32 master weight and Adam's two moments
+DIR = "portable"
+INDEX = "index.json"
+FILE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    kind: str
+    tp_rank: int
+    start: int
+    end: int
+    file: str  # relative to the portable folder
+    key: str
+
+
+def write(accessor, params_held: list, layout: Layout, rank: int, directory: str) -> tuple[list[Piece], dict]:
+    """Write this rank's slices (`slices.holder` and `slices.held` of its engine) under `directory`/portable/;
+    return them and what this rank knows of each parameter ({name: {"shape", "split_dim", "tensor"}})."""
+    os.makedirs(os.path.join(directory, DIR), exist_ok=True)
+    pieces, params, batch, size, files = [], {}, {}, 0, 0
+    for h, kind, start, values in _own_slices(accessor, params_held, layout, rank):
+        params[h.name] = {"shape": list(h.shape), "split_dim": h.split_dim, "tensor": h.tensor}
+        key = f"{kind}/{h.name}/{h.tp_rank}/{start}"
+        file = f"rank{rank:05d}-{files}.safetensors"
+        batch[key] = values.detach().to("cpu", torch.float32, copy=True)  # its own storage, as safetensors needs
+        pieces.append(Piece(h.name, kind, h.tp_rank, start, start + values.numel(), file, key))
+        size += values.numel() * 4
+        if size >= FILE_BYTES:
+            save_file(batch, os.path.join(directory, DIR, file))
+            batch, size, files = {}, 0, files + 1
+    if batch:
+        save_file(batch, os.path.join(directory, DIR, f"rank{rank:05d}-{files}.safetensors"))
+    return pieces, params
+
+
+def _own_slices(accessor, params: list, layout: Layout, rank: int) -> Iterator[tuple]:
+    """(parameter, kind, start, values) for each slice this rank saves."""
+    for h in params:
+        span = accessor.span(h) if h.owner else None
+        if span is None:
+            continue
+        start, end = span
+        if accessor.replicated:  # ZeRO-0: each data-parallel replica writes its share of the range
+            share = -(-(end - start) // layout.data)
+            d = layout.data_rank(rank)
+            start, end = start + d * share, min(end, start + (d + 1) * share)
+            if start >= end:
+                continue
+        for kind in KINDS:
+            values = accessor.get(h, kind)
+            if values is not None:
+                offset = start - span[0]
+                yield h, kind, start, values[offset:offset + end - start]
+
+
+def write_index(directory: str, gathered: list[tuple[list[Piece], dict]], step: int, scheduler: Optional[dict],
+                layout: dict) -> None:
+    """index.json from every rank's (pieces, params); rank 0 only."""
+    params, pieces = {}, {}
+    for rank_pieces, rank_params in gathered:
+        params.update(rank_params)
+        for p in rank_pieces:
+            pieces.setdefault(p.name, []).append([p.kind, p.tp_rank, p.start, p.end, p.file, p.key])
+    index = {"format": 1, "layout": layout, "optimizer_step": step, "lr_scheduler": scheduler,
+             "params": params, "pieces": pieces}
+    with open(os.path.join(directory, DIR, INDEX), "w") as f:
+        json.dump(index, f)
+
+
+def present(path: str) -> bool:
+    return os.path.exists(os.path.join(path, DIR, INDEX))
+
+
+class Stored:
+    """A checkpoint's slices, read lazily: `read` opens only the files that hold what it asks for."""
+
+    def __init__(self, path: str):
+        self.root = os.path.join(path, DIR)
+        with open(os.path.join(self.root, INDEX)) as f:
+            index = json.load(f)
+        self.params: dict[str, dict] = index["params"]
+        self.step: int = index["optimizer_step"]
+        self.lr_scheduler: Optional[dict] = index["lr_scheduler"]
+        self.layout: dict = index["layout"]
+        self._pieces: dict[tuple[str, str], list[Piece]] = {}
+        for name, rows in index["pieces"].items():
+            for kind, tp_rank, start, end, file, key in rows:
+                self._pieces.setdefault((name, kind), []).append(Piece(name, kind, tp_rank, start, end, file, key))
+        self._open: dict[str, Any] = {}
+
+    def has(self, name: str, kind: str) -> bool:
+        return (name, kind) in self._pieces
+
+    def read(self, name: str, kind: str, split_dim: Optional[int], tp_rank: int, tensor: int, start: int,
+             end: int) -> torch.Tensor:
+        """Elements [start, end) of part `tp_rank` of `tensor` of parameter `name` cut along `split_dim` (None: the
+        whole parameter), flattened, in fp32."""
+        meta = self.params[name]
+        saved_cut = (meta["split_dim"], meta["tensor"]) if meta["split_dim"] is not None else (None, 1)
+        if saved_cut == ((split_dim, tensor) if split_dim is not None else (None, 1)):
+            return self._read_local(name, kind, tp_rank if split_dim is not None else 0, start, end)
+        # another tensor-parallel cut: this one parameter whole, cut anew
+        dim, parts = saved_cut
+        part_shape = list(meta["shape"])
+        if dim is not None:
+            part_shape[dim] //= parts
+        numel = int(torch.Size(part_shape).numel())
+        whole = torch.cat([self._read_local(name, kind, t, 0, numel).view(part_shape) for t in range(parts)],
+                          dim=dim or 0)
+        if split_dim is not None:
+            whole = whole.chunk(tensor, dim=split_dim)[tp_rank]
+        return whole.reshape(-1)[start:end].clone()
+
+    def full(self, name: str, kind: str = "fp32") -> torch.Tensor:
+        """The whole parameter, in its global shape."""
+        shape = self.params[name]["shape"]
+        return self.read(name, kind, None, 0, 1, 0, int(torch.Size(shape).numel())).view(shape)
+
+    def _read_local(self, name: str, kind: str, tp_rank: int, start: int, end: int) -> torch.Tensor:
+        out = torch.empty(end - start, dtype=torch.float32)
+        covered = 0
+        for p in self._pieces.get((name, kind), ()):
+            lo, hi = max(start, p.start), min(end, p.end)
+            if p.tp_rank == tp_rank and lo < hi:
+                out[lo - start:hi - start] = self._file(p.file).get_slice(p.key)[lo - p.start:hi - p.start]
+                covered += hi - lo
+        if covered != end - start:
+            raise ValueError(f"{self.root}: {kind} of {name} (tensor part {tp_rank}) has {covered} of the "
+                             f"{end - start} elements [{start}, {end}) this rank needs")
+        return out
+
+    def _file(self, file: str):
+        if file not in self._open:
+            self._open[file] = safe_open(os.path.join(self.root, file), framework="pt")
+        return self._open[file]
