@@ -98,7 +98,7 @@ def throughput(args) -> None:
         saves.append(time.perf_counter() - t)
         t = time.perf_counter()
         found = checkpoint.find_resumable(args.dir)
-        collective.load(engine, found, 0, 1)
+        collective.load(engine, found, collective.Slices(layout, 0, cfg.model.num_layers))
         loads.append(time.perf_counter() - t)
         t = time.perf_counter()
         found = checkpoint.find_resumable(args.dir)

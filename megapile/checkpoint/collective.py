@@ -1,14 +1,15 @@
 """A training run's checkpoint save and load: collective, every rank writing and sealing its own part.
 
-A save writes `global_stepN.tmp/`: DeepSpeed's shards (the fast resume on the same layout), every rank's
-layout-free slices (megapile/checkpoint/fragments.py: any other layout), megapile's state and the carried
-tokenizer. Every rank then fsyncs and checksums the files it wrote, in parallel, and rank 0 writes the manifest
-from all of them, renames the folder to `global_stepN/` and only then replaces `latest` (megapile/checkpoint/
-__init__.py describes the folder and why a kill at any instant leaves the previous checkpoint loadable).
+A save writes `global_stepN.tmp/`: every rank's slices of the fp32 masters and Adam moments (megapile/checkpoint/
+fragments.py), megapile's state (with DeepSpeed's step counters and loss scale) and the carried tokenizer. Every
+rank then fsyncs and checksums the files it wrote, in parallel, and rank 0 writes the manifest from all of them,
+renames the folder to `global_stepN/` and only then replaces `latest` (megapile/checkpoint/__init__.py describes
+the folder and why a kill at any instant leaves the previous checkpoint loadable). DeepSpeed's own checkpoint is
+not written: the slices hold everything it would (the module's weights are the masters, rounded as DeepSpeed
+rounds them after each step), and it could only be loaded on the layout that wrote it.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -27,12 +28,6 @@ from megapile.checkpoint import slices as slices_access
 from megapile.config import CheckpointConfig, ConfigError
 from megapile.parallel.layout import Layout
 
-try:  # optional: torch < 2.6 has no switch for torch.save's zip CRC32
-    from torch.utils.serialization import config as _torch_serialization
-except ImportError:
-    _torch_serialization = None
-
-
 @dataclass
 class Slices:
     """What a save needs to write the layout-free slices (megapile/checkpoint/fragments.py)."""
@@ -45,8 +40,8 @@ class Slices:
 def save(engine, directory: str, step: int, state: dict[str, Any], cfg: CheckpointConfig,
          is_main: bool, slices: Slices, files: Optional[dict[str, bytes]] = None,
          show_progress: bool = False) -> dict[str, float]:
-    """Collective: every rank writes DeepSpeed's shards and its own layout-free slices, then checksums and fsyncs
-    its share of the files; rank 0 writes the state, index and manifest and renames. Returns timing figures.
+    """Collective: every rank writes its slices (megapile/checkpoint/fragments.py), then checksums and fsyncs its
+    share of the files; rank 0 writes the state, index and manifest and renames. Returns timing figures.
 
     `files` ({relative path: contents}) are written by rank 0 into the checkpoint too, under the manifest.
 
@@ -54,35 +49,29 @@ def save(engine, directory: str, step: int, state: dict[str, Any], cfg: Checkpoi
     after removing the partial `.tmp` folder; nothing that existed before is touched.
     """
     tag = f"global_step{step}"
-    tmp_tag, tmp, final = tag + ".tmp", os.path.join(directory, tag + ".tmp"), os.path.join(directory, tag)
+    tmp, final = os.path.join(directory, tag + ".tmp"), os.path.join(directory, tag)
     start = time.perf_counter()
     error = None
     if is_main:
         try:
             os.makedirs(directory, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            os.makedirs(tmp)
         except OSError as e:
             error = e
     _raise_if_any_failed(error, tag, tmp, is_main)
-    try:
-        with _torch_zip_crc_off():  # our manifest checksums every file; torch's zip CRC32 costs ~35% of a save
-            engine.save_checkpoint(directory, tag=tmp_tag, save_latest=False)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("iostream error")
-        error = _as_os_error(e, directory)
-        _barrier()  # DeepSpeed's save ends in a barrier that the other ranks are waiting in
     written = ([], {})
-    if error is None:
-        try:
-            params = slices_access.held(engine, slices.layout, slices.rank, slices.num_layers)
-            written = fragments.write(slices_access.holder(engine), params, slices.layout, slices.rank, tmp)
-        except (OSError, RuntimeError) as e:  # safetensors reports I/O errors as its own (RuntimeError) type
-            error = _as_os_error(e, directory)
+    try:
+        params = slices_access.held(engine, slices.layout, slices.rank, slices.num_layers)
+        written = fragments.write(slices_access.holder(engine), params, slices.layout, slices.rank, tmp)
+    except Exception as e:  # noqa: BLE001 (safetensors reports I/O errors as its own SafetensorError)
+        error = _as_os_error(e, directory)
     gathered = _gather((rng.capture(), written))
     _raise_if_any_failed(error, tag, tmp, is_main)  # every rank's files are on disk past this point
     if is_main:
         try:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({**state, "rng": [g[0] for g in gathered]}, f)
+                json.dump({**state, "rng": [g[0] for g in gathered], "engine": _engine_state(engine)}, f)
             for rel, data in (files or {}).items():
                 os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
                 with open(os.path.join(tmp, rel), "wb") as f:
@@ -125,7 +114,7 @@ def _seal(tmp: str, slices: Slices, is_main: bool, show_progress: bool) -> None:
     error, entries, plan = None, {}, [None]
     if is_main:
         try:
-            plan = [manifest.shares(tmp, manifest.files(tmp), world, lambda rel: _writer(rel, slices.layout))]
+            plan = [manifest.shares(tmp, manifest.files(tmp), world, _writer)]
         except OSError as e:
             error = e
     if dist.is_initialized():
@@ -144,20 +133,12 @@ def _seal(tmp: str, slices: Slices, is_main: bool, show_progress: bool) -> None:
 
 
 _SLICE_FILE = re.compile(rf"^{fragments.DIR}/rank(\d+)-\d+\.safetensors$")
-_ZERO_FILE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_")
 
 
-def _writer(rel: str, layout: Layout) -> Optional[int]:
-    """The rank that wrote file `rel`, when its name says: its slices, or DeepSpeed's per-rank ZeRO shards (data
-    rank d of model-parallel rank m = stage × tensor + tensor rank); None for the rest."""
-    if m := _SLICE_FILE.match(rel):
-        return int(m.group(1))
-    if m := _ZERO_FILE.search(rel):
-        d, mp = int(m.group(1)), int(m.group(2))
-        for rank in range(layout.world):
-            if layout.data_rank(rank) == d and layout.stage(rank) * layout.tensor + layout.tensor_rank(rank) == mp:
-                return rank
-    return None
+def _writer(rel: str) -> Optional[int]:
+    """The rank that wrote file `rel`, when its name says (its slices); None for the rest."""
+    m = _SLICE_FILE.match(rel)
+    return int(m.group(1)) if m else None
 
 
 def _optimizer_step(engine) -> int:
@@ -192,29 +173,53 @@ def _raise_if_any_failed(error: Optional[OSError], tag: str, tmp: str, is_main: 
     raise CheckpointError(f"saving {tag} failed on rank {rank}: {text}; the previous checkpoint and 'latest' are untouched")
 
 
-def load(engine, found: Found, rank: int, world_size: int, load_optimizer: bool = True) -> None:
-    """Load DeepSpeed's shards of `found` into the engine and this rank's RNG streams."""
-    directory = os.path.dirname(found.path)
-    path, _ = engine.load_checkpoint(directory, tag=found.tag, load_optimizer_states=load_optimizer,
-                                     load_lr_scheduler_states=True, load_module_strict=True)
-    if path is None:
-        raise ConfigError(f"checkpoint {found.path}: DeepSpeed could not load it")
+def load(engine, found: Found, slices: Slices, show_progress: bool = False) -> None:
+    """Fill a freshly built engine of any layout from `found`'s slices: the fp32 masters and Adam moments each rank's
+    optimizer holds, the module's copy of the weights, Adam's step, the LR schedule and the engine's counters and
+    loss scale. The RNG streams are the caller's: they follow only onto the same layout."""
+    slices_access.load(engine, fragments.Stored(found.path), slices.layout, slices.rank, slices.num_layers,
+                       show_progress)
+    _restore_engine_state(engine, found.state.get("engine") or {})
+
+
+def restore_rng(found: Found, rank: int, world_size: int) -> None:
+    """This rank's RNG streams as saved: on the layout that wrote the checkpoint, every stream goes on."""
     states = found.state.get("rng") or []
     if len(states) == world_size:
         rng.restore(states[rank])
 
 
-@contextlib.contextmanager
-def _torch_zip_crc_off():
-    if _torch_serialization is None:  # torch < 2.6 has no switch
-        yield
-        return
-    before = _torch_serialization.save.compute_crc32
-    _torch_serialization.save.compute_crc32 = False
-    try:
-        yield
-    finally:
-        _torch_serialization.save.compute_crc32 = before
+def load_deepspeed_shards(engine, found: Found, rank: int, world_size: int) -> None:
+    """A checkpoint saved before megapile wrote slices (DeepSpeed's shards), on the layout that wrote it."""
+    directory = os.path.dirname(found.path)
+    path, _ = engine.load_checkpoint(directory, tag=found.tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True, load_module_strict=True)
+    if path is None:
+        raise ConfigError(f"checkpoint {found.path}: DeepSpeed could not load it")
+    restore_rng(found, rank, world_size)
+
+
+_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def _engine_state(engine) -> dict[str, Any]:
+    """What DeepSpeed's own checkpoint would add: its step counters, and the loss scaler's state (fp16's dynamic
+    scale; a constant 1 in fp32 and bf16)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return {**{k: int(getattr(engine, k, 0)) for k in _COUNTERS},
+            "loss_scaler": {k: v for k, v in vars(scaler).items()
+                            if isinstance(v, (bool, int, float))} if scaler is not None else {}}
+
+
+def _restore_engine_state(engine, state: dict[str, Any]) -> None:
+    for key in _COUNTERS:
+        if key in state:
+            setattr(engine, key, state[key])
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None:
+        for key, value in (state.get("loss_scaler") or {}).items():
+            if hasattr(scaler, key):
+                setattr(scaler, key, value)
 
 
 def _barrier() -> None:

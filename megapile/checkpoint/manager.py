@@ -50,33 +50,35 @@ def resume(run: Run) -> Position:
 
 
 def _load(run: Run, found: "checkpoint.Found") -> None:
-    """The checkpoint's weights, optimizer state, RNG streams and spike window into this run: DeepSpeed's own
-    shards on the layout that wrote them; on any other layout each rank reads the slices it needs."""
+    """The checkpoint's weights, optimizer state, RNG streams and spike window into this run, on any layout: each
+    rank reads the slices its optimizer holds. On the layout that wrote it the RNG streams go on too (a bit-exact
+    resume); on another they are reseeded."""
     saved, now = _layout_of(found.state), _layout_of(_state_layout(run))
-    if saved == {**now, "dtype": saved["dtype"] or now["dtype"]}:
-        collective.load(run.engine, found, run.env.rank, run.env.world_size)
+    same = saved == {**now, "dtype": saved["dtype"] or now["dtype"]}
+    if not same:
+        how = ("each rank reads its slices of the fp32 masters and Adam moments" if fragments.present(found.path) else
+               "an older checkpoint without slices: every rank reads full fp32 weights and Adam moments")
+        run.logger.message(f"checkpoint {found.path} is {_describe(saved)}, this run {_describe(now)}: {how}; "
+                           "the dropout RNG streams do not follow a change of layout and are reseeded from "
+                           "(seed, step, rank)")
+    if fragments.present(found.path):
+        collective.load(run.engine, found, collective.Slices(run.layout, run.env.rank, run.cfg.model.num_layers),
+                        show_progress=run.env.is_main and run.cfg.logging.progress)
+    elif same:  # saved before checkpoints carried slices: DeepSpeed's own shards
+        collective.load_deepspeed_shards(run.engine, found, run.env.rank, run.env.world_size)
+    else:  # ... on another layout: ZeRO stages and data-parallel sizes only, through full tensors on every rank
+        check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
+        full = portable.read_full_state(found.path, saved["zero"], run.param_order)
+        slices.load(run.engine, portable.FullState(full), run.layout, run.env.rank, run.cfg.model.num_layers,
+                    show_progress=run.env.is_main and run.cfg.logging.progress)
+    if same:
+        collective.restore_rng(found, run.env.rank, run.env.world_size)
     else:
-        _load_other_layout(run, found, saved, now)
+        seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
     if run.spikes is not None and found.state.get("spike_detector"):
         run.spikes.load_state_dict(found.state["spike_detector"])
     elif run.spikes is not None:  # saved without train.spike: the window starts empty
         run.spikes.reset()
-
-
-def _load_other_layout(run: Run, found: "checkpoint.Found", saved: dict, now: dict) -> None:
-    show = run.env.is_main and run.cfg.logging.progress
-    num_layers = run.cfg.model.num_layers
-    if fragments.present(found.path):
-        source, how = fragments.Stored(found.path), "each rank reads its slices of the fp32 masters and Adam moments"
-    else:  # saved before checkpoints carried their slices: ZeRO layouts only, through full tensors on every rank
-        check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
-        source = portable.FullState(portable.read_full_state(found.path, saved["zero"], run.param_order))
-        how = "an older checkpoint without slices: every rank reads full fp32 weights and Adam moments"
-    run.logger.message(f"checkpoint {found.path} is {_describe(saved)}, this run {_describe(now)}: {how}; "
-                       "the dropout RNG streams do not follow a change of layout and are reseeded from "
-                       "(seed, step, rank)")
-    slices.load(run.engine, source, run.layout, run.env.rank, num_layers, show_progress=show)
-    seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
 
 
 def _state_layout(run: Run) -> dict:
