@@ -51,7 +51,7 @@ def _damaged_copy(saved_run, tmp_path, damage):
     ckpt = str(tmp_path / "checkpoints")
     shutil.copytree(os.path.join(saved_run, "checkpoints"), ckpt)
     newest = os.path.join(ckpt, "global_step4")
-    shard = sorted(f for f in os.listdir(newest) if f.endswith(".pt"))[0]
+    shard = os.path.join("portable", sorted(os.listdir(os.path.join(newest, "portable")))[-1])  # a rank's slices
     damage(os.path.join(newest, shard))
     return ckpt, shard
 
@@ -199,7 +199,7 @@ def test_reshard_across_world_sizes_and_zero_stages(tmp_path, preprocessed, toke
         proc = launch(launcher, nproc, ds, _overrides(preprocessed, tokenizer_path, run_dir, model__dropout=0.0,
                                                       train__max_steps=steps, optim__decay_steps=10))
         if steps > 3:
-            assert "resharding through full fp32 weights and Adam moments" in proc.stdout
+            assert "each rank reads its slices of the fp32 masters and Adam moments" in proc.stdout
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 11))
     assert_close(losses(run_dir), losses(straight), rel=1e-5)
 
@@ -219,10 +219,12 @@ def test_ckpt_tools(saved_run, tmp_path, capsys):
     output = str(tmp_path / "model.safetensors")
     assert main(["ckpt", "consolidate", ckpt, "--output", output]) == 0
     weights = load_file(output)
-    module = torch.load(os.path.join(ckpt, "global_step4", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
-    assert set(weights) == set(module)
-    for name, value in module.items():
-        assert torch.equal(weights[name], value.float()), name
+    # one rank holds every parameter whole: its slice file has each fp32 master as one piece
+    pieces = load_file(os.path.join(ckpt, "global_step4", "portable", "rank00000-0.safetensors"))
+    masters = {key.split("/")[1]: value for key, value in pieces.items() if key.startswith("fp32/")}
+    assert set(weights) == set(masters)
+    for name, value in masters.items():
+        assert torch.equal(weights[name].reshape(-1), value), name
     damaged, _ = _damaged_copy(saved_run, tmp_path / "d", _flip_byte)
     assert main(["ckpt", "verify", damaged]) == 1
     assert "global_step4: DAMAGED" in capsys.readouterr().out
@@ -231,9 +233,10 @@ def test_ckpt_tools(saved_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reshard_a_bf16_zero0_checkpoint_from_its_fp32_masters(tmp_path, preprocessed, tokenizer_path):
-    """bf16 ZeRO-0 keeps flat fp32 masters and moments per parameter group (DeepSpeed's FP16_Optimizer): they,
-    not the bf16 module weights, are what a reshard to 1 rank ZeRO-1 and an export read."""
-    from megapile.checkpoint.portable import read_full_state, read_full_weights
+    """bf16 ZeRO-0 keeps fp32 masters and moments (DeepSpeed's FP16 optimizers): they, not the bf16 module weights,
+    are what its slices hold and what a reshard to 1 rank ZeRO-1 and an export read."""
+    from megapile.checkpoint.fragments import Stored
+    from megapile.checkpoint.portable import read_full_weights
 
     common = dict(model__dropout=0.0, train__max_steps=8, optim__decay_steps=8, train__dtype="bf16")
     straight = str(tmp_path / "straight")
@@ -244,23 +247,23 @@ def test_reshard_a_bf16_zero0_checkpoint_from_its_fp32_masters(tmp_path, preproc
     ckpt = os.path.join(run_dir, "checkpoints", "global_step4")
     with open(os.path.join(ckpt, "megapile_state.json")) as f:
         order = json.load(f)["param_order"]
-    full = read_full_state(ckpt, 0, order)
-    assert set(full["exp_avg"]) == set(full["exp_avg_sq"]) == set(full["fp32"]) == set(order)
-    assert full["step"] == 5  # DeepSpeed's unfused FP16_Optimizer creates Adam's state with one zero-grad step
-    masters = full["fp32"]
+    stored = Stored(ckpt)
+    assert set(stored.params) == set(order) and all(stored.has(n, k) for n in order for k in ("exp_avg", "exp_avg_sq"))
+    assert stored.step == 5  # DeepSpeed's unfused FP16_Optimizer creates Adam's state with one zero-grad step
+    masters = {n: stored.full(n) for n in order}
     assert any(not torch.equal(t, t.bfloat16().float()) for t in masters.values())  # fp32, not bf16 values
     exported = read_full_weights(ckpt, 0)
     assert all(torch.equal(exported[n], masters[n]) for n in order)
     proc = launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, run_dir, **common))
-    assert "resharding through full fp32 weights and Adam moments" in proc.stdout
+    assert "each rank reads its slices of the fp32 masters and Adam moments" in proc.stdout
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 9))
     assert_close(losses(run_dir), losses(straight), rel=2e-2)  # bf16 on another layout: close, not bit-equal
 
 
 def test_zero0_low_precision_optimizers_take_and_give_back_a_full_state():
-    """Resharding into bf16/fp16 ZeRO-0 sets DeepSpeed's fp32 masters and Adam moments, not only the module's bf16
-    weights (which the next step would overwrite from stale masters), and what that optimizer then saves reads
-    back unchanged: for the unfused FP16 optimizer (CPU) and the fused one with flat masters per group (GPU)."""
+    """Loading into bf16/fp16 ZeRO-0 sets DeepSpeed's fp32 masters and Adam moments, not only the module's bf16
+    weights (which the next step would overwrite from stale masters), and what a save then writes reads back
+    unchanged: for the unfused FP16 optimizer (CPU) and the fused one with flat masters per group (GPU)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                WORLD_SIZE="1", LOCAL_RANK="0")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "probes", "fp16_optimizers.py")], cwd=ROOT,

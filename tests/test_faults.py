@@ -1,5 +1,5 @@
-"""Kill campaign: 10 SIGKILLs of a random rank at random moments (start-up, mid-step, inside a checkpoint
-save); restarting the same command each time finishes with exactly the uninterrupted run's losses and weights."""
+"""Kill campaign: 10 SIGKILLs of a random rank at random moments (start-up, mid-step, while the ranks write their
+checkpoint slices, while they seal them); restarting the same command each time finishes with exactly the uninterrupted run's losses and weights."""
 import os
 
 import pytest

@@ -3,11 +3,9 @@
 On disk, under `checkpoint.dir`:
 
     global_step300/            one complete checkpoint
-        <DeepSpeed's files>    model/optimizer/scheduler shards, one set per rank: the fast resume on the same
-                               layout (tensor × pipeline × data, ZeRO stage, precision)
         portable/              every rank's slices of the fp32 masters and Adam moments, by parameter name and
-                               position: a resume on any other layout (megapile/checkpoint/fragments.py)
-        megapile_state.json    step, global sample index, every rank's RNG streams, config, fingerprints
+                               position, and their index: a resume on any layout (megapile/checkpoint/fragments.py)
+        megapile_state.json    step, global sample index, every rank's RNG streams, layout, config, fingerprints
         tokenizer/             a byte copy of the run's tokenizer file(s), so the checkpoint works wherever
                                it is copied (eval, generate, export-hf); its sha256 is the recorded fingerprint
         manifest.json          every file with its size and CRC32; written last

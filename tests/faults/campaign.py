@@ -112,7 +112,7 @@ def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str,
                                     stdout=out_file, stderr=subprocess.PIPE, text=True, start_new_session=True)
             killed = False
             if report.injected < kills:
-                kind = rng.choice(["save", "step", "start"])
+                kind = rng.choice(["save", "seal", "step", "start"])
                 if resume_step + 6 >= last:
                     kind = "start"  # too close to the end for a later moment to be sure to come
                 if _wait_for_moment(proc, kind, rng, ckpt_dir, metrics, log, started, resume_step, last):
@@ -167,10 +167,15 @@ def _wait_for_moment(proc, kind: str, rng: random.Random, ckpt_dir: str, metrics
         target = min(last - 2, resume_step + rng.randint(1, 4))
         return wait(lambda: _last_logged_step(metrics, started) >= target)
 
-    def saving() -> bool:  # "save": inside a checkpoint write (a .tmp folder exists) of this start, not the last
+    def saving() -> bool:
+        """"save": inside a checkpoint write (a .tmp folder exists: the ranks write their slices) of this start, not
+        the last; "seal": past the slices (the index exists: the ranks fsync and checksum, rank 0 writes the
+        manifest and renames)."""
         names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+        marker = os.path.join("portable", "index.json") if kind == "seal" else ""
         return any((m := re.match(r"^global_step(\d+)\.tmp$", n)) and resume_step < int(m.group(1)) < last
-                   and _mtime(os.path.join(ckpt_dir, n)) >= started for n in names)  # not a killed save's leftover
+                   and _mtime(os.path.join(ckpt_dir, n)) >= started  # not a killed save's leftover
+                   and os.path.exists(os.path.join(ckpt_dir, n, marker)) for n in names)
 
     if not wait(saving):
         return False
