@@ -12,8 +12,8 @@
    ZeRO-3 engine. Peak extra resident memory of each rank during the load (the kernel's high-water mark, reset
    before it, minus the resident size before it), as a multiple of the rank's own shard (its slice of the fp32
    masters and both Adam moments): through the slices each rank reads only what it holds; through full tensors
-   (what megapile did before the slices existed, and still does for older checkpoints) every rank holds the whole
-   model's masters and moments.
+   (what megapile did before the slices existed, and still does for older checkpoints; here read from the slices)
+   every rank holds the whole model's masters and moments.
 """
 from __future__ import annotations
 
@@ -146,6 +146,14 @@ def _peak_extra_mb(load) -> float:
     return (_rss_kb("VmHWM") - before) / 1e3
 
 
+def _full_state(path: str) -> portable.FullState:
+    """Every parameter's full master and moments in this process: what a reshard held on every rank before the
+    slices (and still does for checkpoints written before them)."""
+    stored = fragments.Stored(path)
+    full = {kind: {name: stored.full(name, kind) for name in stored.params} for kind in fragments.KINDS}
+    return portable.FullState({**full, "step": stored.step, "lr_scheduler": stored.lr_scheduler})
+
+
 def reshard_memory(args) -> None:
     env = distributed.detect(dict(os.environ))
     distributed.init(env, backend="gloo")
@@ -161,8 +169,7 @@ def reshard_memory(args) -> None:
     held = slices.held(engine, layout, env.rank, cfg.model.num_layers)
     shard_mb = sum(e - s for h in held if (span := accessor.span(h)) for s, e in [span]) * 12 / 1e6
     new = _peak_extra_mb(lambda: slices.load(engine, fragments.Stored(path), layout, env.rank, cfg.model.num_layers))
-    old = _peak_extra_mb(lambda: slices.load(engine, portable.FullState(portable.read_full_state(path, 1, [])), layout,
-                                             env.rank, cfg.model.num_layers))
+    old = _peak_extra_mb(lambda: slices.load(engine, _full_state(path), layout, env.rank, cfg.model.num_layers))
     figures = [None] * env.world_size
     torch.distributed.all_gather_object(figures, (shard_mb, new, old))
     if env.rank == 0:

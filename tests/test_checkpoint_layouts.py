@@ -25,7 +25,6 @@ from safetensors.torch import save_file
 from megapile.checkpoint import manifest
 from megapile.checkpoint.collective import _writer
 from megapile.checkpoint.fragments import DIR, KINDS, Piece, Stored, write_index
-from megapile.parallel.layout import Layout
 from train_helpers import ROOT, TRAIN, free_port, read_metrics, small_run_overrides
 
 COMMON = dict(train__max_steps=5, checkpoint__every=3, train__eval_every=100, optim__decay_steps=5,
@@ -159,18 +158,17 @@ def test_slices_read_back_on_the_same_cut_another_cut_and_whole(tmp_path):
 
 
 def test_each_rank_seals_the_files_it_wrote(tmp_path):
-    """The manifest is made in parallel: a rank's slices and its ZeRO shards go to the rank that wrote them
-    (rank = stage × data × tensor + data rank × tensor + tensor rank), everything else to the smallest share."""
-    layout = Layout(world=4, tensor=2, pipeline=1, data=2)
-    names = {"portable/rank00003-0.safetensors": 10, "zero_pp_rank_1_mp_rank_00_optim_states.pt": 10,
-             "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt": 10, "mp_rank_00_model_states.pt": 50,
-             "mp_rank_01_model_states.pt": 40, "megapile_state.json": 1}
+    """The manifest is made in parallel: a rank's slice files go to the rank that wrote them (its fsync flushes
+    its own writes), everything else to the smallest share so far, largest first."""
+    names = {"portable/rank00003-0.safetensors": 10, "portable/rank00001-0.safetensors": 30,
+             "portable/rank00001-1.safetensors": 5, "portable/index.json": 8, "megapile_state.json": 4,
+             "tokenizer/tokenizer.json": 50}
     for name, size in names.items():
         os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         (tmp_path / name).write_bytes(b"x" * size)
-    shares = manifest.shares(str(tmp_path), manifest.files(str(tmp_path)), 4, lambda rel: _writer(rel, layout))
-    assert "portable/rank00003-0.safetensors" in shares[3]
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shares[2]  # data rank 1, tensor rank 0
-    assert "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt" in shares[1]  # data rank 0, tensor rank 1
-    assert shares[0] == ["mp_rank_00_model_states.pt"]  # the largest unowned file to the first empty share
+    shares = manifest.shares(str(tmp_path), manifest.files(str(tmp_path)), 4, _writer)
+    assert shares[3] == ["portable/rank00003-0.safetensors"]
+    assert shares[1] == ["portable/rank00001-0.safetensors", "portable/rank00001-1.safetensors"]
+    assert shares[0] == ["tokenizer/tokenizer.json"]  # the largest unowned file to the first empty share
+    assert shares[2] == ["portable/index.json", "megapile_state.json"]  # then the smallest share, rank 2 (0 bytes)
     assert sorted(sum(shares, [])) == sorted(names)

@@ -13,10 +13,10 @@ from train_helpers import DS, ROOT, TRAIN, free_port, read_metrics, small_run_ov
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 6 MB tmpfs: room for one checkpoint of the test model (~3.7 MB), not two."""
+    """A 4 MB tmpfs: room for one checkpoint of the test model (~2.9 MB), not two."""
     mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
     yield str(mount)
     subprocess.run(["umount", "-l", str(mount)], check=False)
 

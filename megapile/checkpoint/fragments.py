@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -117,7 +117,6 @@ class Stored:
         for name, rows in index["pieces"].items():
             for kind, tp_rank, start, end, file, key in rows:
                 self._pieces.setdefault((name, kind), []).append(Piece(name, kind, tp_rank, start, end, file, key))
-        self._open: dict[str, Any] = {}
 
     def has(self, name: str, kind: str) -> bool:
         return (name, kind) in self._pieces
@@ -150,17 +149,18 @@ class Stored:
     def _read_local(self, name: str, kind: str, tp_rank: int, start: int, end: int) -> torch.Tensor:
         out = torch.empty(end - start, dtype=torch.float32)
         covered = 0
+        overlapping: dict[str, list[tuple[Piece, int, int]]] = {}
         for p in self._pieces.get((name, kind), ()):
             lo, hi = max(start, p.start), min(end, p.end)
             if p.tp_rank == tp_rank and lo < hi:
-                out[lo - start:hi - start] = self._file(p.file).get_slice(p.key)[lo - p.start:hi - p.start]
+                overlapping.setdefault(p.file, []).append((p, lo, hi))
                 covered += hi - lo
         if covered != end - start:
             raise ValueError(f"{self.root}: {kind} of {name} (tensor part {tp_rank}) has {covered} of the "
                              f"{end - start} elements [{start}, {end}) this rank needs")
+        for file, parts in overlapping.items():
+            # opened for this read only: a mapped file's pages count as this process's memory while it is open
+            with safe_open(os.path.join(self.root, file), framework="pt") as f:
+                for p, lo, hi in parts:
+                    out[lo - start:hi - start] = f.get_slice(p.key)[lo - p.start:hi - p.start]
         return out
-
-    def _file(self, file: str):
-        if file not in self._open:
-            self._open[file] = safe_open(os.path.join(self.root, file), framework="pt")
-        return self._open[file]
