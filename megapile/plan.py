@@ -53,16 +53,23 @@ class Estimate:
 
 
 def layer_params(m: ModelConfig) -> int:
-    """One transformer block: QKV + output projection + MLP up/down, with biases, and two LayerNorms."""
+    """One transformer block: QKV + output projection + MLP, and two norms. QKV is h x (nh + 2 nkv) hs (3h^2
+    without grouped-query attention); the MLP has two h x f matrices, three in llama's SwiGLU (gate, up,
+    down); neox/gpt2 have biases and LayerNorm biases, llama neither."""
     h, f = m.hidden_size, m.ffn_size
-    return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+    qkv = h * m.qkv_size
+    mlp = (3 if m.arch == "llama" else 2) * h * f
+    biases = m.qkv_size + h + f + h if m.bias else 0
+    norms = 2 * h * (2 if m.bias else 1)
+    return qkv + h * h + mlp + biases + norms
 
 
 def total_params(m: ModelConfig) -> int:
     embed = m.padded_vocab_size * m.hidden_size
     head = 0 if m.tie_embeddings else embed
     positions = m.max_seq_len * m.hidden_size if m.arch == "gpt2" else 0
-    return m.num_layers * layer_params(m) + embed + head + positions + 2 * m.hidden_size
+    final_norm = m.hidden_size * (2 if m.bias else 1)
+    return m.num_layers * layer_params(m) + embed + head + positions + final_norm
 
 
 def estimate(m: ModelConfig, layout: Layout, seq_len: int) -> Estimate:
@@ -90,7 +97,7 @@ def estimate(m: ModelConfig, layout: Layout, seq_len: int) -> Estimate:
 def candidates(m: ModelConfig, gpus: int, gpus_per_node: int, global_batch: int, micros: list[int]) -> list[Layout]:
     out = []
     for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or m.num_heads % tp:
+        if tp > gpus_per_node or m.num_heads % tp or m.num_kv_heads % tp:
             continue
         for pp in (1, 2, 4, 8, 16):
             if pp > m.num_layers or gpus % (tp * pp):
