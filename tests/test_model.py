@@ -426,6 +426,22 @@ def test_num_params_and_flops_per_token_by_hand():
     assert gm.flops_per_token(T) == 13008
 
 
+def test_llama_params_and_flops_per_token_by_hand():
+    """GQA: q is C x C but k and v are C x (nkv hs) each; SwiGLU: three C x F matrices; no biases; RMSNorm weights
+    only. The attention term counts query heads, so it is the MHA one."""
+    cfg = make_cfg(arch="llama", vocab_size=100, num_layers=1, hidden_size=16, num_heads=4, num_kv_heads=1,
+                   intermediate_size=24)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    C, hs, nkv, Fi, V, T = 16, 4, 1, 24, 128, 16
+    block = C * (C + 2 * nkv * hs) + C * C + 3 * C * Fi + 2 * C
+    non_embedding = block + C  # + final RMSNorm
+    assert model.num_params() == non_embedding == 1840
+    assert model.num_params(exclude_embedding=False) == non_embedding + 2 * V * C
+    assert model.flops_per_token(T) == 6 * (non_embedding + V * C) + 12 * C * T == 26400
+    assert not any(name.endswith(".bias") for name, _ in model.named_parameters())
+
+
 def test_pythia_14m_non_embedding_params():
     cfg = ModelConfig(num_layers=6, hidden_size=128, num_heads=4, vocab_size=50304)
     with torch.device("meta"):
