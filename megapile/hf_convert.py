@@ -39,7 +39,7 @@ HF_CLASS = {"neox": "GPTNeoXForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "L
 
 
 def config_to_hf(cfg: ModelConfig):
-    """A transformers GPTNeoXConfig or GPT2Config for the same model."""
+    """A transformers GPTNeoXConfig, GPT2Config or LlamaConfig for the same model."""
     # lazy: transformers is optional (a test extra) and adds ~0.7 s to torch; eval/generate of a checkpoint skip it
     import transformers
 

@@ -87,6 +87,17 @@ def test_llama_shapes_are_the_published_ones():
     assert small.rope_scaling.factor == 32.0 and small.kv_groups == 4
 
 
+def test_llama_config_survives_a_checkpoint_round_trip():
+    """A checkpoint stores the config as plain dicts (dataclasses.asdict); rope_scaling comes back as its dataclass."""
+    import dataclasses
+
+    from megapile.config import ModelConfig, RopeScalingConfig
+
+    cfg = load_config(os.path.join(ROOT, "configs", "llama-1b.yaml")).model
+    again = ModelConfig(**dataclasses.asdict(cfg))
+    assert again == cfg and isinstance(again.rope_scaling, RopeScalingConfig)
+
+
 def test_llama_keys_are_checked(tmp_path):
     assert "model.num_heads (8) must be divisible by model.num_kv_heads (3)" in _error(
         tmp_path, "model:\n  arch: llama\n  num_heads: 8\n  num_kv_heads: 3\n")
