@@ -9,7 +9,9 @@ Memory per GPU = model states + activations, in bytes, for bf16 mixed precision 
   A GPU holds 1/TP of each layer and the layers of its pipeline stage (the first stage also the input
   embedding, the last the output head).
 - Activations per layer and micro-batch (Korthikanti et al. 2022, flash attention so no s×s scores):
-  s·b·h·(10 + 24/TP) bytes; with full activation checkpointing only the layer input, 2·s·b·h, plus one
+  s·b·h·(10 + 24/TP) bytes for multi-head attention and a 4h GELU MLP. In general the split part is
+  4 + 4·nkv/nh (Q and the output projection's input, K and V, 2 bytes each) + 4·f/h (GELU: its input and
+  output) or 8·f/h (SwiGLU: gate, up, silu(gate) and their product); `activation_units`. With full activation checkpointing only the layer input, 2·s·b·h, plus one
   layer's working set during its recomputation. With a pipeline, the first stage keeps PP micro-batches
   in flight (1F1B). The last stage adds the fp32 logits of one micro-batch, s·b·V/TP × 4.
 - Fits when total × 1.1 (allocator fragmentation) + 1.5 GB (CUDA context, NCCL buffers) ≤ GPU memory.
@@ -64,6 +66,14 @@ def layer_params(m: ModelConfig) -> int:
     return qkv + h * h + mlp + biases + norms
 
 
+def activation_units(m: ModelConfig, tp: int) -> float:
+    """One layer's stored activations in units of s·b·h bytes (bf16, flash attention): 10 replicated on every
+    tensor rank (the two norms' inputs, the QKV and MLP inputs, two dropout masks) + the part split over tp."""
+    attention = 4 + 4 * m.num_kv_heads / m.num_heads  # Q and proj input; K and V, nkv of nh heads
+    mlp = (8 if m.arch == "llama" else 4) * m.ffn_size / m.hidden_size
+    return 10 + (attention + mlp) / tp
+
+
 def total_params(m: ModelConfig) -> int:
     embed = m.padded_vocab_size * m.hidden_size
     head = 0 if m.tie_embeddings else embed
@@ -84,7 +94,7 @@ def estimate(m: ModelConfig, layout: Layout, seq_len: int) -> Estimate:
     if layout.zero == 3:
         states += 2 * 2 * layer_params(m) / t  # gathered bf16 weights of the layer in use and the next
     s, b, h = seq_len, layout.micro, m.hidden_size
-    full = s * b * h * (10 + 24 / t)  # one layer's stored activations, bf16
+    full = s * b * h * activation_units(m, t)  # one layer's stored activations, bf16
     in_flight = min(pp, 8) if pp > 1 else 1  # 1F1B: the first stage holds PP micro-batches
     if layout.checkpointing:
         acts = layers_per_stage * 2 * s * b * h * in_flight + full

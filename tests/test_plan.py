@@ -56,6 +56,17 @@ def test_neox_20b_layout_fits_on_96_a100_40gb(capsys):
     assert any(r.split()[:6] == ["2", "4", "12", "1", "4", "yes"] and r.split()[10] == "yes" for r in rows[2:] if r.split())
 
 
+def test_activation_units_for_gqa_and_swiglu():
+    """MHA with a 4h GELU MLP is Korthikanti's 34 (10 + 24/t); GQA stores smaller K and V, SwiGLU four f-wide
+    tensors instead of two."""
+    from megapile.plan import activation_units
+
+    assert activation_units(_model("pythia-1b.yaml"), 1) == 34 and activation_units(_model("pythia-1b.yaml"), 2) == 22
+    m = _model("llama-8b.yaml")  # nkv/nh = 1/4, f/h = 3.5
+    assert activation_units(m, 1) == pytest.approx(10 + 4 + 1 + 8 * 3.5)
+    assert activation_units(m, 4) == pytest.approx(10 + (5 + 28) / 4)
+
+
 def test_llama_parameter_counts_match_the_published_sizes():
     """Grouped-query attention (k/v projections nkv x hs wide) and SwiGLU (three matrices), no biases."""
     assert total_params(_model("llama-8b.yaml")) == 8_030_261_248  # Meta-Llama-3-8B
