@@ -98,8 +98,10 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
-    return RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.hidden_size,
-                                                                                          eps=cfg.norm_eps)
+    """RMSNorm for llama, LayerNorm (with bias) for neox and gpt2."""
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
 
 NORMS = (nn.LayerNorm, RMSNorm)
@@ -186,7 +188,8 @@ class MLP(nn.Module):
 
 class GatedMLP(nn.Module):
     """fc_out(act(gate x) * fc_in x), no biases: Llama's SwiGLU (act = silu). Gate and up are two linears, not
-    one fused matrix, so a tensor-parallel row split of each gives every rank matching gate and up columns."""
+    one fused matrix, so splitting each column-parallel gives every tensor rank the gate and up outputs of the
+    same intermediate features."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
