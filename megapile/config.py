@@ -93,13 +93,12 @@ class ModelConfig:
             self.activation = act
         if self.rotary_pct is None:
             self.rotary_pct = rotary
-        if self.num_kv_heads is None:
-            self.num_kv_heads = self.num_heads
         _check_choice("model.activation", self.activation, ("gelu", "gelu_tanh", "silu"))
         _check_choice("model.attention", self.attention, ("sdpa", "flash_attn"))
-        for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "max_seq_len", "pad_vocab_multiple",
-                    "checkpoint_every"):
+        for key in ("num_layers", "hidden_size", "num_heads", "max_seq_len", "pad_vocab_multiple", "checkpoint_every"):
             _check_positive(f"model.{key}", getattr(self, key))
+        if self.num_kv_heads is not None:  # left None when unset, so checkpoints of older runs compare equal
+            _check_positive("model.num_kv_heads", self.num_kv_heads)
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
@@ -115,13 +114,13 @@ class ModelConfig:
     def _check_llama_keys(self) -> None:
         """Grouped-query attention, rope scaling and full rotary belong to the llama layout."""
         if self.arch != "llama":
-            if self.num_kv_heads != self.num_heads:
+            if self.kv_heads != self.num_heads:
                 raise ConfigError(f"model.num_kv_heads ({self.num_kv_heads}) differs from model.num_heads "
                                   f"({self.num_heads}), which only model.arch llama supports")
             if self.rope_scaling is not None:
                 raise ConfigError(f"model.rope_scaling is supported with model.arch llama only, got {self.arch!r}")
             return
-        if self.num_heads % self.num_kv_heads:
+        if self.num_heads % self.kv_heads:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
                               f"({self.num_kv_heads}): each key/value head serves a whole group of query heads")
         if self.rotary_pct != 1.0:
@@ -134,14 +133,19 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: num_kv_heads, or num_heads when unset (multi-head attention)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
     def kv_groups(self) -> int:
         """Query heads per key/value head (1: multi-head attention)."""
-        return self.num_heads // self.num_kv_heads
+        return self.num_heads // self.kv_heads
 
     @property
     def qkv_size(self) -> int:
         """Output rows of the fused QKV projection: the query heads plus a key and a value head per group."""
-        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        return (self.num_heads + 2 * self.kv_heads) * self.head_dim
 
     @property
     def bias(self) -> bool:

@@ -112,7 +112,7 @@ def _llama_config_to_hf(cfg: ModelConfig, token):
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
+        num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim,
         intermediate_size=cfg.ffn_size,
         hidden_act=_ACT_TO_HF["llama"][cfg.activation],
@@ -276,13 +276,13 @@ def _llama_qkv_names(i: int) -> tuple[str, str, str]:
 def _qkv_split_grouped(t: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Our (nkv * (g + 2) * hs, C) -> HF's q (nh hs, C), k (nkv hs, C), v (nkv hs, C)."""
     g, hs = cfg.kv_groups, cfg.head_dim
-    grouped = t.reshape(cfg.num_kv_heads, (g + 2) * hs, -1)
+    grouped = t.reshape(cfg.kv_heads, (g + 2) * hs, -1)
     q, k, v = grouped.split([g * hs, hs, hs], dim=1)
     return (q.reshape(-1, t.shape[1]), k.reshape(-1, t.shape[1]), v.reshape(-1, t.shape[1]))
 
 
 def _qkv_join_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    nkv, C = cfg.num_kv_heads, q.shape[1]
+    nkv, C = cfg.kv_heads, q.shape[1]
     parts = [q.reshape(nkv, -1, C), k.reshape(nkv, -1, C), v.reshape(nkv, -1, C)]
     return torch.cat(parts, dim=1).reshape(-1, C)
 

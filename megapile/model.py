@@ -313,7 +313,7 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, pad: Optional[torch.Tensor] = None):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds model.max_seq_len {cfg.max_seq_len}")
-        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)  # (B, nkv, Tmax, hs): GQA caches nkv heads
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)  # (B, nkv, Tmax, hs): GQA caches nkv heads
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.max_len = max_len

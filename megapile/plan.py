@@ -69,7 +69,7 @@ def layer_params(m: ModelConfig) -> int:
 def activation_units(m: ModelConfig, tp: int) -> float:
     """One layer's stored activations in units of s·b·h bytes (bf16, flash attention): 10 replicated on every
     tensor rank (the two norms' inputs, the QKV and MLP inputs, two dropout masks) + the part split over tp."""
-    attention = 4 + 4 * m.num_kv_heads / m.num_heads  # Q and proj input; K and V, nkv of nh heads
+    attention = 4 + 4 * m.kv_heads / m.num_heads  # Q and proj input; K and V, nkv of nh heads
     mlp = (8 if m.arch == "llama" else 4) * m.ffn_size / m.hidden_size
     return 10 + (attention + mlp) / tp
 
@@ -107,7 +107,7 @@ def estimate(m: ModelConfig, layout: Layout, seq_len: int) -> Estimate:
 def candidates(m: ModelConfig, gpus: int, gpus_per_node: int, global_batch: int, micros: list[int]) -> list[Layout]:
     out = []
     for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or m.num_heads % tp or m.num_kv_heads % tp:
+        if tp > gpus_per_node or m.num_heads % tp or m.kv_heads % tp:
             continue
         for pp in (1, 2, 4, 8, 16):
             if pp > m.num_layers or gpus % (tp * pp):

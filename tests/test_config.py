@@ -98,6 +98,16 @@ def test_llama_config_survives_a_checkpoint_round_trip():
     assert again == cfg and isinstance(again.rope_scaling, RopeScalingConfig)
 
 
+def test_checkpoints_of_runs_before_llama_still_resume():
+    """A GPT-NeoX checkpoint saved before num_kv_heads and rope_scaling existed has neither key: unset, they must
+    compare equal to its model section, or every older run would be refused on resume as 'a different model'."""
+    from megapile.checkpoint import compat
+
+    model = load_config(os.path.join(ROOT, "configs", "pythia-160m.yaml")).to_dict()["model"]
+    older = {k: v for k, v in model.items() if k not in ("num_kv_heads", "rope_scaling")}
+    compat.check({"config": {"model": older}}, model, {}, False, "ckpt")  # no error
+
+
 def test_llama_keys_are_checked(tmp_path):
     assert "model.num_heads (8) must be divisible by model.num_kv_heads (3)" in _error(
         tmp_path, "model:\n  arch: llama\n  num_heads: 8\n  num_kv_heads: 3\n")

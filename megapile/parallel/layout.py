@@ -77,8 +77,8 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
 def _check_kv_heads(model, tp: int) -> None:
     """Each tensor-parallel rank holds whole key/value heads with the query heads that share them (with
     num_kv_heads == num_heads the num_heads check below says the same)."""
-    if model.num_kv_heads < model.num_heads and model.num_kv_heads % tp:
-        raise ConfigError(f"model.num_kv_heads ({model.num_kv_heads}) must be divisible by parallel.tensor ({tp}): "
+    if model.kv_heads < model.num_heads and model.kv_heads % tp:
+        raise ConfigError(f"model.num_kv_heads ({model.kv_heads}) must be divisible by parallel.tensor ({tp}): "
                           "each tensor-parallel rank holds whole key/value heads")
 
 
