@@ -91,11 +91,14 @@ def test_sharded_and_bf16_exports(checkpoints, tmp_path):
 
 
 def test_llama_sharded_export(checkpoints, tmp_path):
-    """Shards split between the q/k/v and gate/up/down tensors load back into LlamaForCausalLM unchanged."""
+    """Shards split between the q/k/v and gate/up/down tensors load into LlamaForCausalLM with our logits, and
+    back into megapile bit for bit."""
     sharded = str(tmp_path / "sharded")
     _export(checkpoints["llama"], sharded, "--max-shard-size", "100KB")
     assert len([f for f in os.listdir(sharded) if f.endswith(".safetensors")]) > 2
     _assert_same_model(checkpoints["llama"], sharded, "llama")
+    ours, back = load_model(checkpoints["llama"]).model.state_dict(), load_model(sharded).model.state_dict()
+    assert ours.keys() == back.keys() and all(torch.equal(ours[k], back[k]) for k in ours)  # and back, losslessly
 
 
 @pytest.mark.slow
