@@ -124,7 +124,8 @@ class ModelConfig:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
                               f"({self.num_kv_heads}): each key/value head serves a whole group of query heads")
         if self.rotary_pct != 1.0:
-            raise ConfigError(f"model.rotary_pct must be 1.0 with model.arch llama (full rotary), got {self.rotary_pct}")
+            raise ConfigError(f"model.rotary_pct must be 1.0 with model.arch llama (full rotary), "
+                              f"got {self.rotary_pct}")
         if self.head_dim % 2:
             raise ConfigError(f"model.hidden_size / model.num_heads ({self.head_dim}) must be even for rotary")
 

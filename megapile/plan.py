@@ -11,7 +11,8 @@ Memory per GPU = model states + activations, in bytes, for bf16 mixed precision 
 - Activations per layer and micro-batch (Korthikanti et al. 2022, flash attention so no s×s scores):
   s·b·h·(10 + 24/TP) bytes for multi-head attention and a 4h GELU MLP. In general the split part is
   4 + 4·nkv/nh (Q and the output projection's input, K and V, 2 bytes each) + 4·f/h (GELU: its input and
-  output) or 8·f/h (SwiGLU: gate, up, silu(gate) and their product); `activation_units`. With full activation checkpointing only the layer input, 2·s·b·h, plus one
+  output) or 8·f/h (SwiGLU: gate, up, silu(gate) and their product); `activation_units`. With full
+  activation checkpointing only the layer input, 2·s·b·h, plus one
   layer's working set during its recomputation. With a pipeline, the first stage keeps PP micro-batches
   in flight (1F1B). The last stage adds the fp32 logits of one micro-batch, s·b·V/TP × 4.
 - Fits when total × 1.1 (allocator fragmentation) + 1.5 GB (CUDA context, NCCL buffers) ≤ GPU memory.

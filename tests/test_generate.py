@@ -14,8 +14,8 @@ def random_model(arch: str, seed: int = 0):
     """A random model with large weights, so greedy decoding writes varied tokens, not one repeated; llama's has
     grouped-query attention (4 query heads over 2 cached key/value heads)."""
     gqa = dict(num_kv_heads=2, intermediate_size=160) if arch == "llama" else {}
-    cfg = ModelConfig(arch=arch, vocab_size=1024, num_layers=2, hidden_size=64, num_heads=4, max_seq_len=64, init_std=0.3,
-                      **gqa)
+    cfg = ModelConfig(arch=arch, vocab_size=1024, num_layers=2, hidden_size=64, num_heads=4, max_seq_len=64,
+                      init_std=0.3, **gqa)
     return build_model(cfg, seed=seed).eval()
 
 

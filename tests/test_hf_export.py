@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from megapile.config import ConfigError, load_config
 from megapile.generate import generate
+from megapile.hf_convert import HF_CLASS
 from megapile.hf_export import apply_init_from, load_model, write_hf_dir, write_tokenizer
 from train_helpers import launch, small_run_overrides
 
@@ -47,7 +48,7 @@ def _assert_same_model(checkpoint: str, hf_dir: str, arch: str) -> None:
 
     ours = load_model(checkpoint)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    assert type(hf).__name__ == {"neox": "GPTNeoXForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
+    assert type(hf).__name__ == HF_CLASS[arch]
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ids = [ours.tokenizer.encode(t) for t in TEXTS]
     assert [hf_tok(t)["input_ids"] for t in TEXTS] == ids
@@ -143,10 +144,11 @@ def test_transformers_model_imports_and_exports_losslessly(arch, tokenizer_path,
         mqa = arch == "llama-mqa-tied"
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        plain = {"rope_type": "default", "rope_theta": 10000.0}
         config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=1 if mqa else 2, intermediate_size=160,
                                           max_position_embeddings=64, tie_word_embeddings=mqa,
-                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0} if mqa else rope)
+                                          rope_parameters=plain if mqa else rope)
         hf = transformers.LlamaForCausalLM(config)
         with torch.no_grad():  # norms away from their initial ones, so a misplaced norm weight shows
             for name, p in hf.named_parameters():
