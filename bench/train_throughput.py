@@ -1,4 +1,5 @@
-"""Training throughput: megapile's step against transformers' GPTNeoXForCausalLM + AdamW.
+"""Training throughput: megapile's step against transformers' GPTNeoXForCausalLM (LlamaForCausalLM for the llama
+presets) + AdamW.
 
 Both run the identical shape on the same random batch with the same thread count, in one
 process, with their steps interleaved (ours, theirs, ours, ...) so machine noise hits both
@@ -7,6 +8,7 @@ the same run (the best of several windows before and after the steps).
 
     python bench/train_throughput.py --preset tiny --threads 2
     python bench/train_throughput.py --preset pythia-14m --threads 2 --steps 4
+    python bench/train_throughput.py --preset llama-tiny --threads 2   # against LlamaForCausalLM
     python bench/train_throughput.py --preset tiny --deepspeed      # ours inside a ZeRO-0 engine
     python bench/train_throughput.py --preset tiny --scaling        # DeepSpeed ZeRO-1: 2 ranks vs 1 rank
     python bench/train_throughput.py --preset pythia-1b --device cuda --dtype bf16   # on a GPU (bench/gpu.sh)
@@ -42,6 +44,13 @@ PRESETS = {
     # GPU shapes (bench/gpu.sh): the published Pythia models at their training sequence length
     "pythia-160m": (dict(num_layers=12, hidden_size=768, num_heads=12, vocab_size=50304, max_seq_len=2048), 8, 2048),
     "pythia-1b": (dict(num_layers=16, hidden_size=2048, num_heads=8, vocab_size=50304, max_seq_len=2048), 8, 2048),
+    # configs/llama-tiny.yaml's shape (GQA 4 query / 2 key-value heads, SwiGLU) with the tiny preset's vocabulary
+    "llama-tiny": (dict(arch="llama", num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2,
+                        intermediate_size=352, vocab_size=8192, max_seq_len=128), 8, 128),
+    # GPU shape: Llama-3.2-1B (configs/llama-1b.yaml without rope scaling) at 2048 tokens
+    "llama-1b": (dict(arch="llama", num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8,
+                      intermediate_size=8192, vocab_size=128256, max_seq_len=2048, rotary_base=500000.0,
+                      tie_embeddings=True), 8, 2048),
 }
 LR, WEIGHT_DECAY, BETAS, CLIP = 1e-3, 0.1, (0.9, 0.95), 1.0
 # torch.optim.AdamW implementations; both sides always use the same one. "fused" is what the
@@ -85,11 +94,12 @@ def hf_step_fn(cfg: ModelConfig, attn: str, adam: str, device: torch.device = to
                dtype: torch.dtype = torch.float32):
     import transformers
 
-    from megapile.hf_convert import config_to_hf
+    from megapile.hf_convert import HF_CLASS, config_to_hf
 
     hf_cfg = config_to_hf(cfg)
     torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM._from_config(hf_cfg, attn_implementation=attn).to(device).train()
+    cls = getattr(transformers, HF_CLASS[cfg.arch])  # the same architecture as ours
+    model = cls._from_config(hf_cfg, attn_implementation=attn).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **ADAM_IMPL[adam])
 
     # HF shifts labels itself; passing the inputs as labels trains on the same next tokens.
@@ -284,7 +294,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     shape, batch, seq_len = PRESETS[args.preset]
     batch, seq_len = args.batch or batch, args.seq_len or seq_len
-    cfg = ModelConfig(arch="neox", **shape)
+    cfg = ModelConfig(**{"arch": "neox", **shape})
     if args.scaling_worker:
         scaling_worker(args, cfg, batch, seq_len)
         return 0
@@ -333,7 +343,8 @@ def main(argv=None) -> int:
         med = statistics.median(ts)
         tps[name] = tokens_per_step / med
         mfu = flops_per_token * tps[name] / (peak * 1e12)
-        shown = label if name == "megapile" else f"transformers GPTNeoX ({args.hf_attn})"
+        hf_name = {"neox": "GPTNeoX", "llama": "Llama"}[cfg.arch]
+        shown = label if name == "megapile" else f"transformers {hf_name} ({args.hf_attn})"
         sheet = f" ({flops_per_token * tps[name] / (datasheet * 1e12):.1%} of datasheet)" if datasheet else ""
         print(f"  {shown:<32} {tps[name]:>9.0f} tokens/s  step {med * 1e3:7.1f} ms (median of {len(ts)}, "
               f"min {min(ts) * 1e3:.1f})  {flops_per_token * tps[name] / 1e12:.3f} TFLOP/s  MFU {mfu:6.1%}{sheet}  "

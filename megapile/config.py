@@ -22,22 +22,52 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama-3 rotary scaling (`rope_type: llama3` in transformers): wavelengths longer than
+    original_max_seq_len / low_freq_factor are stretched by `factor`, those shorter than
+    original_max_seq_len / high_freq_factor are kept, and the band between is interpolated."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192  # the context length the unscaled model was trained at
+
+    def __post_init__(self) -> None:
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"):
+            _check_positive(f"model.rope_scaling.{key}", getattr(self, key))
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"model.rope_scaling.high_freq_factor ({self.high_freq_factor}) must be > "
+                              f"model.rope_scaling.low_freq_factor ({self.low_freq_factor})")
+
+
+# Per arch: (parallel_residual, tie_embeddings, activation, rotary_pct) when the config leaves them unset.
+ARCH_DEFAULTS = {
+    "neox": (True, False, "gelu", 0.25),  # LayerNorm, GELU MLP, partial rotary, biases
+    "gpt2": (False, True, "gelu_tanh", 0.25),  # learned positions (rotary_pct unused)
+    "llama": (False, False, "silu", 1.0),  # RMSNorm, SwiGLU MLP, full rotary, grouped-query attention, no biases
+}
+
+
+@dataclass
 class ModelConfig:
-    """Transformer shape. `arch` picks the GPT-NeoX/Pythia or the GPT-2 layout of the same code."""
+    """Transformer shape. `arch` picks the GPT-NeoX/Pythia, GPT-2 or Llama layout of the same code."""
 
     arch: str = "neox"  # "neox" (rotary, parallel residual, untied) | "gpt2" (learned positions, sequential, tied)
+    #                     | "llama" (RMSNorm, SwiGLU, grouped-query attention, full rotary, no biases, untied)
     num_layers: int = 2
     hidden_size: int = 64
     num_heads: int = 4
-    intermediate_size: Optional[int] = None  # MLP width; None means 4 * hidden_size
+    num_kv_heads: Optional[int] = None  # key/value heads (llama); None: num_heads (MHA); 1: multi-query attention
+    intermediate_size: Optional[int] = None  # MLP width (llama: of the gate and up projections); None: 4 * hidden_size
     vocab_size: Optional[int] = None  # None: taken from data.tokenizer at start-up
     pad_vocab_multiple: int = 128  # embedding rows are padded up to a multiple of this
     max_seq_len: int = 2048  # learned positions (gpt2) / rotary cache length
-    rotary_pct: float = 0.25  # fraction of each head's dims that get rotary (neox)
+    rotary_pct: Optional[float] = None  # fraction of each head's dims that get rotary; None: 0.25 neox, 1.0 llama
     rotary_base: float = 10000.0
-    parallel_residual: Optional[bool] = None  # None: True for neox, False for gpt2
-    tie_embeddings: Optional[bool] = None  # None: False for neox, True for gpt2
-    activation: Optional[str] = None  # "gelu" | "gelu_tanh"; None: gelu for neox, gelu_tanh for gpt2
+    rope_scaling: Optional[RopeScalingConfig] = None  # llama only: Llama-3 style scaling of the rotary frequencies
+    parallel_residual: Optional[bool] = None  # None: True for neox, False for gpt2 and llama
+    tie_embeddings: Optional[bool] = None  # None: True for gpt2, False for neox and llama
+    activation: Optional[str] = None  # "gelu" | "gelu_tanh" | "silu"; None: gelu neox, gelu_tanh gpt2, silu llama
     dropout: float = 0.0  # attention-probability and residual dropout
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -50,20 +80,25 @@ class ModelConfig:
     init_from: Optional[str] = None  # a local Hugging Face model directory to start from
 
     def __post_init__(self) -> None:
-        defaults = {"neox": (True, False, "gelu"), "gpt2": (False, True, "gelu_tanh")}
-        if self.arch not in defaults:
-            raise ConfigError(f"model.arch must be one of {sorted(defaults)}, got {self.arch!r}")
-        parallel, tied, act = defaults[self.arch]
+        if self.arch not in ARCH_DEFAULTS:
+            raise ConfigError(f"model.arch must be one of {sorted(ARCH_DEFAULTS)}, got {self.arch!r}")
+        if isinstance(self.rope_scaling, dict):  # from a checkpoint's saved config (dataclasses.asdict)
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
+        parallel, tied, act, rotary = ARCH_DEFAULTS[self.arch]
         if self.parallel_residual is None:
             self.parallel_residual = parallel
         if self.tie_embeddings is None:
             self.tie_embeddings = tied
         if self.activation is None:
             self.activation = act
-        _check_choice("model.activation", self.activation, ("gelu", "gelu_tanh"))
+        if self.rotary_pct is None:
+            self.rotary_pct = rotary
+        _check_choice("model.activation", self.activation, ("gelu", "gelu_tanh", "silu"))
         _check_choice("model.attention", self.attention, ("sdpa", "flash_attn"))
         for key in ("num_layers", "hidden_size", "num_heads", "max_seq_len", "pad_vocab_multiple", "checkpoint_every"):
             _check_positive(f"model.{key}", getattr(self, key))
+        if self.num_kv_heads is not None:  # left None when unset, so checkpoints of older runs compare equal
+            _check_positive("model.num_kv_heads", self.num_kv_heads)
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
@@ -74,10 +109,49 @@ class ModelConfig:
             raise ConfigError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
         if self.arch == "neox" and self.rotary_dims % 2:
             raise ConfigError(f"model.rotary_pct gives {self.rotary_dims} rotary dims per head; it must be even")
+        self._check_llama_keys()
+
+    def _check_llama_keys(self) -> None:
+        """Grouped-query attention, rope scaling and full rotary belong to the llama layout."""
+        if self.arch != "llama":
+            if self.kv_heads != self.num_heads:
+                raise ConfigError(f"model.num_kv_heads ({self.num_kv_heads}) differs from model.num_heads "
+                                  f"({self.num_heads}), which only model.arch llama supports")
+            if self.rope_scaling is not None:
+                raise ConfigError(f"model.rope_scaling is supported with model.arch llama only, got {self.arch!r}")
+            return
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
+                              f"({self.num_kv_heads}): each key/value head serves a whole group of query heads")
+        if self.rotary_pct != 1.0:
+            raise ConfigError(f"model.rotary_pct must be 1.0 with model.arch llama (full rotary), "
+                              f"got {self.rotary_pct}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.hidden_size / model.num_heads ({self.head_dim}) must be even for rotary")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: num_kv_heads, or num_heads when unset (multi-head attention)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head (1: multi-head attention)."""
+        return self.num_heads // self.kv_heads
+
+    @property
+    def qkv_size(self) -> int:
+        """Output rows of the fused QKV projection: the query heads plus a key and a value head per group."""
+        return (self.num_heads + 2 * self.kv_heads) * self.head_dim
+
+    @property
+    def bias(self) -> bool:
+        """Whether the linear layers have biases (and norms a bias): not in llama."""
+        return self.arch != "llama"
 
     @property
     def rotary_dims(self) -> int:

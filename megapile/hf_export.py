@@ -5,7 +5,7 @@ for `megapile eval` / `megapile generate`.
 
 An export is a directory `transformers` loads offline with `AutoModelForCausalLM.from_pretrained`:
 
-    config.json                     GPTNeoXConfig (arch neox) or GPT2Config (arch gpt2)
+    config.json                     GPTNeoXConfig (arch neox), GPT2Config (arch gpt2) or LlamaConfig (arch llama)
     model.safetensors               or model-0000k-of-0000n.safetensors + model.safetensors.index.json
                                     past --max-shard-size
     generation_config.json          bos/eos = <|endoftext|>, pad = <|padding|> when the tokenizer has it
@@ -35,15 +35,16 @@ from megapile.checkpoint import carried_tokenizer, portable, tools
 from megapile.config import Config, ConfigError, ModelConfig
 from megapile.data import DataError
 from megapile.data.tokenizer import load_tokenizer
-from megapile.hf_convert import _HF_HEAD, config_to_hf, load_hf_dir, state_dict_to_hf
+from megapile.hf_convert import _HF_HEAD, HF_CLASS, config_to_hf, hf_head_on_disk, load_hf_dir, state_dict_to_hf
 from megapile.model import GPT
 from megapile.progress import bar
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Fields of ModelConfig that describe the weights: taken from the HF directory by model.init_from.
-SHAPE_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size", "max_seq_len",
-                "rotary_pct", "rotary_base", "parallel_residual", "tie_embeddings", "activation", "norm_eps")
+SHAPE_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
+                "max_seq_len", "rotary_pct", "rotary_base", "rope_scaling", "parallel_residual", "tie_embeddings",
+                "activation", "norm_eps")
 
 
 class ExportError(ValueError):
@@ -149,7 +150,7 @@ def write_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, output: str
             os.unlink(os.path.join(output, name))
     eod, pad = tok.eod_id, tok.pad_id
     hf_config = config_to_hf(cfg)
-    hf_config.architectures = ["GPTNeoXForCausalLM" if cfg.arch == "neox" else "GPT2LMHeadModel"]
+    hf_config.architectures = [HF_CLASS[cfg.arch]]
     hf_config.bos_token_id = hf_config.eos_token_id = eod
     hf_config.pad_token_id = pad if pad != eod else None
     hf_config.dtype = _HF_DTYPE_NAMES[dtype]
@@ -160,7 +161,7 @@ def write_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, output: str
     hf_sd = state_dict_to_hf(cfg, sd)
     head = hf_sd.pop(_HF_HEAD[cfg.arch])
     if not cfg.tie_embeddings:  # tied: HF re-ties on load (and safetensors refuses shared storage)
-        hf_sd["embed_out.weight" if cfg.arch == "neox" else "lm_head.weight"] = head  # the on-disk names
+        hf_sd[hf_head_on_disk(cfg.arch)] = head
     files = _save_sharded({k: v.detach().to("cpu", dtype).contiguous() for k, v in hf_sd.items()}, output,
                           max_shard_bytes, show_progress)
     files += write_tokenizer(tok, output, cfg.max_seq_len)
@@ -277,7 +278,7 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"megapile: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
         return 1
     print(f"exported {summary['source']} to {summary['output']} as "
-          f"{'GPTNeoXForCausalLM' if summary['arch'] == 'neox' else 'GPT2LMHeadModel'} "
+          f"{HF_CLASS[summary['arch']]} "
           f"({summary['parameters'] / 1e6:.2f}M parameters, {args.dtype}): {', '.join(summary['files'])}")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({summary['output']!r})")
     return 0

@@ -1,4 +1,4 @@
-"""The GPT-NeoX/Pythia transformer (and GPT-2 as a configuration of it), in plain PyTorch.
+"""The GPT-NeoX/Pythia transformer (and GPT-2 and Llama as configurations of it), in plain PyTorch.
 
 Nothing here knows about DeepSpeed or parallelism: wrappers in `megapile/parallel/` take a
 plain `GPT`. The model is built on the meta device and filled by `init_weights(seed)`, so
@@ -8,21 +8,27 @@ Parameter names (stable and human-readable; layer ids are the ModuleDict keys):
 
     embed.weight                    token embedding, (padded_vocab, C)
     pos_embed.weight                learned positions, gpt2 only, (max_seq_len, C)
-    blocks.{i}.ln1.{weight,bias}    LayerNorm before attention
-    blocks.{i}.attn.qkv.{weight,bias}   fused QKV, (3C, C); output rows are laid out per head
-                                    as [q, k, v] (head 0: q k v, head 1: q k v, ...), like HF
-                                    GPTNeoX, so a tensor-parallel split by heads is one slice
+    blocks.{i}.ln1.{weight,bias}    LayerNorm before attention (llama: RMSNorm, weight only)
+    blocks.{i}.attn.qkv.{weight,bias}   fused QKV, ((nh + 2 nkv) hs, C); output rows are laid out per
+                                    key/value group as [q_0 .. q_{g-1}, k, v], g = nh / nkv query heads
+                                    sharing one key/value head. With nkv == nh (MHA) that is per head
+                                    [q, k, v] (head 0: q k v, head 1: q k v, ...), like HF GPTNeoX, so a
+                                    tensor-parallel split by whole key/value groups is one slice
     blocks.{i}.attn.proj.{weight,bias}  attention output projection, (C, C)
-    blocks.{i}.ln2.{weight,bias}    LayerNorm before the MLP
-    blocks.{i}.mlp.fc_in.{weight,bias}  (F, C)
-    blocks.{i}.mlp.fc_out.{weight,bias} (C, F)
+    blocks.{i}.ln2.{weight,bias}    LayerNorm before the MLP (llama: RMSNorm)
+    blocks.{i}.mlp.gate.weight      llama only: SwiGLU gate, (F, C); the MLP is fc_out(silu(gate x) * fc_in x)
+    blocks.{i}.mlp.fc_in.{weight,bias}  (F, C) (llama: the SwiGLU "up" projection)
+    blocks.{i}.mlp.fc_out.{weight,bias} (C, F) (llama: "down")
     final_norm.{weight,bias}
     head.weight                     output projection, (padded_vocab, C); absent when
                                     embeddings are tied (the head then reuses embed.weight)
+
+arch llama has no biases anywhere (the `.bias` names above are absent) and rotates all head dims.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 from typing import Optional
@@ -38,10 +44,24 @@ from megapile.config import ModelConfig
 # ----------------------------------------------------------------------------- rotary
 
 
-def rotary_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (T, rotary_dims), in fp32; the same numbers HF GPTNeoX computes."""
+def rotary_inv_freq(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+    """The rotary frequencies, (rotary_dims / 2,) fp32, Llama-3 scaled when model.rope_scaling is set."""
     rd = cfg.rotary_dims
     inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv_freq
+    # Long wavelengths (beyond what the original context saw) are slowed by `factor`, short ones kept;
+    # in between, a linear blend in (original context / wavelength) avoids a jump between the two.
+    wavelen = 2 * math.pi / inv_freq
+    blend = (sc.original_max_seq_len / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    blend = blend.clamp(0.0, 1.0)  # 0: fully scaled (low frequency), 1: unchanged (high frequency)
+    return (1 - blend) * inv_freq / sc.factor + blend * inv_freq
+
+
+def rotary_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (T, rotary_dims), in fp32; the same numbers HF GPTNeoX and Llama compute."""
+    inv_freq = rotary_inv_freq(cfg, device)
     freqs = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq  # (T, rd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd)
     return emb.cos(), emb.sin()
@@ -63,13 +83,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------- blocks
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (llama), computed in fp32 whatever the input dtype, as HF Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """RMSNorm for llama, LayerNorm (with bias) for neox and gpt2."""
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+NORMS = (nn.LayerNorm, RMSNorm)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
+        self.groups = cfg.kv_groups  # query heads per key/value head
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.flash_attn_func = _import_flash_attn() if cfg.attention == "flash_attn" else None
         # None: attention-probability dropout draws from the process's generator like every other dropout.
@@ -82,10 +127,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
                 cache: Optional["LayerCache"] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        # -1 heads: a tensor-parallel shard of qkv (whole heads) runs this code unchanged.
-        qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim)  # per-head [q, k, v]
-        qkv = qkv.transpose(1, 2)  # (B, nh, T, 3 hs)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, nh, T, hs)
+        g, hs = self.groups, self.head_dim
+        # -1 groups: a tensor-parallel shard of qkv (whole key/value groups) runs this code unchanged.
+        qkv = self.qkv(x).view(B, T, -1, (g + 2) * hs)  # per group [q_0 .. q_{g-1}, k, v]
+        qkv = qkv.transpose(1, 2)  # (B, nkv, T, (g + 2) hs)
+        q, k, v = qkv.split([g * hs, hs, hs], dim=-1)  # k, v: (B, nkv, T, hs)
+        q = q.unflatten(-1, (g, hs)).transpose(2, 3).flatten(1, 2)  # (B, nh, T, hs), head = group * g + j
         if rope is not None:
             cos, sin = (t.to(q.dtype) for t in rope)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -99,41 +146,71 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                 cache: Optional["LayerCache"]) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hs)) v, causal, with dropout p on the probabilities: (B, T, nh * hs)."""
+        """softmax(q k^T / sqrt(hs)) v, causal, with dropout p on the probabilities: (B, T, nh * hs).
+        k and v hold nkv heads; each serves g = nh / nkv consecutive query heads."""
         B, T = q.shape[0], q.shape[2]
-        if cache is not None:  # incremental decoding: append k, v, attend over everything cached
-            k, v = cache.append(k, v)  # each (B, nh, start + T, hs)
+        if cache is not None:  # incremental decoding: append k, v (nkv heads: the GQA saving), attend over all
+            k, v = cache.append(k, v)  # each (B, nkv, start + T, hs)
+            k, v = self._expand_kv(k), self._expand_kv(v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=p)  # (B, nh, T, hs)
             y = y.transpose(1, 2).reshape(B, T, -1)
-        elif self.flash_attn_func is not None:
+        elif self.flash_attn_func is not None:  # flash-attn takes fewer key/value heads as they are
             y = self.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
             y = y.reshape(B, T, -1)  # flash_attn returns (B, T, nh, hs)
         else:
+            k, v = self._expand_kv(k), self._expand_kv(v)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
             y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
         return y
 
+    def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, nkv, T, hs) -> (B, nh, T, hs): each key/value head repeated for the g query heads of its group."""
+        return t if self.groups == 1 else t.repeat_interleave(self.groups, dim=1)
+
+
+def activation_fn(name: str):
+    return {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu}[name]
+
 
 class MLP(nn.Module):
+    """fc_out(act(fc_in x)): GPT-NeoX and GPT-2."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_size)
         self.fc_out = nn.Linear(cfg.ffn_size, cfg.hidden_size)
-        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.act = activation_fn(cfg.activation)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc_out(F.gelu(self.fc_in(x), approximate=self.approximate)))
+        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+
+
+class GatedMLP(nn.Module):
+    """fc_out(act(gate x) * fc_in x), no biases: Llama's SwiGLU (act = silu). Gate and up are two linears, not
+    one fused matrix, so splitting each column-parallel gives every tensor rank the gate and up outputs of the
+    same intermediate features."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
+        self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
+        self.fc_out = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+        self.act = activation_fn(cfg.activation)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(self.act(self.gate(x)) * self.fc_in(x)))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
-        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.ln1 = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.ln2 = make_norm(cfg)
+        self.mlp = GatedMLP(cfg) if cfg.arch == "llama" else MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
                 cache: Optional["LayerCache"] = None) -> torch.Tensor:
@@ -236,7 +313,7 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, pad: Optional[torch.Tensor] = None):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds model.max_seq_len {cfg.max_seq_len}")
-        shape = (batch_size, cfg.num_heads, max_len, cfg.head_dim)  # (B, nh, Tmax, hs)
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)  # (B, nkv, Tmax, hs): GQA caches nkv heads
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.max_len = max_len
@@ -274,11 +351,11 @@ class GPT(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, C) if cfg.arch == "gpt2" else None
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
-        self.final_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.final_norm = make_norm(cfg)
         # Tied: the head reuses embed.weight in `_head_weight`, so no parameter is shared between
         # modules (sharing breaks under meta construction + to_empty and under sharding wrappers).
         self.head = None if cfg.tie_embeddings else nn.Linear(C, V, bias=False)
-        self.use_rotary = cfg.arch == "neox" and cfg.rotary_dims > 0
+        self.use_rotary = uses_rotary(cfg)
 
     def _head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.head is None else self.head.weight  # (padded_vocab, C)
@@ -363,11 +440,11 @@ class GPT(nn.Module):
         values depend only on the name and the shape — not on the order parameters are visited,
         nor on which pipeline stage holds them. Linear and embedding weights ~ N(0, init_std);
         the projections into the residual stream (attn.proj, mlp.fc_out) use the GPT-NeoX
-        scaled init N(0, init_std / sqrt(2 * num_layers)); biases 0; LayerNorm weight 1, bias 0.
+        scaled init N(0, init_std / sqrt(2 * num_layers)); biases 0; norm weights 1, biases 0.
         """
         std = self.cfg.init_std
         scaled_std = std / math.sqrt(2 * self.cfg.num_layers)
-        norms = {name for name, m in self.named_modules() if isinstance(m, nn.LayerNorm)}
+        norms = {name for name, m in self.named_modules() if isinstance(m, NORMS)}
         for name, p in self.named_parameters():
             module_name, _, kind = name.rpartition(".")
             if module_name in norms:
@@ -400,13 +477,21 @@ class GPT(nn.Module):
 
         N_matmul = every parameter except the lookup tables (token and position embeddings),
         with the output projection counted once even when tied (padded_vocab * hidden).
+        Grouped-query attention and SwiGLU enter through N_matmul as the weights really are: per
+        layer the QKV projection is C * (nh + 2 nkv) * hs (not 3 C^2) and the SwiGLU MLP has three
+        C x F matrices (gate, up, down) instead of two.
         The second term is the attention score and weighted-value matmuls (QK^T and AV: 2 matmuls
         of 2*T*C flops each per token per layer forward, times 3 for forward + backward),
-        counted without causal masking, as in the PaLM / Megatron MFU convention.
+        counted without causal masking, as in the PaLM / Megatron MFU convention. It counts query
+        heads (nh * hs = C): with GQA each query head still scores every key, so it is unchanged.
         """
         cfg = self.cfg
         n_matmul = self.num_params(exclude_embedding=True) + cfg.padded_vocab_size * cfg.hidden_size
         return 6 * n_matmul + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+def uses_rotary(cfg: ModelConfig) -> bool:
+    return cfg.arch in ("neox", "llama") and cfg.rotary_dims > 0
 
 
 def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> GPT:

@@ -9,7 +9,10 @@ Memory per GPU = model states + activations, in bytes, for bf16 mixed precision 
   A GPU holds 1/TP of each layer and the layers of its pipeline stage (the first stage also the input
   embedding, the last the output head).
 - Activations per layer and micro-batch (Korthikanti et al. 2022, flash attention so no s×s scores):
-  s·b·h·(10 + 24/TP) bytes; with full activation checkpointing only the layer input, 2·s·b·h, plus one
+  s·b·h·(10 + 24/TP) bytes for multi-head attention and a 4h GELU MLP. In general the split part is
+  4 + 4·nkv/nh (Q and the output projection's input, K and V, 2 bytes each) + 4·f/h (GELU: its input and
+  output) or 8·f/h (SwiGLU: gate, up, silu(gate) and their product); `activation_units`. With full
+  activation checkpointing only the layer input, 2·s·b·h, plus one
   layer's working set during its recomputation. With a pipeline, the first stage keeps PP micro-batches
   in flight (1F1B). The last stage adds the fp32 logits of one micro-batch, s·b·V/TP × 4.
 - Fits when total × 1.1 (allocator fragmentation) + 1.5 GB (CUDA context, NCCL buffers) ≤ GPU memory.
@@ -53,16 +56,31 @@ class Estimate:
 
 
 def layer_params(m: ModelConfig) -> int:
-    """One transformer block: QKV + output projection + MLP up/down, with biases, and two LayerNorms."""
+    """One transformer block: QKV + output projection + MLP, and two norms. QKV is h x (nh + 2 nkv) hs (3h^2
+    without grouped-query attention); the MLP has two h x f matrices, three in llama's SwiGLU (gate, up,
+    down); neox/gpt2 have biases and LayerNorm biases, llama neither."""
     h, f = m.hidden_size, m.ffn_size
-    return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+    qkv = h * m.qkv_size
+    mlp = (3 if m.arch == "llama" else 2) * h * f
+    biases = m.qkv_size + h + f + h if m.bias else 0
+    norms = 2 * h * (2 if m.bias else 1)
+    return qkv + h * h + mlp + biases + norms
+
+
+def activation_units(m: ModelConfig, tp: int) -> float:
+    """One layer's stored activations in units of s·b·h bytes (bf16, flash attention): 10 replicated on every
+    tensor rank (the two norms' inputs, the QKV and MLP inputs, two dropout masks) + the part split over tp."""
+    attention = 4 + 4 * m.kv_heads / m.num_heads  # Q and proj input; K and V, nkv of nh heads
+    mlp = (8 if m.arch == "llama" else 4) * m.ffn_size / m.hidden_size
+    return 10 + (attention + mlp) / tp
 
 
 def total_params(m: ModelConfig) -> int:
     embed = m.padded_vocab_size * m.hidden_size
     head = 0 if m.tie_embeddings else embed
     positions = m.max_seq_len * m.hidden_size if m.arch == "gpt2" else 0
-    return m.num_layers * layer_params(m) + embed + head + positions + 2 * m.hidden_size
+    final_norm = m.hidden_size * (2 if m.bias else 1)
+    return m.num_layers * layer_params(m) + embed + head + positions + final_norm
 
 
 def estimate(m: ModelConfig, layout: Layout, seq_len: int) -> Estimate:
@@ -77,7 +95,7 @@ def estimate(m: ModelConfig, layout: Layout, seq_len: int) -> Estimate:
     if layout.zero == 3:
         states += 2 * 2 * layer_params(m) / t  # gathered bf16 weights of the layer in use and the next
     s, b, h = seq_len, layout.micro, m.hidden_size
-    full = s * b * h * (10 + 24 / t)  # one layer's stored activations, bf16
+    full = s * b * h * activation_units(m, t)  # one layer's stored activations, bf16
     in_flight = min(pp, 8) if pp > 1 else 1  # 1F1B: the first stage holds PP micro-batches
     if layout.checkpointing:
         acts = layers_per_stage * 2 * s * b * h * in_flight + full
@@ -90,7 +108,7 @@ def estimate(m: ModelConfig, layout: Layout, seq_len: int) -> Estimate:
 def candidates(m: ModelConfig, gpus: int, gpus_per_node: int, global_batch: int, micros: list[int]) -> list[Layout]:
     out = []
     for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or m.num_heads % tp:
+        if tp > gpus_per_node or m.num_heads % tp or m.kv_heads % tp:
             continue
         for pp in (1, 2, 4, 8, 16):
             if pp > m.num_layers or gpus % (tp * pp):

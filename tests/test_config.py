@@ -77,6 +77,52 @@ def test_bad_values_are_named(tmp_path):
     assert "data.train[0]" in _error(tmp_path, "data:\n  train:\n    - {prefix: a, weigth: 1}\n")
 
 
+def test_llama_shapes_are_the_published_ones():
+    m = load_config(os.path.join(ROOT, "configs", "llama-8b.yaml")).model
+    assert (m.arch, m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.intermediate_size) == (
+        "llama", 32, 4096, 32, 8, 14336)
+    assert (m.padded_vocab_size, m.rotary_base, m.rotary_pct, m.tie_embeddings, m.parallel_residual) == (
+        128256, 500000.0, 1.0, False, False)
+    small = load_config(os.path.join(ROOT, "configs", "llama-1b.yaml")).model
+    assert small.rope_scaling.factor == 32.0 and small.kv_groups == 4
+
+
+def test_llama_config_survives_a_checkpoint_round_trip():
+    """A checkpoint stores the config as plain dicts (dataclasses.asdict); rope_scaling comes back as its dataclass."""
+    import dataclasses
+
+    from megapile.config import ModelConfig, RopeScalingConfig
+
+    cfg = load_config(os.path.join(ROOT, "configs", "llama-1b.yaml")).model
+    again = ModelConfig(**dataclasses.asdict(cfg))
+    assert again == cfg and isinstance(again.rope_scaling, RopeScalingConfig)
+
+
+def test_checkpoints_of_runs_before_llama_still_resume():
+    """A GPT-NeoX checkpoint saved before num_kv_heads and rope_scaling existed has neither key: unset, they must
+    compare equal to its model section, or every older run would be refused on resume as 'a different model'."""
+    from megapile.checkpoint import compat
+
+    model = load_config(os.path.join(ROOT, "configs", "pythia-160m.yaml")).to_dict()["model"]
+    older = {k: v for k, v in model.items() if k not in ("num_kv_heads", "rope_scaling")}
+    compat.check({"config": {"model": older}}, model, {}, False, "ckpt")  # no error
+
+
+def test_llama_keys_are_checked(tmp_path):
+    assert "model.num_heads (8) must be divisible by model.num_kv_heads (3)" in _error(
+        tmp_path, "model:\n  arch: llama\n  num_heads: 8\n  num_kv_heads: 3\n")
+    assert "model.num_kv_heads must be > 0" in _error(tmp_path, "model:\n  arch: llama\n  num_kv_heads: 0\n")
+    assert "only model.arch llama supports" in _error(tmp_path, "model:\n  num_kv_heads: 2\n")
+    assert "model.rope_scaling is supported with model.arch llama only" in _error(
+        tmp_path, "model:\n  rope_scaling: {factor: 8.0}\n")
+    assert "model.rope_scaling.high_freq_factor (1.0) must be > model.rope_scaling.low_freq_factor (2.0)" in _error(
+        tmp_path, "model:\n  arch: llama\n  rope_scaling: {low_freq_factor: 2.0, high_freq_factor: 1.0}\n")
+    assert "unknown key 'model.rope_scaling.factr'" in _error(
+        tmp_path, "model:\n  arch: llama\n  rope_scaling: {factr: 8.0}\n")
+    assert "model.rotary_pct must be 1.0 with model.arch llama" in _error(
+        tmp_path, "model:\n  arch: llama\n  rotary_pct: 0.25\n")
+
+
 def test_overrides_apply_and_are_checked(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text("train:\n  max_steps: 3\n")

@@ -105,6 +105,8 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed, che
         "config-offload-stage": (lambda d: _train(good + ["parallel.offload_optimizer=cpu"], d), []),
         "config-offload-layout": (lambda d: _train(good + ["parallel.tensor=2", "parallel.zero_stage=1",
                                                            "parallel.offload_optimizer=cpu"], d), []),
+        "config-tensor-kv-heads": (lambda d: _train(good + ["model.arch=llama", "model.num_kv_heads=1",
+                                                            "parallel.tensor=2", "parallel.zero_stage=1"], d), []),
         "ckpt-not-intact": (lambda d: _train(ds("zero0.json") + good + [f"checkpoint.resume={d}/gone/global_step4",
                                                                        f"logging.run_dir={d}/run"], d), []),
         "ckpt-unwritable": (lambda d: _train(good + [f"checkpoint.dir={blocker}/ckpt"], d), []),

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from megapile.config import ConfigError, load_config
 from megapile.generate import generate
+from megapile.hf_convert import HF_CLASS
 from megapile.hf_export import apply_init_from, load_model, write_hf_dir, write_tokenizer
 from train_helpers import launch, small_run_overrides
 
@@ -24,11 +25,15 @@ def _train(preprocessed, tokenizer_path, run_dir, launcher="python", nproc=1, ds
     return os.path.join(str(run_dir), "checkpoints")
 
 
+# llama with grouped-query attention (4 query heads over 2 key/value heads) and SwiGLU
+ARCH_OVERRIDES = {"neox": {}, "gpt2": {}, "llama": dict(model__num_kv_heads=2, model__intermediate_size=160)}
+
+
 @pytest.fixture(scope="module")
 def checkpoints(preprocessed, tokenizer_path, tmp_path_factory):
     """A 4-step ZeRO-1 checkpoint of each architecture."""
-    return {arch: _train(preprocessed, tokenizer_path, tmp_path_factory.mktemp(f"run_{arch}"), model__arch=arch)
-            for arch in ("neox", "gpt2")}
+    return {arch: _train(preprocessed, tokenizer_path, tmp_path_factory.mktemp(f"run_{arch}"), model__arch=arch,
+                         **extra) for arch, extra in ARCH_OVERRIDES.items()}
 
 
 def _export(checkpoint: str, output: str, *extra: str) -> None:
@@ -43,7 +48,7 @@ def _assert_same_model(checkpoint: str, hf_dir: str, arch: str) -> None:
 
     ours = load_model(checkpoint)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    assert type(hf).__name__ == {"neox": "GPTNeoXForCausalLM", "gpt2": "GPT2LMHeadModel"}[arch]
+    assert type(hf).__name__ == HF_CLASS[arch]
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ids = [ours.tokenizer.encode(t) for t in TEXTS]
     assert [hf_tok(t)["input_ids"] for t in TEXTS] == ids
@@ -59,7 +64,7 @@ def _assert_same_model(checkpoint: str, hf_dir: str, arch: str) -> None:
     assert mine == theirs
 
 
-@pytest.mark.parametrize("arch", ["neox", "gpt2"])
+@pytest.mark.parametrize("arch", ["neox", "gpt2", "llama"])
 def test_export_equals_ours_in_transformers(arch, checkpoints, tmp_path):
     out = str(tmp_path / "hf")
     _export(checkpoints[arch], out)
@@ -86,16 +91,31 @@ def test_sharded_and_bf16_exports(checkpoints, tmp_path):
     assert torch.equal(hf.gpt_neox.embed_in.weight, ours.embed.weight.to(torch.bfloat16))
 
 
+def test_llama_sharded_export(checkpoints, tmp_path):
+    """Shards split between the q/k/v and gate/up/down tensors load into LlamaForCausalLM with our logits, and
+    back into megapile bit for bit."""
+    sharded = str(tmp_path / "sharded")
+    _export(checkpoints["llama"], sharded, "--max-shard-size", "100KB")
+    assert len([f for f in os.listdir(sharded) if f.endswith(".safetensors")]) > 2
+    _assert_same_model(checkpoints["llama"], sharded, "llama")
+    ours, back = load_model(checkpoints["llama"]).model.state_dict(), load_model(sharded).model.state_dict()
+    assert ours.keys() == back.keys() and all(torch.equal(ours[k], back[k]) for k in ours)  # and back, losslessly
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["zero3", "tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["zero3", "tp2", "pp2", "llama-tp2"])
 def test_export_from_parallel_checkpoints(layout, preprocessed, tokenizer_path, tmp_path):
-    """Two ranks: ZeRO-3 partitions, tensor-parallel slices and pipeline stages are all joined on export."""
+    """Two ranks: ZeRO-3 partitions, tensor-parallel slices and pipeline stages are all joined on export; llama's
+    tensor-parallel slices hold whole key/value groups and halves of the SwiGLU gate."""
     ds, extra = {"zero3": ("zero3.json", {}), "tp2": ("zero1.json", {"parallel__tensor": 2}),
-                 "pp2": ("zero0.json", {"parallel__pipeline": 2})}[layout]
+                 "pp2": ("zero0.json", {"parallel__pipeline": 2}),
+                 "llama-tp2": ("zero1.json", {"parallel__tensor": 2, "model__arch": "llama",
+                                              **ARCH_OVERRIDES["llama"]})}[layout]
+    arch = "llama" if layout.startswith("llama") else "neox"
     ckpt = _train(preprocessed, tokenizer_path, tmp_path / "run", "torchrun", 2, ds, **extra)
     out = str(tmp_path / "hf")
     _export(ckpt, out)
-    _assert_same_model(ckpt, out, "neox")
+    _assert_same_model(ckpt, out, arch)
     init = load_model(ckpt).model.state_dict()
     from megapile.model import build_model
 
@@ -109,7 +129,7 @@ def _tokenizer(tokenizer_path):
     return load_tokenizer(tokenizer_path)
 
 
-@pytest.mark.parametrize("arch", ["neox", "gpt2"])
+@pytest.mark.parametrize("arch", ["neox", "gpt2", "llama", "llama-mqa-tied"])
 def test_transformers_model_imports_and_exports_losslessly(arch, tokenizer_path, tmp_path):
     """A model made and saved by transformers (vocab 1000: padded to 1024 on import) gives the same logits in
     megapile; exporting it and importing the export again changes no bit."""
@@ -120,6 +140,21 @@ def test_transformers_model_imports_and_exports_losslessly(arch, tokenizer_path,
         config = transformers.GPTNeoXConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                             intermediate_size=256, max_position_embeddings=64, rotary_pct=0.25)
         hf = transformers.GPTNeoXForCausalLM(config)
+    elif arch.startswith("llama"):  # GQA untied with Llama-3 rope scaling; MQA tied
+        mqa = arch == "llama-mqa-tied"
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        plain = {"rope_type": "default", "rope_theta": 10000.0}
+        config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=1 if mqa else 2, intermediate_size=160,
+                                          max_position_embeddings=64, tie_word_embeddings=mqa,
+                                          rope_parameters=plain if mqa else rope)
+        hf = transformers.LlamaForCausalLM(config)
+        with torch.no_grad():  # norms away from their initial ones, so a misplaced norm weight shows
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.normal_(1.0, 0.1)
+        arch = "llama"
     else:
         config = transformers.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=64)
         hf = transformers.GPT2LMHeadModel(config)
@@ -150,7 +185,8 @@ def test_transformers_model_imports_and_exports_losslessly(arch, tokenizer_path,
             continue
         got = a[name][: v.shape[0]] if v.shape[0] == 1000 else a[name]
         assert torch.equal(got, v), name
-    assert not a[{"neox": "embed_out.weight", "gpt2": "transformer.wte.weight"}[arch]][1000:].any()
+    embed = {"neox": "embed_out.weight", "gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight"}
+    assert not a[embed[arch]][1000:].any()
 
 
 def test_init_from_starts_training_from_the_hf_weights(checkpoints, preprocessed, tokenizer_path, tmp_path):
@@ -163,6 +199,19 @@ def test_init_from_starts_training_from_the_hf_weights(checkpoints, preprocessed
                   model__num_layers=1, train__max_steps=1, optim__lr=1e-12, optim__warmup_steps=0)
     continued = load_model(ckpt)
     assert (continued.cfg.hidden_size, continued.cfg.num_layers) == (64, 2)
+    start = load_model(hf_dir).model.state_dict()
+    for k, v in continued.model.state_dict().items():
+        assert torch.allclose(v, start[k], atol=1e-8), k
+
+
+def test_llama_init_from_starts_training_from_the_hf_weights(checkpoints, preprocessed, tokenizer_path, tmp_path):
+    """Continued pretraining of a Llama export: grouped-query shape and untied head come from the HF directory."""
+    hf_dir = str(tmp_path / "hf")
+    _export(checkpoints["llama"], hf_dir)
+    ckpt = _train(preprocessed, tokenizer_path, tmp_path / "continued", model__init_from=hf_dir, model__arch="neox",
+                  train__max_steps=1, optim__lr=1e-12, optim__warmup_steps=0)
+    continued = load_model(ckpt)
+    assert (continued.cfg.arch, continued.cfg.num_kv_heads, continued.cfg.tie_embeddings) == ("llama", 2, False)
     start = load_model(hf_dir).model.state_dict()
     for k, v in continued.model.state_dict().items():
         assert torch.allclose(v, start[k], atol=1e-8), k

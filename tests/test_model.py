@@ -37,7 +37,19 @@ GPT2_SHAPES = [
     dict(arch="gpt2", num_layers=1, hidden_size=48, num_heads=3, intermediate_size=100, activation="gelu"),
     dict(arch="gpt2", num_layers=2, hidden_size=64, num_heads=4, tie_embeddings=False),
 ]
-ALL_SHAPES = NEOX_SHAPES + GPT2_SHAPES
+LLAMA_SHAPES = [  # MHA, GQA, MQA, tied, Llama-3 rope scaling, odd MLP width
+    dict(arch="llama", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=96),
+    dict(arch="llama", num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=2, intermediate_size=160,
+         rotary_base=500000.0),
+    dict(arch="llama", num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=1, intermediate_size=80),
+    dict(arch="llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, tie_embeddings=True),
+    dict(arch="llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96,
+         rotary_base=500000.0, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                 original_max_seq_len=16)),
+]
+ALL_SHAPES = NEOX_SHAPES + GPT2_SHAPES + LLAMA_SHAPES
+HF_CLASSES = {"neox": transformers.GPTNeoXForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
+              "llama": transformers.LlamaForCausalLM}
 
 
 def make_cfg(**kw) -> ModelConfig:
@@ -49,7 +61,7 @@ def make_cfg(**kw) -> ModelConfig:
 def hf_model(cfg: ModelConfig):
     hf_cfg = config_to_hf(cfg)
     hf_cfg._attn_implementation = "eager"  # the plainest reference
-    cls = transformers.GPTNeoXForCausalLM if cfg.arch == "neox" else transformers.GPT2LMHeadModel
+    cls = HF_CLASSES[cfg.arch]
     torch.manual_seed(1)
     return cls(hf_cfg).eval()
 
@@ -412,6 +424,22 @@ def test_num_params_and_flops_per_token_by_hand():
     assert gm.num_params() == non_embedding
     assert gm.num_params(exclude_embedding=False) == non_embedding + V * C + 16 * C
     assert gm.flops_per_token(T) == 13008
+
+
+def test_llama_params_and_flops_per_token_by_hand():
+    """GQA: q is C x C but k and v are C x (nkv hs) each; SwiGLU: three C x F matrices; no biases; RMSNorm weights
+    only. The attention term counts query heads, so it is the MHA one."""
+    cfg = make_cfg(arch="llama", vocab_size=100, num_layers=1, hidden_size=16, num_heads=4, num_kv_heads=1,
+                   intermediate_size=24)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    C, hs, nkv, Fi, V, T = 16, 4, 1, 24, 128, 16
+    block = C * (C + 2 * nkv * hs) + C * C + 3 * C * Fi + 2 * C
+    non_embedding = block + C  # + final RMSNorm
+    assert model.num_params() == non_embedding == 1840
+    assert model.num_params(exclude_embedding=False) == non_embedding + 2 * V * C
+    assert model.flops_per_token(T) == 6 * (non_embedding + V * C) + 12 * C * T == 26400
+    assert not any(name.endswith(".bias") for name, _ in model.named_parameters())
 
 
 def test_pythia_14m_non_embedding_params():

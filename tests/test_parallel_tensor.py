@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 @pytest.mark.slow
-def test_tensor_parallel_layers_equal_dense():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+@pytest.mark.parametrize("arch", ["neox", "llama"])  # llama: 2 key/value heads (one per rank), SwiGLU, no biases
+def test_tensor_parallel_layers_equal_dense(arch):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEGAPILE_TEST_ARCH=arch)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(_free_port()), HERE], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -49,7 +50,9 @@ def _worker() -> None:
 
     deepspeed.init_distributed("gloo")
     rank, tp = dist.get_rank(), dist.get_world_size()
-    cfg = ModelConfig(num_layers=1, hidden_size=64, num_heads=4, vocab_size=256, max_seq_len=32)
+    arch = os.environ.get("MEGAPILE_TEST_ARCH", "neox")
+    llama = dict(num_kv_heads=2, intermediate_size=96) if arch == "llama" else {}
+    cfg = ModelConfig(arch=arch, num_layers=1, hidden_size=64, num_heads=4, vocab_size=256, max_seq_len=32, **llama)
     dense = build_model(cfg, seed=7).double()
     sharded = build_model(cfg, seed=7).double()
     ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0},
@@ -89,7 +92,8 @@ def _worker() -> None:
         print(f"rank {rank} {part}: ok ({count} gradients)", flush=True)
 
     block_d, block_s = dense.blocks["0"], model.blocks["0"]
-    cols = slice(rank * 3 * C // tp, (rank + 1) * 3 * C // tp)  # this rank's heads of the fused qkv output
+    rows = cfg.qkv_size  # this rank's key/value groups of the fused qkv output: a contiguous slice
+    cols = slice(rank * rows // tp, (rank + 1) * rows // tp)
     check("qkv column", block_d.attn.qkv, block_s.attn.qkv, x_all, out_slice=cols, prefix="blocks.0.attn.qkv")
     feats = slice(rank * C // tp, (rank + 1) * C // tp)  # row-parallel input: this rank's slice of the features
     check("proj row", block_d.attn.proj, block_s.attn.proj, x_all, in_slice=feats, prefix="blocks.0.attn.proj")

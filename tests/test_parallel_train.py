@@ -114,3 +114,57 @@ def test_pipeline_tied_gpt2_with_checkpointing_and_given_split(tmp_path, preproc
     norms = [r["grad_norm"] for r in read_metrics(one)]
     assert min(norms) > 0.05  # clipped at every step
     assert_close([r["grad_norm"] for r in read_metrics(run_dir)], norms, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- llama
+
+# Grouped-query attention (4 query heads over 2 key/value heads: one per rank under TP2), SwiGLU, RMSNorm,
+# no biases, untied head.
+LLAMA = dict(model__arch="llama", model__num_kv_heads=2, model__intermediate_size=160)
+
+
+@pytest.fixture(scope="module")
+def llama_reference(tmp_path_factory, preprocessed, tokenizer_path):
+    """10 llama steps in one plain process, checkpointed at the end."""
+    run_dir = str(tmp_path_factory.mktemp("llama_ref") / "run")
+    launch("python", 1, "zero0.json", small_run_overrides(preprocessed, tokenizer_path, run_dir,
+                                                          optim__decay_steps=10, **LLAMA))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,tensor,pipeline,ds_config", [
+    (2, 2, 1, "zero1.json"),
+    (2, 1, 2, "zero1.json"),
+    (2, 1, 1, "zero2.json"),
+    (2, 1, 1, "zero3.json"),
+    (4, 2, 2, "zero1.json"),
+], ids=["llama-tp2", "llama-pp2", "llama-zero2xdp2", "llama-zero3xdp2", "llama-tp2xpp2"])
+def test_llama_layout_matches_one_process(nproc, tensor, pipeline, ds_config, tmp_path, llama_reference, preprocessed,
+                                          tokenizer_path):
+    """Whole key/value heads per tensor rank (AutoTP, and DeepSpeed's column/row layers inside pipeline stages),
+    pipeline stages of llama blocks, ZeRO-2/3 partitions (ZeRO-0 is the reference and the resume test, ZeRO-1 the
+    TP and PP runs): per-step losses equal the one-process run's to 1e-5."""
+    run_dir, proc = _run(tmp_path, preprocessed, tokenizer_path, nproc, ds_config, parallel__tensor=tensor,
+                         parallel__pipeline=pipeline, optim__decay_steps=10, **LLAMA)
+    assert f"TP {tensor} × PP {pipeline} × DP {nproc // (tensor * pipeline)}" in proc.stdout
+    assert_close(losses(run_dir), losses(llama_reference), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_llama_resume_is_bit_exact(tmp_path, llama_reference, preprocessed, tokenizer_path):
+    """6 steps + restart against the uninterrupted 10: identical losses; the checkpoint consolidates to weights
+    with the uninterrupted run's logits."""
+    split = str(tmp_path / "split")
+    launch("python", 1, "zero0.json", small_run_overrides(preprocessed, tokenizer_path, split, train__max_steps=6,
+                                                          checkpoint__every=3, optim__decay_steps=10, **LLAMA))
+    proc = launch("python", 1, "zero0.json", small_run_overrides(preprocessed, tokenizer_path, split,
+                                                                 optim__decay_steps=10, **LLAMA))
+    assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
+    assert losses(split) == losses(llama_reference)
+    resumed = _consolidated_model(os.path.join(split, "checkpoints"), str(tmp_path / "resumed.safetensors"))
+    whole = _consolidated_model(os.path.join(llama_reference, "checkpoints"), str(tmp_path / "whole.safetensors"))
+    assert resumed.cfg.arch == "llama" and resumed.cfg.num_kv_heads == 2
+    x = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(resumed(x), whole(x))

@@ -54,3 +54,32 @@ def test_neox_20b_layout_fits_on_96_a100_40gb(capsys):
                  "--gpu-memory", "40"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert any(r.split()[:6] == ["2", "4", "12", "1", "4", "yes"] and r.split()[10] == "yes" for r in rows[2:] if r.split())
+
+
+def test_activation_units_for_gqa_and_swiglu():
+    """MHA with a 4h GELU MLP is Korthikanti's 34 (10 + 24/t); GQA stores smaller K and V, SwiGLU four f-wide
+    tensors instead of two."""
+    from megapile.plan import activation_units
+
+    assert activation_units(_model("pythia-1b.yaml"), 1) == 34 and activation_units(_model("pythia-1b.yaml"), 2) == 22
+    m = _model("llama-8b.yaml")  # nkv/nh = 1/4, f/h = 3.5
+    assert activation_units(m, 1) == pytest.approx(10 + 4 + 1 + 8 * 3.5)
+    assert activation_units(m, 4) == pytest.approx(10 + (5 + 28) / 4)
+
+
+def test_llama_parameter_counts_match_the_published_sizes():
+    """Grouped-query attention (k/v projections nkv x hs wide) and SwiGLU (three matrices), no biases."""
+    assert total_params(_model("llama-8b.yaml")) == 8_030_261_248  # Meta-Llama-3-8B
+    assert total_params(_model("llama-70b.yaml")) == 70_553_706_496  # Meta-Llama-3-70B
+    assert total_params(_model("llama-1b.yaml")) == 1_235_814_400  # Llama-3.2-1B (tied)
+
+
+@pytest.mark.parametrize("preset,gpus,memory", [("llama-8b.yaml", 8, 80), ("llama-70b.yaml", 64, 80)])
+def test_llama_plans_have_fitting_layouts(preset, gpus, memory, capsys):
+    """`megapile plan` lists layouts for Llama-3 8B and 70B; tensor parallelism never exceeds 8 (the key/value
+    heads)."""
+    assert main(["plan", "--model", os.path.join(ROOT, "configs", preset), "--gpus", str(gpus),
+                 "--gpu-memory", str(memory)]) == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()[2:] if r.split() and r.split()[0].isdigit()]
+    assert rows and all(r[10] == "yes" for r in rows)
+    assert all(8 % int(r[0]) == 0 for r in rows)

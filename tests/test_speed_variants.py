@@ -38,10 +38,14 @@ def _assert_same(reference, other, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(g2[name], g1[name], rtol=rtol, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("arch", ["neox", "gpt2"])
+LLAMA = dict(arch="llama", num_kv_heads=2, intermediate_size=96)  # grouped-query attention, SwiGLU
+
+
+@pytest.mark.parametrize("arch", ["neox", "gpt2", "llama"])
 def test_chunked_loss_matches_plain_cross_entropy(arch):
-    plain = build_model(_cfg(arch=arch, chunked_loss=False), seed=3).train()
-    chunked = build_model(_cfg(arch=arch, chunked_loss=True), seed=3).train()
+    kw = LLAMA if arch == "llama" else dict(arch=arch)
+    plain = build_model(_cfg(chunked_loss=False, **kw), seed=3).train()
+    chunked = build_model(_cfg(chunked_loss=True, **kw), seed=3).train()
     _assert_same(_loss_and_grads(plain), _loss_and_grads(chunked))
 
 
@@ -74,6 +78,21 @@ def test_checkpoint_every_k_blocks_matches_no_checkpointing(every, dropout):
     plain = build_model(_cfg(dropout=dropout), seed=5).train()
     ckpt = build_model(_cfg(dropout=dropout, activation_checkpointing=True, checkpoint_every=every), seed=5).train()
     _assert_same(_loss_and_grads(plain), _loss_and_grads(ckpt))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_llama_checkpointing_matches_no_checkpointing(dropout):
+    plain = build_model(_cfg(dropout=dropout, **LLAMA), seed=5).train()
+    ckpt = build_model(_cfg(dropout=dropout, activation_checkpointing=True, **LLAMA), seed=5).train()
+    _assert_same(_loss_and_grads(plain), _loss_and_grads(ckpt))
+
+
+def test_llama_compiled_blocks_match_eager():
+    """torch.compile of llama's blocks (RMSNorm, SwiGLU, grouped-query attention) against eager, two steps."""
+    eager = build_model(_cfg(**LLAMA), seed=7).train()
+    compiled = compile_blocks(build_model(_cfg(compile=True, **LLAMA), seed=7).train())
+    for seed in (0, 1):
+        _assert_same(_loss_and_grads(eager, seed), _loss_and_grads(compiled, seed), rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoint_every_must_be_positive():

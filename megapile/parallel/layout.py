@@ -55,6 +55,8 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     if (tp > 1 or pp > 1) and offloaded:
         raise ConfigError(f"parallel.{offloaded[0]} is supported with ZeRO data parallelism only (parallel.tensor "
                           f"and parallel.pipeline 1), got tensor {tp} × pipeline {pp}")
+    if tp > 1:  # grouped-query attention: no number of ranks splits key/value heads that tp does not divide
+        _check_kv_heads(cfg.model, tp)
     if world_size % (tp * pp):
         raise ConfigError(f"parallel.tensor ({tp}) × parallel.pipeline ({pp}) = {tp * pp} does not divide "
                           f"the world size ({world_size})")
@@ -70,6 +72,14 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     elif par.pipeline_layers is not None and par.pipeline_layers != [cfg.model.num_layers]:
         raise ConfigError("parallel.pipeline_layers is set but parallel.pipeline is 1")
     return Layout(world_size, tp, pp, world_size // (tp * pp))
+
+
+def _check_kv_heads(model, tp: int) -> None:
+    """Each tensor-parallel rank holds whole key/value heads with the query heads that share them (with
+    num_kv_heads == num_heads the num_heads check below says the same)."""
+    if model.kv_heads < model.num_heads and model.kv_heads % tp:
+        raise ConfigError(f"model.num_kv_heads ({model.kv_heads}) must be divisible by parallel.tensor ({tp}): "
+                          "each tensor-parallel rank holds whole key/value heads")
 
 
 def _check_tensor(cfg: Config, tp: int, stage: int) -> None:

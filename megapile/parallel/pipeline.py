@@ -36,7 +36,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megapile.config import Config, ModelConfig
-from megapile.model import GPT, rotary_cos_sin
+from megapile.model import GPT, rotary_cos_sin, uses_rotary
 
 FIRST_BLOCK = 2  # layer index of blocks.0 in the pipeline's layer list
 
@@ -111,7 +111,7 @@ class BlockLayer(nn.Module):
         (self.block,) = _owned(cfg, seed, [f"blocks.{index}"])
         if tensor is not None:
             shard_block(self.block, tensor.group)
-        self.use_rotary = cfg.arch == "neox" and cfg.rotary_dims > 0
+        self.use_rotary = uses_rotary(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rope = rotary_cos_sin(self.cfg, x.shape[1], x.device) if self.use_rotary else None
@@ -120,15 +120,21 @@ class BlockLayer(nn.Module):
 
 def shard_block(block: nn.Module, group) -> None:
     """Split a block over the tensor-parallel `group` with DeepSpeed's AutoTP layers, as megapile's AutoTP plan
-    does without pipelining (parallel/tensor.py): qkv and fc_in column-parallel (whole heads per rank),
-    proj and fc_out row-parallel. Split parameters are marked `tensor_model_parallel`, so the global gradient
-    norm counts them on every tensor rank and the replicated ones once."""
+    does without pipelining (parallel/tensor.py): qkv, fc_in (and llama's gate) column-parallel (whole key/value
+    groups per rank), proj and fc_out row-parallel. Split parameters are marked `tensor_model_parallel`, so the
+    global gradient norm counts them on every tensor rank and the replicated ones once."""
     set_autotp_mode(training=True)
     attn, mlp = block.attn, block.mlp
     attn.qkv, mlp.fc_in = LinearLayer(attn.qkv, group), LinearLayer(mlp.fc_in, group)
+    if hasattr(mlp, "gate"):
+        mlp.gate = LinearLayer(mlp.gate, group)
     attn.proj, mlp.fc_out = LinearAllreduce(attn.proj, group), LinearAllreduce(mlp.fc_out, group)
-    for p in (attn.qkv.weight, attn.qkv.bias, mlp.fc_in.weight, mlp.fc_in.bias, attn.proj.weight, mlp.fc_out.weight):
-        p.tensor_model_parallel = True
+    split = [attn.qkv.weight, attn.qkv.bias, mlp.fc_in.weight, mlp.fc_in.bias, attn.proj.weight, mlp.fc_out.weight]
+    if hasattr(mlp, "gate"):
+        split.append(mlp.gate.weight)
+    for p in split:
+        if p is not None:  # llama has no biases
+            p.tensor_model_parallel = True
 
 
 class FinalNorm(nn.Module):

@@ -3,9 +3,12 @@
 The plan is data — parameter-name patterns to a split style — and DeepSpeed applies it inside
 `deepspeed.initialize` (on CPU/gloo too), composing with ZeRO-1/2 and bf16:
 
-    blocks.*.attn.qkv    column-parallel: each rank gets whole heads (rows are laid out per head as
-                         [q, k, v], so a contiguous split by rows is a split by heads), bias split alike
+    blocks.*.attn.qkv    column-parallel: each rank gets whole heads (rows are laid out per key/value group
+                         as [q_0 .. q_{g-1}, k, v], so a contiguous split by rows is a split by groups: a rank
+                         holds whole key/value heads with their query heads, hence parallel.tensor must
+                         divide model.num_kv_heads), bias split alike
     blocks.*.attn.proj   row-parallel: input features split, outputs all-reduced, bias added once
+    blocks.*.mlp.gate    column-parallel (llama's SwiGLU gate, split like fc_in so gate and up columns match)
     blocks.*.mlp.fc_in   column-parallel
     blocks.*.mlp.fc_out  row-parallel
 
@@ -24,6 +27,7 @@ import torch
 # (pattern over parameter names, DeepSpeed partition type, dimension of the weight that is split)
 TP_PLAN = (
     (r".*\.attn\.qkv\.weight$", "column", 0),
+    (r".*\.mlp\.gate\.weight$", "column", 0),
     (r".*\.mlp\.fc_in\.weight$", "column", 0),
     (r".*\.attn\.proj\.weight$", "row", 1),
     (r".*\.mlp\.fc_out\.weight$", "row", 1),
