@@ -15,9 +15,9 @@ one resume of its step-3 checkpoint, and checks:
   bit-equal across those ranks; ZeRO-3 partitions everything and PP2's two stages hold different layers,
   so there nothing is replicated to compare;
 - the resume reproduces steps 4-6 bit for bit (the RNG streams and the data position are in the checkpoint);
-- ZeRO layouts: the step-3 checkpoint resharded to 1 rank at ZeRO-0 trains steps 4-6 as the straight run did
+- every layout: the step-3 checkpoint resumed on 1 rank at ZeRO-0 trains steps 4-6 as the straight run did
   (losses at steps 4 and 6: 1e-5 relative in fp32, 1e-3 in bf16, 2e-2 with dropout, whose per-rank streams are
-  reseeded on a new world size). TP2 and PP2 checkpoints resume on their own layout only (issue 14);
+  reseeded on a new layout); tests/test_checkpoint_layouts.py covers the other source × target layouts;
 - the step-3 checkpoint, read as full fp32 weights into one plain process (the reshard/consolidate path),
   scores the validation batches as the run did at step 3: 1e-5 relative in fp32; bf16 evaluates with bf16
   weights, the full weights are the fp32 masters, so 2e-2.
@@ -121,21 +121,19 @@ def test_cell(precision, dropout, layout, tmp_path, preprocessed, tokenizer_path
     assert [r["step"] for r in read_metrics(resumed)] == [4, 5, 6]
     assert all(_same(a, b) for a, b in zip(again, loss[3:])), (again, loss[3:])
 
-    # reshard (ZeRO layouts): the step-3 checkpoint resumed on 1 rank at ZeRO-0 goes on as the straight run did:
+    # another layout: the step-3 checkpoint resumed on 1 rank at ZeRO-0 goes on as the straight run did:
     # step 4 tests the weights, step 6 (after the NaN step 5 is skipped there too) the moments, step count and
     # schedule of step 4's update. Without dropout the same numbers up to summation order (bf16: its rounding);
-    # with it, close only: the per-rank dropout streams are reseeded on a new world size.
-    if layout.startswith("zero"):
-        one = str(tmp_path / "one")
-        _train(one, small_run_overrides(preprocessed, tokenizer_path, one, checkpoint__resume=step3,
-                                        **{**{k: v for k, v in settings.items() if k != "parallel__overlap_comm"},
-                                           "parallel__zero_stage": 0}),
-               nproc=1)
-        records_one = read_metrics(one)
-        assert [r["step"] for r in records_one] == [4, 5, 6] and records_one[1]["skipped_steps"] == 1
-        rel = 2e-2 if dropout else 1e-5 if precision == "fp32" else 1e-3
-        for mine, theirs in ((records_one[0], records[3]), (records_one[2], records[5])):
-            assert mine["loss"] == pytest.approx(theirs["loss"], rel=rel), (precision, dropout, mine, theirs)
+    # with it, close only: the per-rank dropout streams are reseeded on a new layout.
+    one = str(tmp_path / "one")
+    single = {k: v for k, v in settings.items() if not k.startswith("parallel__")}  # 1 rank, no TP/PP, ZeRO-0
+    _train(one, small_run_overrides(preprocessed, tokenizer_path, one, checkpoint__resume=step3,
+                                    parallel__zero_stage=0, **single), nproc=1)
+    records_one = read_metrics(one)
+    assert [r["step"] for r in records_one] == [4, 5, 6] and records_one[1]["skipped_steps"] == 1
+    rel = 2e-2 if dropout else 1e-5 if precision == "fp32" else 1e-3
+    for mine, theirs in ((records_one[0], records[3]), (records_one[2], records[5])):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=rel), (precision, dropout, mine, theirs)
 
     # the checkpoint as full fp32 weights in one plain process scores what the run scored at step 3
     val = records[2]["val_loss"]

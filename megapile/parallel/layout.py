@@ -114,8 +114,9 @@ def check_vocab(cfg: Config, layout: Layout) -> None:
 
 
 def check_same_layout(saved: dict, layout: Layout, zero_stage: int, path: str) -> None:
-    """Tensor/pipeline checkpoints hold per-rank slices of the model: resume them only on the layout that wrote
-    them. Plain data-parallel checkpoints pass (megapile reshards them to any world size and ZeRO stage)."""
+    """For checkpoints written before they carried slices (DeepSpeed's files): tensor/pipeline ones hold per-rank
+    pieces of the model and resume only on the layout that wrote them; plain data-parallel ones pass (megapile
+    reshards them to any world size and ZeRO stage through full tensors)."""
     old = saved.get("parallel") or {"tensor": 1, "pipeline": 1}
     old_tp, old_pp = old.get("tensor", 1), old.get("pipeline", 1)
     if old_tp == old_pp == layout.tensor == layout.pipeline == 1:
@@ -128,6 +129,7 @@ def check_same_layout(saved: dict, layout: Layout, zero_stage: int, path: str) -
         f"checkpoint {path} was saved with tensor {old_tp} × pipeline {old_pp} on {before[2]} ranks, "
         f"ZeRO-{before[3]}; "
         f"this run is tensor {now[0]} × pipeline {now[1]} on {now[2]} ranks, ZeRO-{now[3]}: a tensor- or "
-        "pipeline-parallel checkpoint resumes only on its own layout (`megapile ckpt consolidate` turns it into "
+        "pipeline-parallel checkpoint written before checkpoints carried slices resumes only on its own layout "
+        "(`megapile ckpt consolidate` turns it into "
         "full weights)"
     )
