@@ -53,7 +53,8 @@ def write(accessor, params_held: list, layout: Layout, rank: int, directory: str
         params[h.name] = {"shape": list(h.shape), "split_dim": h.split_dim, "tensor": h.tensor}
         key = f"{kind}/{h.name}/{h.tp_rank}/{start}"
         file = f"rank{rank:05d}-{files}.safetensors"
-        batch[key] = values.detach().to("cpu", torch.float32, copy=True)  # its own storage, as safetensors needs
+        # on the CPU in fp32 the slice itself, no copy (safetensors takes non-overlapping views of one storage)
+        batch[key] = values.detach().to("cpu", torch.float32).contiguous()
         pieces.append(Piece(h.name, kind, h.tp_rank, start, start + values.numel(), file, key))
         size += values.numel() * 4
         if size >= FILE_BYTES:
