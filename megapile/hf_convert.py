@@ -48,22 +48,17 @@ def config_to_hf(cfg: ModelConfig):
     def token(default: int):
         return default if default < cfg.padded_vocab_size else None
 
+    # GPT-NeoX and Llama name these alike in transformers (GPT-2 has names of its own, below)
+    common = dict(bos_token_id=token(0), eos_token_id=token(2), vocab_size=cfg.padded_vocab_size,
+                  hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  intermediate_size=cfg.ffn_size, hidden_act=_ACT_TO_HF[cfg.arch][cfg.activation],
+                  attention_dropout=cfg.dropout, max_position_embeddings=cfg.max_seq_len,
+                  initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings)
     if cfg.arch == "neox":
         return transformers.GPTNeoXConfig(
-            bos_token_id=token(0),
-            eos_token_id=token(2),
-            vocab_size=cfg.padded_vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.ffn_size,
-            hidden_act=_ACT_TO_HF["neox"][cfg.activation],
-            attention_dropout=cfg.dropout,
+            **common,
             hidden_dropout=cfg.dropout,
-            max_position_embeddings=cfg.max_seq_len,
-            initializer_range=cfg.init_std,
             layer_norm_eps=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_embeddings,
             use_parallel_residual=cfg.parallel_residual,
             rope_parameters={
                 "rope_type": "default",
@@ -73,7 +68,7 @@ def config_to_hf(cfg: ModelConfig):
             attention_bias=True,
         )
     if cfg.arch == "llama":
-        return _llama_config_to_hf(cfg, token)
+        return _llama_config_to_hf(cfg, common)
     if cfg.parallel_residual:
         raise ConfigError("GPT-2 in transformers has no parallel residual; set model.parallel_residual: false")
     return transformers.GPT2Config(
@@ -95,7 +90,7 @@ def config_to_hf(cfg: ModelConfig):
     )
 
 
-def _llama_config_to_hf(cfg: ModelConfig, token):
+def _llama_config_to_hf(cfg: ModelConfig, common: dict[str, Any]):
     import transformers
 
     if cfg.parallel_residual:
@@ -106,21 +101,10 @@ def _llama_config_to_hf(cfg: ModelConfig, token):
         rope.update(rope_type="llama3", factor=sc.factor, low_freq_factor=sc.low_freq_factor,
                     high_freq_factor=sc.high_freq_factor, original_max_position_embeddings=sc.original_max_seq_len)
     return transformers.LlamaConfig(
-        bos_token_id=token(0),
-        eos_token_id=token(2),
-        vocab_size=cfg.padded_vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
+        **common,
         num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim,
-        intermediate_size=cfg.ffn_size,
-        hidden_act=_ACT_TO_HF["llama"][cfg.activation],
-        attention_dropout=cfg.dropout,
-        max_position_embeddings=cfg.max_seq_len,
-        initializer_range=cfg.init_std,
         rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
         rope_parameters=rope,
         attention_bias=False,
         mlp_bias=False,
