@@ -51,6 +51,8 @@ def test_a_shipped_json_and_the_same_keys_in_yaml_give_the_same_zero_settings(pa
     yaml_keys = []
     for key, (where, default) in ZERO_KEYS.items():
         value = getattr(from_json.parallel, key)
+        if key == "overlap_comm" and from_json.parallel.zero_stage >= 1:
+            default = False  # on CPU; True on GPUs (test_overlap_comm_is_on_for_gpus_and_off_for_cpus_unless_set)
         assert value == (_lookup(given, where) if _lookup(given, where) is not None else default), key
         if value is not None:
             yaml_keys.append(f"parallel.{key}={str(value).lower() if isinstance(value, bool) else value}")
@@ -59,6 +61,8 @@ def test_a_shipped_json_and_the_same_keys_in_yaml_give_the_same_zero_settings(pa
         assert _lookup(ds_yaml["zero_optimization"], where) == _lookup(ds_json["zero_optimization"], where), key
     # what megapile does not model passes through from the JSON unchanged
     for key, value in given.items():
+        if key == "overlap_comm":
+            continue
         assert ds_json["zero_optimization"][key] == value
     assert ds_json["wall_clock_breakdown"] is False
 
@@ -94,6 +98,20 @@ def test_bad_zero_settings_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
         _resolve(overrides)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_overlap_comm_is_on_for_gpus_and_off_for_cpus_unless_set(stage):
+    """GPU users expect the gradient reduction to overlap the backward pass; on CPU (gloo) off is deterministic.
+    A value given in the YAML or a JSON wins; ZeRO-0 has nothing to overlap and leaves it unset."""
+    for device, expected in ((CPU, False), (torch.device("cuda"), True)):
+        cfg = load_config(None, BATCH + [f"parallel.zero_stage={stage}"])
+        _, ds, _ = resolve_parallel(cfg, None, 2, device)
+        assert ds["zero_optimization"]["overlap_comm"] is expected and cfg.parallel.overlap_comm is expected
+    cfg = load_config(None, BATCH + [f"parallel.zero_stage={stage}", "parallel.overlap_comm=false"])
+    assert resolve_parallel(cfg, None, 2, torch.device("cuda"))[1]["zero_optimization"]["overlap_comm"] is False
+    assert "overlap_comm" not in resolve_parallel(load_config(None, BATCH), None, 2, torch.device("cuda"))[1][
+        "zero_optimization"]
 
 
 def test_tensor_parallel_gets_deepspeeds_autotp_section_unless_pipelined():

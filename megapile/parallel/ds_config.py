@@ -41,6 +41,10 @@ def resolve_parallel(cfg: Config, ds_json_path: str | None, world_size: int,
     ds_json = load_ds_json(ds_json_path)
     source = ds_json_path or "the DeepSpeed config generated from the run config"
     apply_ds_json(cfg.parallel, ds_json, source)
+    if cfg.parallel.overlap_comm is None and cfg.parallel.zero_stage >= 1:
+        # Overlap the gradient reduction with the backward pass on GPUs (separate CUDA streams); on CPU gloo has
+        # nothing to overlap with, and off is deterministic. DeepSpeed's own default differs by stage.
+        cfg.parallel.overlap_comm = device.type == "cuda"
     layout = resolve_layout(cfg, world_size)
     dtype = resolve_dtype(cfg, device)
     return layout, resolve_ds_config(ds_json, cfg, layout.data, dtype, source), dtype
