@@ -212,6 +212,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--output", "-o", default=None,
                         help="JSON results (default: RUN_DIR/eval/<checkpoint>_<data>.json, or ./eval_<model>_<data>.json)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="weights and compute (bf16: half the memory, for models that do not fit in fp32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--tokenizer", help="tokenizer to use (default: the checkpoint's own copy; another must be byte-identical)")
 
@@ -246,7 +248,7 @@ def cli_main(args: argparse.Namespace) -> int:
             torch.cuda.set_device(device)
         distributed.init(env, backend="nccl" if cuda else "gloo")
     try:
-        loaded = load_model(args.checkpoint, device, args.tokenizer)
+        loaded = load_model(args.checkpoint, device, args.tokenizer, args.dtype)
         bar = progress_bar(desc="eval", unit="window", enabled=env.is_main and not args.no_progress)
         totals = evaluate(loaded.model, loaded.tokenizer, args.data, seq_len=args.seq_len, stride=args.stride,
                           max_docs=args.max_docs, batch_size=args.batch_size, rank=env.rank,
@@ -266,7 +268,7 @@ def cli_main(args: argparse.Namespace) -> int:
     components = {k: totals[k].metrics() for k in sorted(totals)} if args.per_component else {}
     seq_len = args.seq_len or loaded.cfg.max_seq_len
     result = {"checkpoint": loaded.source, "step": loaded.step, "data": args.data, "seq_len": seq_len,
-              "stride": args.stride or seq_len, "max_docs": args.max_docs, "world_size": env.world_size,
+              "stride": args.stride or seq_len, "max_docs": args.max_docs, "world_size": env.world_size, "dtype": args.dtype,
               OVERALL: rows[OVERALL], "components": components}
     output = args.output or _default_output(loaded, args.checkpoint, args.data)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

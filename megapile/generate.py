@@ -119,6 +119,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     parser.add_argument("--tokenizer", help="tokenizer to use (default: the checkpoint's own copy; another must be byte-identical)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="weights and compute (bf16: half the memory, for models that do not fit in fp32)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -130,7 +132,7 @@ def cli_main(args: argparse.Namespace) -> int:
         return fail("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0 and --max-new-tokens >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        loaded = load_model(args.checkpoint, device, args.tokenizer)
+        loaded = load_model(args.checkpoint, device, args.tokenizer, args.dtype)
     except (ExportError, KeyError) as e:
         return fail(str(e))
     tok = loaded.tokenizer

@@ -69,8 +69,9 @@ def is_hf_dir(path: str) -> bool:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[str], Any]:
-    """(model config, full fp32 weights, tokenizer path, Found) of a training checkpoint of any layout."""
+def read_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor],
+                                                                             Optional[str], Any]:
+    """(model config, full weights in `dtype`, tokenizer path, Found) of a training checkpoint of any layout."""
     try:
         found = tools.resolve(path)
     except FileNotFoundError as e:
@@ -80,7 +81,7 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
     model.update(activation_checkpointing=False, attention="sdpa", init_from=None)
     cfg = ModelConfig(**model)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's merge prints progress lines
-        weights = portable.read_full_weights(found.path, int(state["zero_stage"]))
+        weights = portable.read_full_weights(found.path, int(state["zero_stage"]), dtype)
     with torch.device("meta"):
         expected = set(GPT(cfg).state_dict())
     if set(weights) != expected:
@@ -94,8 +95,13 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
     return cfg, weights, tokenizer, found
 
 
-def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optional[str] = None) -> Loaded:
-    """A GPT in eval mode (fp32) plus its tokenizer, from a checkpoint (dir) or an HF directory."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optional[str] = None,
+               dtype: str = "fp32") -> Loaded:
+    """A GPT in eval mode, its weights in `dtype` (fp32, or bf16 for models that do not fit in fp32: the 20B
+    preset needs 80 GB in fp32, 40 GB in bf16), plus its tokenizer, from a checkpoint (dir) or an HF directory."""
     if not os.path.exists(path):
         raise ExportError(f"{path}: no such checkpoint or model directory")
     step, trained_with = None, None
@@ -104,7 +110,7 @@ def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optiona
         tokenizer = tokenizer or path
         source = f"{path} (Hugging Face {cfg.arch})"
     else:
-        cfg, weights, ckpt_tokenizer, found = read_checkpoint(path)
+        cfg, weights, ckpt_tokenizer, found = read_checkpoint(path, DTYPES[dtype])
         tokenizer = tokenizer or ckpt_tokenizer
         step, trained_with = found.step, found.state.get("fingerprints", {}).get("tokenizer")
         source = f"{found.path} (step {found.step})"
@@ -120,7 +126,7 @@ def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optiona
     with torch.device("meta"):
         model = GPT(cfg)
     model.load_state_dict(weights, assign=True)
-    model = model.float().to(device).eval()
+    model = model.to(device, DTYPES[dtype]).eval()
     return Loaded(model, cfg, tok, source, step)
 
 

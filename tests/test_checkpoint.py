@@ -209,6 +209,7 @@ def test_ckpt_tools(saved_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from megapile.cli import main
+    from megapile.hf_export import load_model
 
     ckpt = os.path.join(saved_run, "checkpoints")
     assert main(["ckpt", "info", ckpt]) == 0
@@ -225,6 +226,10 @@ def test_ckpt_tools(saved_run, tmp_path, capsys):
     assert set(weights) == set(masters)
     for name, value in masters.items():
         assert torch.equal(weights[name].reshape(-1), value), name
+    # eval/generate --dtype bf16: the masters rounded, one parameter in fp32 at a time
+    half = load_model(ckpt, "cpu", dtype="bf16").model
+    for name, p in half.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, weights[name].bfloat16()), name
     damaged, _ = _damaged_copy(saved_run, tmp_path / "d", _flip_byte)
     assert main(["ckpt", "verify", damaged]) == 1
     assert "global_step4: DAMAGED" in capsys.readouterr().out

@@ -151,27 +151,29 @@ def _env() -> dict:
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one(hf_dir, docs_jsonl, tmp_path):
+def test_two_ranks_equal_one_and_bf16_is_close(hf_dir, docs_jsonl, tmp_path):
+    """Documents split over 2 ranks score exactly as on one; `--dtype bf16` (2 ranks too), whose weights and compute
+    take half the memory, scores within bf16's rounding of fp32."""
     from train_helpers import free_port
 
     results = {}
-    for nproc in (1, 2):
-        out = str(tmp_path / f"r{nproc}.json")
+    for nproc, dtype in ((1, "fp32"), (2, "fp32"), (2, "bf16")):
+        out = str(tmp_path / f"r{nproc}{dtype}.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(free_port()), "-m", "megapile.cli", "eval", "--checkpoint", hf_dir, "--data", docs_jsonl,
-               "--per-component", "--seq-len", "32", "--output", out]
+               "--per-component", "--seq-len", "32", "--output", out, "--dtype", dtype]
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[nproc] = json.load(open(out))
-    one, two = results[1], results[2]
-    assert two["world_size"] == 2
+        results[nproc, dtype] = json.load(open(out))
+    one, two, half = results[1, "fp32"], results[2, "fp32"], results[2, "bf16"]
+    assert two["world_size"] == 2 and half["dtype"] == "bf16"
     for name in [OVERALL] + list(one["components"]):
-        a = one[OVERALL] if name == OVERALL else one["components"][name]
-        b = two[OVERALL] if name == OVERALL else two["components"][name]
+        a, b, c = (r[OVERALL] if name == OVERALL else r["components"][name] for r in (one, two, half))
         for key in ("documents", "tokens", "bytes", "words"):
-            assert a[key] == b[key], (name, key)
+            assert a[key] == b[key] == c[key], (name, key)
         for key in ("nll_nats", "loss", "bits_per_byte", "perplexity"):
             assert a[key] == pytest.approx(b[key], rel=1e-6), (name, key)
+            assert c[key] != a[key] and c[key] == pytest.approx(a[key], rel=2e-2), (name, key, c[key], a[key])
 
 
 def test_lm_eval_harness_agrees(hf_dir, docs_jsonl, model, tok, tmp_path):

@@ -27,11 +27,11 @@ from megapile.checkpoint import fragments
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def read_full_weights(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The fp32 value of every parameter, from a checkpoint of any layout."""
-    if fragments.present(path):  # its slices, by parameter name
+def read_full_weights(path: str, zero_stage: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The value of every parameter (its fp32 master, in `dtype`), from a checkpoint of any layout."""
+    if fragments.present(path):  # its slices, by parameter name; one parameter in fp32 at a time
         stored = fragments.Stored(path)
-        return {name: stored.full(name) for name in stored.params}
+        return {name: stored.full(name).to(dtype) for name in stored.params}
     from deepspeed.utils import zero_to_fp32 as z  # lazy: see the module docstring
 
     state = _megapile_state(path)
