@@ -9,6 +9,9 @@ two optimizer steps run on a global batch of 2 sequences, and every rank reports
 
     params MB   bytes of the parameters this rank holds (ZeRO-3: its partition)
     optim MB    fp32 master partitions + Adam moments this rank holds
+    build MB    the resident memory the build added at its peak (model and engine, before any step), and the
+                same as a fraction of the whole model's fp32 weights: ZeRO-3 built whole on every rank (as
+                megapile did before zero.Init) against ZeRO-3 partitioned as it is built
     peak RSS    the process's high-water resident memory (VmHWM): everything, incl. the build and activations
 
 The table shows the largest rank, the ratio of its parameter memory to plain data parallel, and DeepSpeed's
@@ -29,13 +32,14 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-LAYOUTS = [  # name, ZeRO stage, tensor, pipeline
-    ("DP (ZeRO-0)", 0, 1, 1),
-    ("ZeRO-1", 1, 1, 1),
-    ("ZeRO-2", 2, 1, 1),
-    ("ZeRO-3", 3, 1, 1),
-    ("TP2 (ZeRO-1)", 1, 2, 1),
-    ("PP2 (ZeRO-1)", 1, 1, 2),
+LAYOUTS = [  # name, ZeRO stage, tensor, pipeline, built as megapile/train.py builds it
+    ("DP (ZeRO-0)", 0, 1, 1, True),
+    ("ZeRO-1", 1, 1, 1, True),
+    ("ZeRO-2", 2, 1, 1, True),
+    ("ZeRO-3 whole", 3, 1, 1, False),  # the whole model built on every rank, then partitioned (before zero.Init)
+    ("ZeRO-3", 3, 1, 1, True),  # partitioned as it is built (megapile/parallel/zero_init.py)
+    ("TP2 (ZeRO-1)", 1, 2, 1, True),
+    ("PP2 (ZeRO-1)", 1, 1, 2, True),
 ]
 RANKS = 2
 
@@ -60,6 +64,7 @@ def worker(args) -> None:
     from megapile.parallel.ds_config import resolve_ds_config
     from megapile.parallel.layout import resolve_layout
     from megapile.parallel.parallelize import parallelize
+    from megapile.parallel.zero_init import build_partitioned
 
     stage, tensor, pipeline = args.worker
     cfg = _config(args, stage, tensor, pipeline)
@@ -68,13 +73,19 @@ def worker(args) -> None:
     cfg.parallel.zero_stage = stage
     layout = resolve_layout(cfg, env.world_size)
     ds = resolve_ds_config({"zero_optimization": {"stage": stage}}, cfg, layout.data, "fp32", "bench")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark restarts at the current resident size
+    before = _vm_rss_mb()
     if pipeline > 1:
         with torch.device("meta"):
             model = GPT(cfg.model)
+    elif stage == 3 and args.partitioned:
+        model = build_partitioned(cfg.model, 0, ds, torch.device("cpu"))
     else:
         model = build_model(cfg.model, seed=0)
     engine = parallelize(cfg, layout, model, ds).engine
     del model
+    build_mb = _vm_hwm_mb() - before
     gen = torch.Generator().manual_seed(layout.data_rank(env.rank))
     accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
     for _ in range(2):
@@ -86,7 +97,7 @@ def worker(args) -> None:
                 engine.backward(engine(x, targets=y))
                 engine.step()
     params = sum(getattr(p, "ds_tensor", p).numel() * 4 for p in engine.module.parameters())
-    report = {"rank": env.rank, "params_mb": params / 1e6, "optim_mb": _optimizer_bytes(engine) / 1e6,
+    report = {"rank": env.rank, "params_mb": params / 1e6, "build_mb": build_mb, "optim_mb": _optimizer_bytes(engine) / 1e6,
               "peak_rss_mb": _vm_hwm_mb(), "total_params": _total_params(cfg)}
     with open(os.path.join(args.out, f"rank{env.rank}.json"), "w") as f:  # stdout lines of ranks interleave
         json.dump(report, f)
@@ -124,8 +135,16 @@ def _total_params(cfg) -> int:
 
 
 def _vm_hwm_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def _vm_rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) / 1024
 
 
 def _largest_layer_params(cfg) -> int:
@@ -161,6 +180,7 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--worker", type=int, nargs=3, metavar=("STAGE", "TENSOR", "PIPELINE"), help=argparse.SUPPRESS)
+    parser.add_argument("--partitioned", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -171,7 +191,7 @@ def main() -> int:
     shape = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--heads", str(args.heads),
              "--vocab", str(args.vocab), "--seq", str(args.seq)]
     rows = []
-    for name, stage, tensor, pipeline in LAYOUTS:
+    for name, stage, tensor, pipeline, partitioned in LAYOUTS:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -179,6 +199,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS),
                "--master_port", str(port),
                os.path.abspath(__file__), *shape, "--worker", str(stage), str(tensor), str(pipeline), "--out", out]
+        cmd += ["--partitioned"] if partitioned else []
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         reports = []
         for name_ in sorted(os.listdir(out)):
@@ -193,13 +214,16 @@ def main() -> int:
     cfg = _config(args, 0, 1, 1)
     print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {total / 1e6:.1f}M parameters, "
           f"{total * 4 / 1e6:.0f} MB in fp32; {RANKS} CPU ranks, global batch {RANKS} × {args.seq} tokens")
-    print(f"{'layout':<14} {'params MB':>10} {'vs DP':>6} {'optim MB':>9} {'peak RSS MB':>12} {'DS estimate MB':>15}")
+    print(f"{'layout':<14} {'params MB':>10} {'vs DP':>6} {'optim MB':>9} {'build MB':>9} {'/ model':>8} "
+          f"{'peak RSS MB':>12} {'DS estimate MB':>15}")
     dp_params = max(r["params_mb"] for r in rows[0][4])
     for name, stage, tensor, pipeline, reports in rows:
         params = max(r["params_mb"] for r in reports)
         optim = max(r["optim_mb"] for r in reports)
         rss = max(r["peak_rss_mb"] for r in reports)
-        print(f"{name:<14} {params:>10.0f} {params / dp_params:>6.2f} {optim:>9.0f} {rss:>12.0f} "
+        build = max(r["build_mb"] for r in reports)
+        print(f"{name:<14} {params:>10.0f} {params / dp_params:>6.2f} {optim:>9.0f} {build:>9.0f} "
+              f"{build / (total * 4 / 1e6):>8.2f} {rss:>12.0f} "
               f"{_ds_estimate_mb(stage, tensor, pipeline, cfg, total):>15}")
     return 0
 

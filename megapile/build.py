@@ -27,6 +27,7 @@ from megapile.model import GPT, build_model
 from megapile.parallel.ds_config import precision_line, resolve_parallel
 from megapile.parallel.layout import Layout, check_vocab
 from megapile.parallel.parallelize import TrainState, parallelize
+from megapile.parallel.zero_init import build_partitioned
 from megapile.run_state import Run
 from megapile.spikes import PipelineJudge, SpikeDetector
 
@@ -49,8 +50,10 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
     _start_processes(cfg, env, device)
     seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
     batches, valid_batches, components = _build_data(cfg, layout, env)
-    model = _build_model(cfg, layout, device, init_weights)
-    flops_per_token, n_params = model.flops_per_token(cfg.train.seq_len), model.num_params(exclude_embedding=False)
+    with torch.device("meta"):  # counted on a model that takes no memory (ZeRO-3's own holds only partitions)
+        counted = GPT(cfg.model)
+    flops_per_token, n_params = counted.flops_per_token(cfg.train.seq_len), counted.num_params(exclude_embedding=False)
+    model = _build_model(cfg, layout, device, init_weights, ds_config)
     state = parallelize(cfg, layout, model, ds_config)
 
     logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
@@ -109,11 +112,15 @@ def _build_data(cfg: Config, layout: Layout, env: distributed.DistEnv):
     return batches(cfg.data.train_specs()), batches(valid_specs) if valid_specs else None, components
 
 
-def _build_model(cfg: Config, layout: Layout, device: torch.device, init_weights: Optional[dict]) -> GPT:
-    """The plain GPT, initialised; on the meta device for a pipeline, whose stages each build their own layers."""
+def _build_model(cfg: Config, layout: Layout, device: torch.device, init_weights: Optional[dict],
+                 ds_config: dict) -> GPT:
+    """The plain GPT, initialised; on the meta device for a pipeline, whose stages each build their own layers;
+    with ZeRO-3, each rank building only its partitions (megapile/parallel/zero_init.py)."""
     if layout.pipeline > 1:
         with torch.device("meta"):
             return GPT(cfg.model)
+    if cfg.parallel.zero_stage == 3:
+        return build_partitioned(cfg.model, cfg.train.seed, ds_config, device, init_weights)
     model = build_model(cfg.model, seed=cfg.train.seed, device=device)
     if init_weights is not None:
         model.load_state_dict(init_weights)

@@ -442,19 +442,22 @@ class GPT(nn.Module):
         the projections into the residual stream (attn.proj, mlp.fc_out) use the GPT-NeoX
         scaled init N(0, init_std / sqrt(2 * num_layers)); biases 0; norm weights 1, biases 0.
         """
+        for name, p in self.named_parameters():  # GPT's own function: pipeline stages call this on a stand-in
+            p.copy_(GPT.initial_value(self, name, tuple(p.shape), seed))
+
+    def initial_value(self, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        """Parameter `name`'s initial value (fp32, on the CPU): what `init_weights` puts there. A function of
+        (seed, name, shape) only, so a rank that holds a slice of the parameter can compute it alone."""
         std = self.cfg.init_std
-        scaled_std = std / math.sqrt(2 * self.cfg.num_layers)
-        norms = {name for name, m in self.named_modules() if isinstance(m, NORMS)}
-        for name, p in self.named_parameters():
-            module_name, _, kind = name.rpartition(".")
-            if module_name in norms:
-                p.fill_(1.0 if kind == "weight" else 0.0)
-            elif kind == "bias":
-                p.zero_()
-            else:
-                s = scaled_std if module_name.endswith(("attn.proj", "mlp.fc_out")) else std
-                g = torch.Generator(device="cpu").manual_seed(_name_seed(seed, name))
-                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=g))
+        module_name, _, kind = name.rpartition(".")
+        if isinstance(self.get_submodule(module_name), NORMS):
+            return torch.full(shape, 1.0 if kind == "weight" else 0.0)
+        if kind == "bias":
+            return torch.zeros(shape)
+        if module_name.endswith(("attn.proj", "mlp.fc_out")):
+            std = std / math.sqrt(2 * self.cfg.num_layers)
+        g = torch.Generator(device="cpu").manual_seed(_name_seed(seed, name))
+        return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=g)
 
     # ------------------------------------------------------------------------- counting
 
@@ -520,7 +523,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # a parameter partitioned as it was built (ZeRO-3's zero.Init) keeps its full shape in ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -64,7 +64,7 @@ def _owned(cfg: ModelConfig, seed: int, names: list[str]) -> list[nn.Module]:
             node = getattr(node, piece)
         node.add_module(leaf, module)
         parts.append(module)
-    GPT.init_weights(holder, seed)  # uses only cfg, named_modules and named_parameters
+    GPT.init_weights(holder, seed)  # uses only cfg, get_submodule and named_parameters
     return parts
 
 
