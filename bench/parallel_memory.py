@@ -9,9 +9,11 @@ two optimizer steps run on a global batch of 2 sequences, and every rank reports
 
     params MB   bytes of the parameters this rank holds (ZeRO-3: its partition)
     optim MB    fp32 master partitions + Adam moments this rank holds
-    build MB    the resident memory the build added at its peak (model and engine, before any step), and the
-                same as a fraction of the whole model's fp32 weights: ZeRO-3 built whole on every rank (as
-                megapile did before zero.Init) against ZeRO-3 partitioned as it is built
+    model MB    the resident memory building the model added at its peak, and the same as a fraction of the whole
+                model's fp32 weights: ZeRO-3 built whole on every rank (as megapile did before zero.Init) against
+                ZeRO-3 partitioned as it is built (about 1/ranks, plus one module while it is constructed)
+    build MB    the same for the model and the engine together (DeepSpeed's fp32 partitions, gradient buffers),
+                before any step
     peak RSS    the process's high-water resident memory (VmHWM): everything, incl. the build and activations
 
 The table shows the largest rank, the ratio of its parameter memory to plain data parallel, and DeepSpeed's
@@ -83,6 +85,7 @@ def worker(args) -> None:
         model = build_partitioned(cfg.model, 0, ds, torch.device("cpu"))
     else:
         model = build_model(cfg.model, seed=0)
+    model_mb = _vm_hwm_mb() - before
     engine = parallelize(cfg, layout, model, ds).engine
     del model
     build_mb = _vm_hwm_mb() - before
@@ -97,7 +100,7 @@ def worker(args) -> None:
                 engine.backward(engine(x, targets=y))
                 engine.step()
     params = sum(getattr(p, "ds_tensor", p).numel() * 4 for p in engine.module.parameters())
-    report = {"rank": env.rank, "params_mb": params / 1e6, "build_mb": build_mb, "optim_mb": _optimizer_bytes(engine) / 1e6,
+    report = {"rank": env.rank, "params_mb": params / 1e6, "build_mb": build_mb, "model_mb": model_mb, "optim_mb": _optimizer_bytes(engine) / 1e6,
               "peak_rss_mb": _vm_hwm_mb(), "total_params": _total_params(cfg)}
     with open(os.path.join(args.out, f"rank{env.rank}.json"), "w") as f:  # stdout lines of ranks interleave
         json.dump(report, f)
@@ -214,16 +217,16 @@ def main() -> int:
     cfg = _config(args, 0, 1, 1)
     print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {total / 1e6:.1f}M parameters, "
           f"{total * 4 / 1e6:.0f} MB in fp32; {RANKS} CPU ranks, global batch {RANKS} × {args.seq} tokens")
-    print(f"{'layout':<14} {'params MB':>10} {'vs DP':>6} {'optim MB':>9} {'build MB':>9} {'/ model':>8} "
-          f"{'peak RSS MB':>12} {'DS estimate MB':>15}")
+    print(f"{'layout':<14} {'params MB':>10} {'vs DP':>6} {'optim MB':>9} {'model MB':>9} {'/ model':>8} "
+          f"{'build MB':>9} {'peak RSS MB':>12} {'DS estimate MB':>15}")
     dp_params = max(r["params_mb"] for r in rows[0][4])
     for name, stage, tensor, pipeline, reports in rows:
         params = max(r["params_mb"] for r in reports)
         optim = max(r["optim_mb"] for r in reports)
         rss = max(r["peak_rss_mb"] for r in reports)
-        build = max(r["build_mb"] for r in reports)
-        print(f"{name:<14} {params:>10.0f} {params / dp_params:>6.2f} {optim:>9.0f} {build:>9.0f} "
-              f"{build / (total * 4 / 1e6):>8.2f} {rss:>12.0f} "
+        build, built = max(r["build_mb"] for r in reports), max(r["model_mb"] for r in reports)
+        print(f"{name:<14} {params:>10.0f} {params / dp_params:>6.2f} {optim:>9.0f} {built:>9.0f} "
+              f"{built / (total * 4 / 1e6):>8.2f} {build:>9.0f} {rss:>12.0f} "
               f"{_ds_estimate_mb(stage, tensor, pipeline, cfg, total):>15}")
     return 0
 
