@@ -28,6 +28,7 @@ from megapile.checkpoint import slices as slices_access
 from megapile.config import CheckpointConfig, ConfigError
 from megapile.parallel.layout import Layout
 
+
 @dataclass
 class Slices:
     """What a save needs to write the layout-free slices (megapile/checkpoint/fragments.py)."""
@@ -70,15 +71,8 @@ def save(engine, directory: str, step: int, state: dict[str, Any], cfg: Checkpoi
     _raise_if_any_failed(error, tag, tmp, is_main)  # every rank's files are on disk past this point
     if is_main:
         try:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({**state, "rng": [g[0] for g in gathered], "engine": _engine_state(engine)}, f)
-            for rel, data in (files or {}).items():
-                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-                with open(os.path.join(tmp, rel), "wb") as f:
-                    f.write(data)
-            fragments.write_index(tmp, [g[1] for g in gathered], _optimizer_step(engine),
-                                  engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
-                                  slices.layout.as_dict())
+            _write_shared_files(engine, tmp, {**state, "rng": [g[0] for g in gathered]}, files or {},
+                                [g[1] for g in gathered], slices.layout)
         except OSError as e:
             error = e
     _raise_if_any_failed(error, tag, tmp, is_main)
@@ -104,6 +98,19 @@ def save(engine, directory: str, step: int, state: dict[str, Any], cfg: Checkpoi
         figures = {"save_seconds": seconds, "save_mb": size / 1e6, "save_mb_per_s": size / 1e6 / max(seconds, 1e-9)}
     _barrier()
     return figures
+
+
+def _write_shared_files(engine, tmp: str, state: dict[str, Any], files: dict[str, bytes], written: list,
+                        layout: Layout) -> None:
+    """Rank 0's part: megapile's state (with DeepSpeed's counters), the carried files, the slices' index."""
+    with open(os.path.join(tmp, STATE_FILE), "w") as f:
+        json.dump({**state, "engine": _engine_state(engine)}, f)
+    for rel, data in files.items():
+        os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+        with open(os.path.join(tmp, rel), "wb") as f:
+            f.write(data)
+    scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler else None
+    fragments.write_index(tmp, written, _optimizer_step(engine), scheduler, layout.as_dict())
 
 
 def _seal(tmp: str, slices: Slices, is_main: bool, show_progress: bool) -> None:

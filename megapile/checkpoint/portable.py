@@ -1,14 +1,15 @@
-"""Move a checkpoint between layouts: any ZeRO stage and data-parallel size to any other.
+"""Full weights from a checkpoint of any layout (consolidate, export, eval, generate), and the full fp32 state of
+checkpoints written before checkpoints carried slices.
 
-DeepSpeed can only load its shards into the layout that wrote them (its universal checkpoint covers
-ZeRO-1/2 <-> ZeRO-1/2 and ZeRO-3 <-> ZeRO-3, and needs Megatron's client state). megapile goes through
-the one form every layout shares: the full fp32 value of each named parameter and its two Adam moments.
+A checkpoint with slices (megapile/checkpoint/fragments.py) gives each parameter whole by name. An older one
+holds DeepSpeed's shards, which DeepSpeed loads only into the layout that wrote them; megapile reads them into the
+one form every layout shares, the full fp32 value of each named parameter and its two Adam moments (`FullState`,
+which `slices.load` puts into any ZeRO layout):
 
-- Reading: DeepSpeed's own `zero_to_fp32` merge functions reassemble the flat per-rank partitions. They are
-  written for the fp32 master weights; the Adam moments are partitioned exactly the same way, so the same
-  functions reassemble them too. A ZeRO-0 checkpoint holds a plain torch optimizer state dict.
-- Writing: DeepSpeed's tensor-fragment API (`safe_set_full_fp32_param`, `safe_set_full_optimizer_state`)
-  puts each full tensor into whatever partition this rank owns, in the new layout.
+- DeepSpeed's own `zero_to_fp32` merge functions reassemble the flat per-rank partitions. They are written for
+  the fp32 master weights; the Adam moments are partitioned exactly the same way, so the same functions
+  reassemble them too. A ZeRO-0 checkpoint holds a plain torch optimizer state dict.
+- Tensor- and pipeline-parallel ones give full weights through megapile/checkpoint/shards.py.
 
 Each function that touches DeepSpeed's shards imports deepspeed itself (lazy): it adds ~0.5 s to torch's import
 and logs "Setting accelerator to CPU" without a GPU, and eval, generate and export-hf import this module for
