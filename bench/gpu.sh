@@ -33,7 +33,8 @@ esac
 RESULTS=${RESULTS:-runs/gpu-bench}
 mkdir -p "$RESULTS"
 export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/$RESULTS/torch_extensions}
+# RESULTS may be relative (to the repository) or absolute; the JIT-built ops go beside the results either way
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(cd "$RESULTS" && pwd)/torch_extensions}
 if [ "$SMOKE" = 1 ]; then
     PRESETS=(tiny); STEPS=${STEPS:-2}; LOG_EVERY=1; DEVICE=cpu; DTYPE=fp32; BENCH_STEPS=(--steps 2 --warmup 1)
     MEM=(--preset tiny --device cpu --dtype fp32 --steps 1)
