@@ -36,6 +36,7 @@ TOKENIZER_DIR = "tokenizer"
 ROLLBACK_FILE = "rolled_back/last_rollback.json"
 _TAG = re.compile(r"^global_step(\d+)$")
 
+
 @dataclass
 class Found:
     """A complete, verified checkpoint and megapile's state stored with it."""

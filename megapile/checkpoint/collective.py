@@ -61,10 +61,12 @@ def save(engine, directory: str, step: int, state: dict[str, Any], cfg: Checkpoi
         except OSError as e:
             error = e
     _raise_if_any_failed(error, tag, tmp, is_main)
-    written = ([], {})
+    written, step = ([], {}), 0
     try:
+        accessor = slices_access.holder(engine)
         params = slices_access.held(engine, slices.layout, slices.rank, slices.num_layers)
-        written = fragments.write(slices_access.holder(engine), params, slices.layout, slices.rank, tmp)
+        written = fragments.write(accessor, params, slices.layout, slices.rank, tmp)
+        step = slices_access.optimizer_step(accessor)
     except Exception as e:  # noqa: BLE001 (safetensors reports I/O errors as its own SafetensorError)
         error = _as_os_error(e, directory)
     gathered = _gather((rng.capture(), written))
@@ -72,7 +74,7 @@ def save(engine, directory: str, step: int, state: dict[str, Any], cfg: Checkpoi
     if is_main:
         try:
             _write_shared_files(engine, tmp, {**state, "rng": [g[0] for g in gathered]}, files or {},
-                                [g[1] for g in gathered], slices.layout)
+                                [g[1] for g in gathered], step, slices.layout)
         except OSError as e:
             error = e
     _raise_if_any_failed(error, tag, tmp, is_main)
@@ -101,7 +103,7 @@ def save(engine, directory: str, step: int, state: dict[str, Any], cfg: Checkpoi
 
 
 def _write_shared_files(engine, tmp: str, state: dict[str, Any], files: dict[str, bytes], written: list,
-                        layout: Layout) -> None:
+                        optimizer_step: int, layout: Layout) -> None:
     """Rank 0's part: megapile's state (with DeepSpeed's counters), the carried files, the slices' index."""
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
         json.dump({**state, "engine": _engine_state(engine)}, f)
@@ -110,7 +112,7 @@ def _write_shared_files(engine, tmp: str, state: dict[str, Any], files: dict[str
         with open(os.path.join(tmp, rel), "wb") as f:
             f.write(data)
     scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler else None
-    fragments.write_index(tmp, written, _optimizer_step(engine), scheduler, layout.as_dict())
+    fragments.write_index(tmp, written, optimizer_step, scheduler, layout.as_dict())
 
 
 def _seal(tmp: str, slices: Slices, is_main: bool, show_progress: bool) -> None:
@@ -146,10 +148,6 @@ def _writer(rel: str) -> Optional[int]:
     """The rank that wrote file `rel`, when its name says (its slices); None for the rest."""
     m = _SLICE_FILE.match(rel)
     return int(m.group(1)) if m else None
-
-
-def _optimizer_step(engine) -> int:
-    return slices_access.optimizer_step(slices_access.holder(engine))
 
 
 def _as_os_error(error: Exception, directory: str) -> OSError:

@@ -55,22 +55,22 @@ def _load(run: Run, found: "checkpoint.Found") -> None:
     resume); on another they are reseeded."""
     saved, now = _layout_of(found.state), _layout_of(_state_layout(run))
     same = saved == {**now, "dtype": saved["dtype"] or now["dtype"]}
+    has_slices, show = fragments.present(found.path), run.env.is_main and run.cfg.logging.progress
     if not same:
-        how = ("each rank reads its slices of the fp32 masters and Adam moments" if fragments.present(found.path) else
+        how = ("each rank reads its slices of the fp32 masters and Adam moments" if has_slices else
                "an older checkpoint without slices: every rank reads full fp32 weights and Adam moments")
         run.logger.message(f"checkpoint {found.path} is {_describe(saved)}, this run {_describe(now)}: {how}; "
                            "the dropout RNG streams do not follow a change of layout and are reseeded from "
                            "(seed, step, rank)")
-    if fragments.present(found.path):
-        collective.load(run.engine, found, collective.Slices(run.layout, run.env.rank, run.cfg.model.num_layers),
-                        show_progress=run.env.is_main and run.cfg.logging.progress)
+    if has_slices:
+        collective.load(run.engine, found, _slices(run), show_progress=show)
     elif same:  # saved before checkpoints carried slices: DeepSpeed's own shards
         collective.load_deepspeed_shards(run.engine, found, run.env.rank, run.env.world_size)
     else:  # ... on another layout: ZeRO stages and data-parallel sizes only, through full tensors on every rank
         check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
         full = portable.read_full_state(found.path, saved["zero"], run.param_order)
         slices.load(run.engine, portable.FullState(full), run.layout, run.env.rank, run.cfg.model.num_layers,
-                    show_progress=run.env.is_main and run.cfg.logging.progress)
+                    show_progress=show)
     if same:
         collective.restore_rng(found, run.env.rank, run.env.world_size)
     else:
@@ -79,6 +79,10 @@ def _load(run: Run, found: "checkpoint.Found") -> None:
         run.spikes.load_state_dict(found.state["spike_detector"])
     elif run.spikes is not None:  # saved without train.spike: the window starts empty
         run.spikes.reset()
+
+
+def _slices(run: Run) -> "collective.Slices":
+    return collective.Slices(run.layout, run.env.rank, run.cfg.model.num_layers)
 
 
 def _state_layout(run: Run) -> dict:
@@ -218,8 +222,8 @@ def save(run: Run, position: Position, must_succeed: bool = False) -> None:
         raise TrainingError(f"step {step}: the weights contain NaN or Inf; refusing to save a checkpoint over good ones")
     try:
         figures = collective.save(run.engine, run.ckpt_dir, step, _state(run, position), cfg.checkpoint,
-                                  run.env.is_main, collective.Slices(run.layout, run.env.rank, cfg.model.num_layers),
-                                  files=run.tokenizer_files, show_progress=cfg.logging.progress)
+                                  run.env.is_main, _slices(run), files=run.tokenizer_files,
+                                  show_progress=cfg.logging.progress)
     except checkpoint.CheckpointError as e:
         if must_succeed or cfg.checkpoint.on_save_error == "stop":
             raise TrainingError(str(e)) from None

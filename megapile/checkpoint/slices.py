@@ -117,10 +117,13 @@ class _Fragments:
     def put(self, h: Held, kind: str, values: torch.Tensor) -> None:
         self.get(h, kind).data.copy_(values)
 
-    def put_module(self, h: Held, local: "callable") -> None:
+    def module_span(self, h: Held) -> tuple[int, int]:
         """The module's copy: the whole local tensor, on every data-parallel rank."""
+        return 0, h.numel
+
+    def put_module(self, h: Held, values: torch.Tensor) -> None:
         with torch.no_grad():
-            h.param.data.copy_(local(0, h.numel).view(h.param.shape))
+            h.param.data.copy_(values.view(h.param.shape))
 
     def prepare(self) -> None:
         """Adam's state exists only after the first step; the moments need somewhere to go before it."""
@@ -171,10 +174,11 @@ class _Zero3:
         else:
             deepspeed.utils.safe_set_local_optimizer_state(h.param, self._padded(h, values), kind)
 
-    def put_module(self, h: Held, local: "callable") -> None:
-        """The module's copy is this rank's partition too (`ds_tensor`)."""
-        span = self.span(h)
-        values = local(*span) if span else torch.zeros(0)
+    def module_span(self, h: Held) -> tuple[int, int]:
+        """The module's copy is this rank's partition too (`ds_tensor`); one of padding only reads nothing."""
+        return self.span(h) or (0, 0)
+
+    def put_module(self, h: Held, values: torch.Tensor) -> None:
         with torch.no_grad():
             h.param.ds_tensor.data.copy_(self._padded(h, values).to(h.param.ds_tensor.device))
 
@@ -228,11 +232,14 @@ class _Replica:
         with torch.no_grad():
             self.get(h, kind).copy_(values)
 
-    def put_module(self, h: Held, local: "callable") -> None:
+    def module_span(self, h: Held) -> tuple[int, int]:
+        return 0, h.numel
+
+    def put_module(self, h: Held, values: torch.Tensor) -> None:
         target, _ = self.where[id(h.param)]
-        if target is not h.param:  # fp32: the parameter is its own master, already set
+        if target is not h.param:  # fp32: the parameter is its own master, set with it
             with torch.no_grad():
-                h.param.data.copy_(local(0, h.numel).view(h.param.shape))
+                h.param.data.copy_(values.view(h.param.shape))
 
     def prepare(self) -> None:
         _ensure_adam_state(self.inner, list({id(t): t for t, _ in self.where.values()}.values()))
@@ -273,17 +280,21 @@ def load(engine, source, layout: Layout, rank: int, num_layers: int, show_progre
     accessor = holder(engine)
     accessor.prepare()
     for h in bar(params, desc="load slices", unit="tensor", enabled=show_progress):
-        def local(start: int, end: int, kind: str = "fp32", h: Held = h) -> torch.Tensor:
-            return source.read(h.name, kind, h.split_dim, h.tp_rank, h.tensor, start, end)
-
-        accessor.put_module(h, local)
+        # the module's range holds the optimizer's (the whole local tensor, or the same partition): read once
+        module_start, module_end = accessor.module_span(h)
+        weights = source.read(h.name, "fp32", h.split_dim, h.tp_rank, h.tensor, module_start, module_end)
+        accessor.put_module(h, weights)
         span = accessor.span(h)
         if span is None:
             continue
         for kind in KINDS:
-            if source.has(h.name, kind):
-                device = accessor.get(h, kind).device
-                accessor.put(h, kind, local(*span, kind=kind).to(device))
+            if kind == "fp32":
+                values = weights[span[0] - module_start:span[1] - module_start]
+            elif source.has(h.name, kind):
+                values = source.read(h.name, kind, h.split_dim, h.tp_rank, h.tensor, *span)
+            else:
+                continue
+            accessor.put(h, kind, values)  # copy_ moves it to the optimizer's device
     set_optimizer_step(accessor, source.step)
     scheduler = engine.lr_scheduler
     if scheduler is not None and source.lr_scheduler:
