@@ -98,6 +98,8 @@ def init(env: DistEnv, backend: str, timeout_s: float = 600.0) -> None:
     import torch.distributed as dist  # lazy: torch, see the module docstring
 
     _default_group_timeout(datetime.timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        os.environ.update(nccl_error_handling(os.environ))
     try:
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -127,6 +129,22 @@ def _default_group_timeout(timeout: datetime.timedelta) -> None:
 
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+# NCCL's failure handling, chosen so a hung or dead rank ends the same way as on gloo: one line, exit 1, resume on
+# restart. torch's default (3, SkipCleanUp) has the watchdog abort the whole process on a timeout, with its own
+# multi-line report and none of ours; 2 (CleanUpOnly) aborts the communicators instead, which releases the stuck
+# kernels, and the next wait or collective raises DistBackendError in the training thread (`collective_failed`).
+# Blocking waits (TORCH_NCCL_BLOCKING_WAIT=1) would raise there too, but make the host wait out every collective,
+# so they stay off. torch's heartbeat monitor still kills a process whose watchdog itself is stuck.
+NCCL_ERROR_HANDLING = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_BLOCKING_WAIT": "0"}
+
+
+def nccl_error_handling(environ: Mapping[str, str]) -> dict[str, str]:
+    """The NCCL settings to add to `environ` before the process group starts: NCCL_ERROR_HANDLING, except what
+    the user set (under either the TORCH_ or the older NCCL_ name), which wins."""
+    return {key: value for key, value in NCCL_ERROR_HANDLING.items()
+            if key not in environ and key.removeprefix("TORCH_") not in environ}
 
 
 def _wait_for_master(env: DistEnv, timeout_s: float) -> None:
@@ -183,7 +201,7 @@ def shutdown(healthy: bool = True) -> None:
 # What a collective raises, lower-cased, when another rank hung or died: gloo's and NCCL's timeouts (NCCL's with
 # blocking wait, or its watchdog), gloo's broken connections, NCCL's remote and system errors.
 COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
-                       "nccl error", "ncclremoteerror", "ncclsystemerror")
+                       "nccl error", "ncclremoteerror", "ncclsystemerror", "nccl communicator was aborted")
 
 
 def collective_failed(error: BaseException) -> bool:

@@ -211,6 +211,7 @@ def test_a_rank_without_a_gpu_of_its_own_is_a_launch_error():
                          "NumelIn=1, NumelOut=1, Timeout(ms)=600000) ran for 600027 milliseconds before timing out."),
     ("DistBackendError", "NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network "
                          "error, NCCL version 2.21.5 ncclRemoteError: A call failed possibly due to a network error"),
+    (RuntimeError("NCCL communicator was aborted on rank 1."), True),  # a collective after the watchdog's abort
     (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),  # a real error: its traceback stays
     (ValueError("timeout"), False),
 ])
@@ -233,3 +234,29 @@ def test_shutdown_after_a_failed_collective_sends_nothing_on_the_broken_group(mo
     assert calls == []
     distributed.shutdown()
     assert calls == ["barrier", "destroy"]
+
+
+def test_nccl_hands_its_failures_to_the_training_thread_unless_the_user_chose_otherwise():
+    # CleanUpOnly: the watchdog aborts the communicators and the training thread raises DistBackendError (one line,
+    # exit 1) instead of the default SkipCleanUp, which aborts the process with NCCL's own report
+    assert distributed.nccl_error_handling({}) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+                                                   "TORCH_NCCL_BLOCKING_WAIT": "0"}
+    assert distributed.nccl_error_handling({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "NCCL_BLOCKING_WAIT": "1"}) == {}
+
+
+def test_init_sets_the_nccl_error_handling_on_nccl_only(monkeypatch):
+    import deepspeed
+
+    started = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: started.append(kw["dist_backend"]))
+    for key in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT",
+                "NCCL_BLOCKING_WAIT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    env = distributed.DistEnv(0, 1, 0, "127.0.0.1", 29500, "single")
+    distributed.init(env, "gloo")
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ
+    distributed.init(env, "nccl")
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2" and os.environ["TORCH_NCCL_BLOCKING_WAIT"] == "0"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    distributed.init(env, "nccl")
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and started == ["gloo", "nccl", "nccl"]
