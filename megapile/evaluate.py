@@ -2,6 +2,7 @@
 
     megapile eval --checkpoint runs/x/checkpoints --data 'pile/val.jsonl.zst' [--per-component] [--max-docs N]
     torchrun --nproc_per_node 8 -m megapile.cli eval --checkpoint ... --data ...     # data-parallel, same numbers
+    torchrun --nproc_per_node 8 -m megapile.cli eval --tensor-parallel 4 ...   # 2 copies, each split over 4 ranks
 
 --data is Pile-format jsonl(.zst/.gz) (a glob is fine) or a preprocessed dataset prefix (`.bin/.idx`).
 --checkpoint is a training checkpoint of any layout or a Hugging Face directory (`megapile export-hf`).
@@ -19,7 +20,10 @@ Metrics, summed over documents (NLL in nats):
     bits_per_byte  NLL / (ln 2 × UTF-8 bytes)   byte_perplexity  2 ** bits_per_byte
     word_perplexity exp(NLL / words), words = len(re.split(r"\\s+", text)) as in the Harness
 
-With several processes, document i goes to rank i % world_size; sums are gathered in float64.
+With several processes, document i goes to rank i % world_size; sums are gathered in float64. With
+--tensor-parallel N, each group of N ranks holds one copy of the model split N ways (each rank reads only
+its parts from the checkpoint: megapile/parallel/tensor_inference.py), and document i goes to copy
+i % (world_size / N).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from megapile.data import DataError
 from megapile.data.indexed import IndexedDataset, dataset_exists
 from megapile.data.reader import JsonlSource
 from megapile.hf_export import ExportError, is_hf_dir, load_model
+from megapile.parallel.tensor_inference import groups as tensor_groups
 from megapile.progress import bar as progress_bar
 
 OVERALL = "overall"
@@ -214,6 +219,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="JSON results (default: RUN_DIR/eval/<checkpoint>_<data>.json, or ./eval_<model>_<data>.json)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="weights and compute (bf16: half the memory, for models that do not fit in fp32)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="split the model over groups of N ranks (whole key/value heads each; for a model that does "
+                             "not fit one device); the documents are shared among the groups")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--tokenizer", help="tokenizer to use (default: the checkpoint's own copy; another must be byte-identical)")
 
@@ -234,7 +242,7 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"megapile: error: {message}", file=sys.stderr)
         return 1
 
-    for key in ("max_docs", "seq_len", "stride", "batch_size"):
+    for key in ("max_docs", "seq_len", "stride", "batch_size", "tensor_parallel"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             return fail(f"--{key.replace('_', '-')} must be >= 1")
     try:
@@ -242,21 +250,27 @@ def cli_main(args: argparse.Namespace) -> int:
         device = distributed.local_device(env, os.environ)
     except distributed.LaunchError as e:
         return fail(str(e))
+    tp = args.tensor_parallel
+    if env.world_size % tp:
+        return fail(f"--tensor-parallel {tp} must divide the number of processes ({env.world_size})")
     cuda = device.type == "cuda"
     if env.world_size > 1:
         if cuda:
             torch.cuda.set_device(device)
         distributed.init(env, backend="nccl" if cuda else "gloo")
+    # ranks [0, tp) split the first copy of the model, [tp, 2 tp) the second, ...; each copy scores its documents
+    tp_rank, copy, copies = env.rank % tp, env.rank // tp, env.world_size // tp
+    group = tensor_groups(env.world_size, tp)[copy] if tp > 1 else None
     try:
-        loaded = load_model(args.checkpoint, device, args.tokenizer, args.dtype)
+        loaded = load_model(args.checkpoint, device, args.tokenizer, args.dtype, tp, tp_rank, group)
         bar = progress_bar(desc="eval", unit="window", enabled=env.is_main and not args.no_progress)
         totals = evaluate(loaded.model, loaded.tokenizer, args.data, seq_len=args.seq_len, stride=args.stride,
-                          max_docs=args.max_docs, batch_size=args.batch_size, rank=env.rank,
-                          world_size=env.world_size, progress=bar.update)
+                          max_docs=args.max_docs, batch_size=args.batch_size, rank=copy,
+                          world_size=copies, progress=bar.update)
         bar.close()
     except (ExportError, DataError, ValueError, KeyError) as e:
         return fail(str(e).strip("'\""))
-    totals = gather(totals, env.world_size)
+    totals = gather(totals if tp_rank == 0 else {}, env.world_size)  # one count per copy of the model
     if env.world_size > 1:
         distributed.shutdown()
     if not env.is_main:
@@ -268,7 +282,7 @@ def cli_main(args: argparse.Namespace) -> int:
     components = {k: totals[k].metrics() for k in sorted(totals)} if args.per_component else {}
     seq_len = args.seq_len or loaded.cfg.max_seq_len
     result = {"checkpoint": loaded.source, "step": loaded.step, "data": args.data, "seq_len": seq_len,
-              "stride": args.stride or seq_len, "max_docs": args.max_docs, "world_size": env.world_size, "dtype": args.dtype,
+              "stride": args.stride or seq_len, "max_docs": args.max_docs, "world_size": env.world_size, "tensor_parallel": tp, "dtype": args.dtype,
               OVERALL: rows[OVERALL], "components": components}
     output = args.output or _default_output(loaded, args.checkpoint, args.data)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

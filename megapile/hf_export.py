@@ -31,12 +31,13 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from megapile.checkpoint import carried_tokenizer, portable, tools
+from megapile.checkpoint import carried_tokenizer, fragments, portable, tools
 from megapile.config import Config, ConfigError, ModelConfig
 from megapile.data import DataError
 from megapile.data.tokenizer import load_tokenizer
 from megapile.hf_convert import _HF_HEAD, HF_CLASS, config_to_hf, hf_head_on_disk, load_hf_dir, state_dict_to_hf
 from megapile.model import GPT
+from megapile.parallel.tensor_inference import build_split, cut, local_shape
 from megapile.progress import bar
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,45 +73,71 @@ def is_hf_dir(path: str) -> bool:
 def read_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor],
                                                                              Optional[str], Any]:
     """(model config, full weights in `dtype`, tokenizer path, Found) of a training checkpoint of any layout."""
+    cfg, tokenizer, found = _checkpoint_info(path)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's merge prints progress lines
+        weights = portable.read_full_weights(found.path, int(found.state["zero_stage"]), dtype)
+    _check_names(cfg, found, set(weights))
+    return cfg, weights, tokenizer, found
+
+
+def _checkpoint_info(path: str) -> tuple[ModelConfig, Optional[str], Any]:
     try:
         found = tools.resolve(path)
     except FileNotFoundError as e:
         raise ExportError(str(e)) from None
-    state = found.state
-    model = dict(state["config"]["model"])
+    model = dict(found.state["config"]["model"])
     model.update(activation_checkpointing=False, attention="sdpa", init_from=None)
-    cfg = ModelConfig(**model)
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's merge prints progress lines
-        weights = portable.read_full_weights(found.path, int(state["zero_stage"]), dtype)
+    # the tokenizer the checkpoint carries; for one saved before checkpoints carried it, the run's data.tokenizer
+    tokenizer = carried_tokenizer(found.path) or found.state["config"].get("data", {}).get("tokenizer")
+    return ModelConfig(**model), tokenizer, found
+
+
+def _check_names(cfg: ModelConfig, found: Any, names: set[str]) -> None:
     with torch.device("meta"):
         expected = set(GPT(cfg).state_dict())
-    if set(weights) != expected:
-        par = state.get("parallel", {})
-        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if names != expected:
+        par = found.state.get("parallel", {})
+        missing, extra = sorted(expected - names), sorted(names - expected)
         raise ExportError(f"{found.path}: could not reassemble full weights from this layout "
                           f"(tensor {par.get('tensor', 1)}, pipeline {par.get('pipeline', 1)}): "
                           f"missing {missing[:3]}, unexpected {extra[:3]}")
-    # the tokenizer the checkpoint carries; for one saved before checkpoints carried it, the run's data.tokenizer
-    tokenizer = carried_tokenizer(found.path) or state["config"].get("data", {}).get("tokenizer")
-    return cfg, weights, tokenizer, found
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+def _checkpoint_parts(cfg: ModelConfig, found: Any, dtype: torch.dtype, tensor: int, rank: int):
+    """`part(name, split_dim)` for megapile.parallel.tensor_inference: this rank's part of each parameter, read
+    from the checkpoint's slices alone where it has them (no rank holds the whole model), else cut from the
+    full weights."""
+    if not fragments.present(found.path):
+        _, weights, _, _ = read_checkpoint(found.path, dtype)
+        return cut(weights, tensor, rank)
+    stored = fragments.Stored(found.path)
+    _check_names(cfg, found, set(stored.params))
+
+    def part(name: str, dim: Optional[int]) -> torch.Tensor:
+        shape = local_shape(stored.params[name]["shape"], dim, tensor)
+        numel = int(torch.Size(shape).numel())
+        return stored.read(name, "fp32", dim, rank if dim is not None else 0, tensor, 0, numel).view(shape).to(dtype)
+
+    return part
 
 
 def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optional[str] = None,
-               dtype: str = "fp32") -> Loaded:
+               dtype: str = "fp32", tensor: int = 1, tensor_rank: int = 0, group: Any = None) -> Loaded:
     """A GPT in eval mode, its weights in `dtype` (fp32, or bf16 for models that do not fit in fp32: the 20B
-    preset needs 80 GB in fp32, 40 GB in bf16), plus its tokenizer, from a checkpoint (dir) or an HF directory."""
+    preset needs 80 GB in fp32, 40 GB in bf16), plus its tokenizer, from a checkpoint (dir) or an HF directory.
+    `tensor` > 1: this rank's part of a model split over the tensor group `group` (its rank there `tensor_rank`;
+    megapile/parallel/tensor_inference.py)."""
     if not os.path.exists(path):
         raise ExportError(f"{path}: no such checkpoint or model directory")
     step, trained_with = None, None
     if is_hf_dir(path):
         cfg, weights = load_hf_dir(path)
+        part = cut(weights, tensor, tensor_rank)
         tokenizer = tokenizer or path
         source = f"{path} (Hugging Face {cfg.arch})"
     else:
-        cfg, weights, ckpt_tokenizer, found = read_checkpoint(path, DTYPES[dtype])
+        cfg, ckpt_tokenizer, found = _checkpoint_info(path)
+        part = _checkpoint_parts(cfg, found, DTYPES[dtype], tensor, tensor_rank)
         tokenizer = tokenizer or ckpt_tokenizer
         step, trained_with = found.step, found.state.get("fingerprints", {}).get("tokenizer")
         source = f"{found.path} (step {found.step})"
@@ -123,10 +150,10 @@ def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optiona
     if trained_with and tok.fingerprint != trained_with:
         raise ExportError(f"tokenizer {tokenizer} is not the one {found.path} was trained with (sha256 "
                           f"{tok.fingerprint[:12]}, trained with {trained_with[:12]})")
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.load_state_dict(weights, assign=True)
-    model = model.to(device, DTYPES[dtype]).eval()
+    try:
+        model = build_split(cfg, part, tensor, group, torch.device(device), DTYPES[dtype])
+    except ValueError as e:  # a split that does not divide the heads
+        raise ExportError(str(e)) from None
     return Loaded(model, cfg, tok, source, step)
 
 

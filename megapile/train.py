@@ -36,6 +36,7 @@ from megapile.checkpoint.manager import TrainingError
 from megapile.config import Config, ConfigError, load_config
 from megapile.data.loader import Batches
 from megapile.parallel.collectives import agree, mean_over_ranks
+from megapile.parallel.lagged_flag import LaggedFlag
 from megapile.parallel.parallelize import is_pipelined
 from megapile.parallel.step_guard import after_skipped_step
 from megapile.process_exit import exit_now
@@ -123,7 +124,7 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
     summary = {"step": start.step, "loss": None, "val_loss": None, "exit_code": 0}
     bar = progress.bar(desc="train", total=cfg.train.max_steps, initial=start.step, unit="step", leave=True,
                        enabled=run.env.is_main and cfg.logging.progress)
-    tally, position = _Tally(), start
+    tally, position, stop_flag = _Tally(), start, LaggedFlag(run.env.world_size, run.device)
     loop_start = time.perf_counter()  # wall time of this start, evaluation and saving included: for the ETA
     for step in range(start.step, cfg.train.max_steps):
         step_start = time.perf_counter()
@@ -135,14 +136,18 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
                             position.skip_samples)
         bar.update(1)
         done, last = step + 1, step + 1 == cfg.train.max_steps
-        # with train.spike also the gradient norm, the same on every rank (NaN where a rank has none, or skipped)
-        norm = [] if verdict is None else [math.nan if grad_norm is None or verdict.spike else float(grad_norm)]
-        (stopping, bad_loss), norm = agree([stop.requested, not bool(torch.isfinite(loss))], norm, run.env.world_size)
-        tally.losses.append(loss)
-        tally.seconds += time.perf_counter() - step_start  # the flags' all-reduce waits for the step to finish
+        # A stop request on any rank stops every rank one step later (no host sync: megapile/parallel/lagged_flag.py)
+        stopping = stop_flag.exchange(stop.requested)
+        tally.losses.append(loss)  # a tensor: read on the host once per log record
+        tally.seconds += time.perf_counter() - step_start
         spiked = verdict is not None and verdict.spike
-        _count_bad_step(run, tally, (skipped and not spiked) or bad_loss, done, first_sample)  # every rank agrees
-        rollback = None if verdict is None else _observe_spikes(run, tally, verdict, norm[0], done, first_sample)
+        # A non-finite loss makes a non-finite gradient norm, so its update is skipped on every rank (step_guard)
+        _count_bad_step(run, tally, skipped and not spiked, done, first_sample)
+        rollback = None
+        if verdict is not None:  # the gradient norm too, the same on every rank (NaN where one has none, or skipped)
+            norm = math.nan if grad_norm is None or verdict.spike else float(grad_norm)
+            rollback = _observe_spikes(run, tally, verdict, agree([], [norm], run.env.world_size)[1][0], done,
+                                       first_sample)
         if rollback is not None:
             summary["rollback"] = rollback
             break
@@ -160,6 +165,7 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
                                f"exit code {EXIT_CHECKPOINTED} (restart the same command to resume)")
             summary["exit_code"] = EXIT_CHECKPOINTED
             break
+    stop_flag.drain()  # leave no all-reduce outstanding on the group
     bar.close()
     summary.update(_throughput_summary(run, tally.intervals))
     return summary
