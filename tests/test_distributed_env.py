@@ -246,12 +246,18 @@ def test_nccl_hands_its_failures_to_the_training_thread_unless_the_user_chose_ot
 
 def test_init_sets_the_nccl_error_handling_on_nccl_only(monkeypatch):
     import deepspeed
+    from torch.distributed import distributed_c10d
 
     started = []
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: started.append(kw["dist_backend"]))
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):  # init sets them: put them back afterwards
+        monkeypatch.setattr(distributed_c10d, name, getattr(distributed_c10d, name))
     for key in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT",
                 "NCCL_BLOCKING_WAIT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        # set, then deleted: monkeypatch restores only what it recorded, and init writes these into os.environ,
+        # which later tests in this process (and the processes they start) would inherit
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     env = distributed.DistEnv(0, 1, 0, "127.0.0.1", 29500, "single")
     distributed.init(env, "gloo")
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ
