@@ -61,11 +61,13 @@ def _consolidated_model(checkpoints: str, out: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tensor,pipeline", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
+@pytest.mark.parametrize("tensor,pipeline", [(2, 2)], ids=["tp2xpp2"])
 def test_resume_is_bit_exact_and_checkpoint_consolidates(tensor, pipeline, tmp_path, reference, preprocessed,
                                                          tokenizer_path):
     """Uninterrupted 10 steps vs 6 steps + restart: identical losses; the final checkpoint consolidates to
-    weights whose logits equal the one-process model's; one process resumes it too (the layouts test compares)."""
+    weights whose logits equal the one-process model's; one process resumes it too (the layouts test compares).
+    TP2 × PP2 on 4 ranks only: TP2 and PP2 alone are checked the same ways by the configuration matrix (bit-exact
+    resume, full weights scoring the run's loss, resume on 1 rank) and by the layouts test."""
     def run(run_dir, **extra):
         return launch("torchrun", tensor * pipeline, "zero1.json", small_run_overrides(
             preprocessed, tokenizer_path, run_dir, parallel__tensor=tensor, parallel__pipeline=pipeline,
