@@ -74,10 +74,14 @@ def read_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[Mode
                                                                              Optional[str], Any]:
     """(model config, full weights in `dtype`, tokenizer path, Found) of a training checkpoint of any layout."""
     cfg, tokenizer, found = _checkpoint_info(path)
+    return cfg, _full_weights(cfg, found, dtype), tokenizer, found
+
+
+def _full_weights(cfg: ModelConfig, found: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's merge prints progress lines
         weights = portable.read_full_weights(found.path, int(found.state["zero_stage"]), dtype)
     _check_names(cfg, found, set(weights))
-    return cfg, weights, tokenizer, found
+    return weights
 
 
 def _checkpoint_info(path: str) -> tuple[ModelConfig, Optional[str], Any]:
@@ -108,8 +112,7 @@ def _checkpoint_parts(cfg: ModelConfig, found: Any, dtype: torch.dtype, tensor: 
     from the checkpoint's slices alone where it has them (no rank holds the whole model), else cut from the
     full weights."""
     if not fragments.present(found.path):
-        _, weights, _, _ = read_checkpoint(found.path, dtype)
-        return cut(weights, tensor, rank)
+        return cut(_full_weights(cfg, found, dtype), tensor, rank)
     stored = fragments.Stored(found.path)
     _check_names(cfg, found, set(stored.params))
 

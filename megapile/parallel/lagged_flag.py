@@ -24,7 +24,7 @@ class LaggedFlag:
         self.world_size = world_size
         self.device = device
         self._cuda = device.type == "cuda"
-        self._pending: Optional[tuple] = None  # (flag tensor, host copy, work, event) of the last flag posted
+        self._pending: Optional[tuple] = None  # (flag tensor, work, CUDA event or None) of the last flag posted
         # pinned, so the copy does not wait for the stream; one flag is in flight at a time (exchange drains first)
         self._host = torch.empty(1).pin_memory() if self._cuda else None
 
@@ -42,22 +42,21 @@ class LaggedFlag:
         ends, so no collective is left outstanding on the group."""
         if self._pending is None:
             return False
-        value, host, work, event = self._pending
+        value, work, event = self._pending
         self._pending = None
         if self._cuda:
             event.synchronize()  # the all-reduce and the copy are done; later kernels may still run
-            return bool(host.item())
+            return bool(self._host.item())
         work.wait()
         return bool(value.item())
 
     def _post(self, flag: bool) -> None:
         value = torch.full((1,), float(flag), device=self.device)  # a fill kernel on CUDA, no copy from the host
         work = dist.all_reduce(value, async_op=True)
-        host = event = None
+        event = None
         if self._cuda:
             work.wait()  # NCCL: the current stream waits for the reduction; the host does not
-            host = self._host
-            host.copy_(value, non_blocking=True)
+            self._host.copy_(value, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        self._pending = (value, host, work, event)
+        self._pending = (value, work, event)
