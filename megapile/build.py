@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import yaml
 
-from megapile import checkpoint, component_eval, console, distributed
+from megapile import checkpoint, component_eval, console, distributed, run_lock
 from megapile.checkpoint.rng import seed_everything
 from megapile.config import Config, ConfigError, DatasetSpec
 from megapile.data import DataError
@@ -25,7 +25,7 @@ from megapile.hf_export import apply_init_from
 from megapile.metrics import MetricsLogger
 from megapile.model import GPT, build_model
 from megapile.parallel.ds_config import precision_line, resolve_parallel
-from megapile.parallel.layout import Layout, check_vocab
+from megapile.parallel.layout import Layout, pad_vocab_for_tensor
 from megapile.parallel.parallelize import TrainState, parallelize
 from megapile.parallel.zero_init import build_partitioned
 from megapile.run_state import Run
@@ -33,9 +33,11 @@ from megapile.spikes import PipelineJudge, SpikeDetector
 
 
 def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) -> Run:
-    """Check everything that can be checked before starting processes, then start them and build data, model
-    and engine. `ds_config_path`: a DeepSpeed JSON to read ZeRO settings from, or None (all from the YAML)."""
+    """Check everything that can be checked before starting processes, then start them, take the run directory
+    (megapile/run_lock.py: one run per directory) and build data, model and engine. `ds_config_path`: a DeepSpeed
+    JSON to read ZeRO settings from, or None (all from the YAML)."""
     console.configure(cfg.logging.verbose)
+    pad_vocab_for_tensor(cfg)  # before init_from pads the HF rows to it
     init_weights = apply_init_from(cfg)  # model.init_from: shapes (and tokenizer) from a local HF directory
     device = distributed.local_device(env, os.environ)
     layout, ds_config, dtype = resolve_parallel(cfg, ds_config_path, env.world_size, device)
@@ -43,35 +45,42 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
     _absolute_data_paths(cfg)
     _check_data_paths(cfg)
     tokenizer_print, tokenizer_files = _tokenizer_facts(cfg)
-    check_vocab(cfg, layout)
     ckpt_dir = checkpoint.checkpoint_dir(cfg.checkpoint, cfg.logging.run_dir)
     checkpoint.check_writable(ckpt_dir, env.rank)  # on every rank, so no rank waits for one that gave up
 
     _start_processes(cfg, env, device)
-    seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
-    batches, valid_batches, components = _build_data(cfg, layout, env)
-    with torch.device("meta"):  # counted on a model that takes no memory (ZeRO-3's own holds only partitions)
-        counted = GPT(cfg.model)
-    flops_per_token, n_params = counted.flops_per_token(cfg.train.seq_len), counted.num_params(exclude_embedding=False)
-    model = _build_model(cfg, layout, device, init_weights, ds_config)
-    state = parallelize(cfg, layout, model, ds_config)
+    lock = run_lock.take(cfg.logging.run_dir, env)  # before this run writes there; held until Run.close()
+    try:
+        seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
+        batches, valid_batches, components = _build_data(cfg, layout, env)
+        with torch.device("meta"):  # counted on a model that takes no memory (ZeRO-3's own holds only partitions)
+            counted = GPT(cfg.model)
+        flops_per_token = counted.flops_per_token(cfg.train.seq_len)
+        n_params = counted.num_params(exclude_embedding=False)
+        model = _build_model(cfg, layout, device, init_weights, ds_config)
+        state = parallelize(cfg, layout, model, ds_config)
 
-    logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
-    if env.is_main:
-        _write_resolved_config(cfg, ds_config)
-    peak, peak_source = peak_tflops(device, torch.float32 if dtype == "fp32" else torch.bfloat16, cfg.train.peak_tflops)
-    logger.message(
-        f"megapile: {n_params / 1e6:.2f}M parameters, world {env.world_size} ({env.launcher}), "
-        f"ZeRO-{state.engine.zero_optimization_stage()}, {precision_line(ds_config, dtype)}, "
-        f"micro {cfg.train.micro_batch_size} × accum {accum} × dp {layout.data} = global "
-        f"{cfg.train.global_batch_size}, seq {cfg.train.seq_len}, {layout.describe()}; "
-        f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
-    )
-    fingerprints = {"tokenizer": tokenizer_print, "train_data": batches.stream.fingerprint}
-    spikes = SpikeDetector(cfg.train.spike) if cfg.train.spike.enabled else None
-    return Run(cfg, env, device, layout, state, batches, valid_batches, logger, ckpt_dir, accum, flops_per_token,
-               peak, fingerprints, components, tokenizer_files, spikes,
-               _pipeline_judge(state, spikes, layout, accum) if spikes and state.pipelined else None)
+        logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
+        if env.is_main:
+            _write_resolved_config(cfg, ds_config)
+        peak, peak_source = peak_tflops(device, torch.float32 if dtype == "fp32" else torch.bfloat16,
+                                        cfg.train.peak_tflops)
+        logger.message(
+            f"megapile: {n_params / 1e6:.2f}M parameters, world {env.world_size} ({env.launcher}), "
+            f"ZeRO-{state.engine.zero_optimization_stage()}, {precision_line(ds_config, dtype)}, "
+            f"micro {cfg.train.micro_batch_size} × accum {accum} × dp {layout.data} = global "
+            f"{cfg.train.global_batch_size}, seq {cfg.train.seq_len}, {layout.describe()}; "
+            f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
+        )
+        fingerprints = {"tokenizer": tokenizer_print, "train_data": batches.stream.fingerprint}
+        spikes = SpikeDetector(cfg.train.spike) if cfg.train.spike.enabled else None
+        return Run(cfg, env, device, layout, state, batches, valid_batches, logger, ckpt_dir, accum, flops_per_token,
+                   peak, fingerprints, components, tokenizer_files, spikes,
+                   _pipeline_judge(state, spikes, layout, accum) if spikes and state.pipelined else None, lock)
+    except BaseException:  # a failed start-up leaves the directory to the next run at once
+        if lock is not None:
+            lock.release()
+        raise
 
 
 def _pipeline_judge(state: TrainState, spikes: SpikeDetector, layout: Layout, accum: int) -> PipelineJudge:

@@ -17,6 +17,7 @@ import yaml
 
 from megapile.config import ConfigError, load_config
 from megapile.parallel.ds_config import resolve_parallel
+from megapile.parallel.layout import pad_vocab_for_tensor
 
 INTERMIXED_ARGS = True  # megapile/cli.py: `section.key=value` overrides before or after the options
 
@@ -49,6 +50,7 @@ def cli_main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         cfg = load_config(config, overrides)
+        pad_vocab_for_tensor(cfg)
         layout, ds_config, _ = resolve_parallel(cfg, ds_json, args.world_size, device)
     except ConfigError as e:
         print(f"megapile: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ from megapile.distributed import DistEnv
 from megapile.metrics import MetricsLogger
 from megapile.parallel.layout import Layout
 from megapile.parallel.parallelize import TrainState
+from megapile.run_lock import RunLock
 from megapile.spikes import PipelineJudge, SpikeDetector, merge_ranges
 
 
@@ -53,6 +54,7 @@ class Run:
     tokenizer_files: dict = field(default_factory=dict)  # {path in a checkpoint: bytes}: the carried tokenizer
     spikes: Optional[SpikeDetector] = None  # train.spike.enabled: the loss-spike detector (megapile/spikes.py)
     pipeline_judge: Optional[PipelineJudge] = None  # its judge inside a pipeline's loss function
+    run_lock: Optional[RunLock] = None  # rank 0's: this run's exclusive hold on logging.run_dir
 
     @property
     def engine(self) -> Any:
@@ -70,3 +72,5 @@ class Run:
         for batches in [self.batches, self.valid_batches, *(c.batches for c in self.components)]:
             if batches is not None:
                 batches.close()
+        if self.run_lock is not None:  # last: metrics and sinks are closed by now (train.train)
+            self.run_lock.release()

@@ -68,8 +68,11 @@ class SpikeDetector:
         norm_spike = not verdict.spike and self.norm_z(norm) > self.cfg.z_threshold
         if not (verdict.spike or norm_spike):
             self.streak = 0
-            self.losses.append(verdict.loss)
-            if norm is not None:
+            # A non-finite step (skipped by the non-finite path) says nothing about the loss's range, and one NaN
+            # in the window would make every later z-score NaN: no spike could be seen for `window` steps.
+            if math.isfinite(verdict.loss):
+                self.losses.append(verdict.loss)
+            if norm is not None and math.isfinite(norm):
                 self.norms.append(norm)
             return None
         self.streak += 1
@@ -90,10 +93,15 @@ class SpikeDetector:
                 "streak": self.streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.losses = deque(state["losses"], maxlen=self.cfg.window)
-        self.norms = deque(state["norms"], maxlen=self.cfg.window)
+        # Checkpoints written before non-finite steps were kept out of the window may hold a NaN: dropped here.
+        self.losses = deque(_finite(state["losses"]), maxlen=self.cfg.window)
+        self.norms = deque(_finite(state["norms"]), maxlen=self.cfg.window)
         self.events = [tuple(e) for e in state["events"]]
         self.streak = int(state["streak"])
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
 def _z_score(value: float, window: deque, min_steps: int) -> float:

@@ -35,6 +35,7 @@ from megapile.checkpoint import manager
 from megapile.checkpoint.manager import TrainingError
 from megapile.config import Config, ConfigError, load_config
 from megapile.data.loader import Batches
+from megapile.parallel import loss_scale
 from megapile.parallel.collectives import agree, mean_over_ranks
 from megapile.parallel.lagged_flag import LaggedFlag
 from megapile.parallel.parallelize import is_pipelined
@@ -113,8 +114,9 @@ class _Tally:
     losses: list = field(default_factory=list)  # this window's step losses (tensors: read once per record)
     seconds: float = 0.0  # this window's training time only: evaluation, saving and logging are timed apart
     intervals: list = field(default_factory=list)  # (steps, seconds) of each logged window, for the summary
-    skipped: int = 0  # steps whose update was skipped (non-finite or a loss spike)
+    skipped: int = 0  # steps whose update was skipped (non-finite, a loss spike or fp16's loss-scale search)
     spikes: int = 0  # of those, the loss spikes (train.spike)
+    loss_scale_skips: int = 0  # of those, fp16 overflows at a finite loss: the loss scale halved, not bad data
     first_bad: Optional[tuple[int, int]] = None  # (step, first global sample) of the current streak of skips
     save_seconds: Optional[float] = None  # the save since the last record, logged with the next one
 
@@ -142,7 +144,7 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
         tally.seconds += time.perf_counter() - step_start
         spiked = verdict is not None and verdict.spike
         # A non-finite loss makes a non-finite gradient norm, so its update is skipped on every rank (step_guard)
-        _count_bad_step(run, tally, skipped and not spiked, done, first_sample)
+        _count_bad_step(run, tally, None if spiked else skipped, done, first_sample)
         rollback = None
         if verdict is not None:  # the gradient norm too, the same on every rank (NaN where one has none, or skipped)
             norm = math.nan if grad_norm is None or verdict.spike else float(grad_norm)
@@ -156,8 +158,11 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
             record = _record(run, tally, position, grad_norm, evaluation, time.perf_counter() - loop_start, start.step)
             run.logger.log(record, console=bar.write)
             summary.update(step=done, loss=record["loss"], val_loss=record.get("val_loss", summary["val_loss"]))
-        if ((cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last or stopping) and not tally.first_bad:
-            save_start = time.perf_counter()  # never checkpoint inside a run of skipped steps
+        # Periodic saves wait out a streak of skipped steps; the last step and a stop always save: a skipped
+        # update left the weights as they were, and exit code 75 promises a checkpoint of this very step.
+        periodic = bool(cfg.checkpoint.every) and done % cfg.checkpoint.every == 0 and not tally.first_bad
+        if periodic or last or stopping:
+            save_start = time.perf_counter()
             manager.save(run, position, must_succeed=last or stopping)
             tally.save_seconds = time.perf_counter() - save_start
         if stopping:
@@ -191,12 +196,24 @@ def _observe_spikes(run: Run, tally: _Tally, verdict: Verdict, norm: float, done
     return run.spikes.observe(done, samples, verdict, norm)
 
 
-def _count_bad_step(run: Run, tally: _Tally, bad: bool, done: int, first_sample: int) -> None:
-    if not bad:
+def _count_bad_step(run: Run, tally: _Tally, skipped: Optional[str], done: int, first_sample: int) -> None:
+    """`skipped`: why the step's update was not applied (train_step), None where it was or for a loss spike
+    (counted by _observe_spikes). Only SKIP_BAD steps make a streak toward train.max_bad_steps: fp16's loss-scale
+    search skips by design, and its finite loss ends a streak of non-finite ones."""
+    if skipped is not None:
+        tally.skipped += 1
+    if skipped != SKIP_BAD:
         tally.first_bad = None
+        if skipped == SKIP_LOSS_SCALE:
+            tally.loss_scale_skips += 1
+            scaler = loss_scale.scaler(run.engine)
+            run.logger.message(f"step {done}: update skipped by fp16's loss scaling: the gradients overflowed at a "
+                               f"finite loss; loss scale now {scaler.cur_scale:g} (not counted toward "
+                               f"train.max_bad_steps)")
         return
-    tally.skipped += 1
     tally.first_bad = tally.first_bad or (done, first_sample)
+    run.logger.message(f"step {done}: update skipped: non-finite loss or gradient norm, bad step "
+                       f"{done - tally.first_bad[0] + 1} in a row (train.max_bad_steps={run.cfg.train.max_bad_steps})")
     _check_bad_streak(run, tally.first_bad, done)
 
 
@@ -234,6 +251,7 @@ def _record(run: Run, tally: _Tally, position: Position, grad_norm: Optional[flo
         "tokens_seen": position.tokens_seen,
         "skipped_steps": tally.skipped,
         **({"spikes_skipped": tally.spikes} if run.spikes is not None else {}),
+        **_loss_scale_fields(run, tally),
         "elapsed_seconds": wall,
         "eta_seconds": wall / (position.step - start_step) * (cfg.max_steps - position.step),
         **evaluation,
@@ -243,6 +261,14 @@ def _record(run: Run, tally: _Tally, position: Position, grad_norm: Optional[flo
     tally.intervals.append((steps, elapsed))
     tally.losses, tally.seconds = [], 0.0
     return record
+
+
+def _loss_scale_fields(run: Run, tally: _Tally) -> dict:
+    """fp16's dynamic loss scale and the steps its search skipped; nothing in fp32 and bf16."""
+    scaler = loss_scale.scaler(run.engine)
+    if scaler is None or not loss_scale.is_dynamic(scaler):
+        return {}
+    return {"loss_scale": float(scaler.cur_scale), "loss_scale_skips": tally.loss_scale_skips}
 
 
 def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
@@ -267,19 +293,43 @@ def _throughput_summary(run: Run, intervals: list[tuple[int, float]]) -> dict:
     return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": mfu, "peak_memory_gib": peak_gib}
 
 
-def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[float], bool, Optional[Verdict]]:
+SKIP_BAD, SKIP_LOSS_SCALE = "bad", "loss scale"  # why a step's update was not applied (train_step)
+
+
+def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[float], Optional[str],
+                                                    Optional[Verdict]]:
     """One optimizer step over this rank's micro-batches of the global batch that starts at `first_sample`:
-    (mean loss, global grad norm, update skipped, spike verdict or None). A non-finite gradient norm skips the
-    update on every engine (megapile/parallel/step_guard.py); so does a loss spike (megapile/spikes.py), judged
-    after the last forward pass and before its backward."""
+    (mean loss, global grad norm, why the update was skipped or None, spike verdict or None). A non-finite gradient
+    norm skips the update on every engine (megapile/parallel/step_guard.py); so does a loss spike
+    (megapile/spikes.py), judged after the last forward pass and before its backward."""
     engine = run.engine
-    skipped_before = engine.skipped_steps
-    if run.state.pipelined:  # DeepSpeed runs the micro-batches itself (1F1B); the loss comes from the last stage
-        loss = engine.train_batch(iter(run.batches.micro_batches(first_sample, run.device))).detach().float()
-        verdict = run.pipeline_judge.share() if run.pipeline_judge is not None else None
-        if verdict is not None and verdict.spike:
-            loss = torch.tensor(verdict.loss)  # the NaN that skipped the update is not the step's loss
-        return loss, engine.get_global_grad_norm(), engine.skipped_steps > skipped_before, verdict
+    skipped_before, step = engine.skipped_steps, engine.global_steps + 1
+    scale_before = _current_scale(engine)
+    try:
+        loss, verdict = (_pipelined_step if run.state.pipelined else _accumulated_step)(run, first_sample)
+    except Exception as e:  # noqa: BLE001 (DeepSpeed's overflow at the minimum loss scale is a plain Exception)
+        if not loss_scale.at_minimum(e):
+            raise
+        raise _overflow_at_minimum(run, step, first_sample) from None
+    skipped = None
+    if engine.skipped_steps > skipped_before:
+        skipped = _skip_reason(run, loss, verdict, scale_before, step, first_sample)
+        if not run.state.pipelined:
+            after_skipped_step(engine)
+    return loss, engine.get_global_grad_norm(), skipped, verdict
+
+
+def _pipelined_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[Verdict]]:
+    """DeepSpeed runs the micro-batches itself (1F1B); the loss comes from the last stage."""
+    loss = run.engine.train_batch(iter(run.batches.micro_batches(first_sample, run.device))).detach().float()
+    verdict = run.pipeline_judge.share() if run.pipeline_judge is not None else None
+    if verdict is not None and verdict.spike:
+        loss = torch.tensor(verdict.loss)  # the NaN that skipped the update is not the step's loss
+    return loss, verdict
+
+
+def _accumulated_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[Verdict]]:
+    engine = run.engine
     loss_sum, verdict = torch.zeros((), device=run.device), None
     for j, (x, y) in enumerate(run.batches.micro_batches(first_sample, run.device)):
         loss = engine(x, targets=y)
@@ -290,10 +340,38 @@ def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[floa
                 loss = loss * float("nan")  # every engine skips the update of a non-finite gradient
         engine.backward(loss)
         engine.step()  # a real optimizer step only at the accumulation boundary
-    skipped = engine.skipped_steps > skipped_before
-    if skipped:
-        after_skipped_step(engine)
-    return loss_sum / run.accum, engine.get_global_grad_norm(), skipped, verdict
+    return loss_sum / run.accum, verdict
+
+
+def _current_scale(engine) -> Optional[float]:
+    scaler = loss_scale.scaler(engine)
+    return float(scaler.cur_scale) if scaler is not None and loss_scale.is_dynamic(scaler) else None
+
+
+def _skip_reason(run: Run, loss: torch.Tensor, verdict: Optional[Verdict], scale_before: Optional[float], step: int,
+                 first_sample: int) -> str:
+    """SKIP_LOSS_SCALE for an fp16 overflow at a finite loss on every rank: a loss scale too high for the
+    gradients, which the scaler has just lowered. SKIP_BAD otherwise: a non-finite loss is bad data in any
+    precision (in fp16 it overflows too). Every rank takes the same branches: the skip itself is agreed."""
+    if scale_before is None or (verdict is not None and verdict.spike):
+        return SKIP_BAD
+    if not math.isfinite(mean_over_ranks(loss, run.env.world_size)):  # one all-reduce, on skipped steps only
+        return SKIP_BAD
+    if loss_scale.stuck_at_minimum(loss_scale.scaler(run.engine), scale_before):
+        raise _overflow_at_minimum(run, step, first_sample)
+    return SKIP_LOSS_SCALE
+
+
+def _overflow_at_minimum(run: Run, step: int, first_sample: int) -> TrainingError:
+    scaler, g = loss_scale.scaler(run.engine), run.cfg.train.global_batch_size
+    floor = loss_scale.minimum(scaler)
+    lower = " or a lower fp16.min_loss_scale in the DeepSpeed JSON," if floor > 1 else ""
+    return TrainingError(
+        f"step {step}: fp16 gradients overflowed even at the minimum loss scale {floor:g} (fp16.min_loss_scale), "
+        f"so no update can be applied (global samples [{first_sample}, {first_sample + g}) of data.train): the run "
+        f"is diverging or its gradients outgrow fp16; restart from the last checkpoint with a lower optim.lr,{lower} "
+        f"or with train.dtype bf16 (GPUs of compute capability 8.0 and up) or fp32"
+    )
 
 
 def _check_bad_streak(run: Run, first_bad: tuple[int, int], done: int) -> None:

@@ -215,6 +215,7 @@ def test_ckpt_tools(saved_run, tmp_path, capsys):
     assert main(["ckpt", "info", ckpt]) == 0
     out = capsys.readouterr().out
     assert "step         4 (global sample index 32" in out and "ZeRO-1 on 1" in out
+    assert "resumes on   any layout: tensor, pipeline and data-parallel sizes" in out
     assert main(["ckpt", "verify", ckpt]) == 0
     assert "global_step4: ok" in capsys.readouterr().out
     output = str(tmp_path / "model.safetensors")
@@ -277,3 +278,18 @@ def test_zero0_low_precision_optimizers_take_and_give_back_a_full_state():
     lines = [line for line in proc.stdout.splitlines() if "masters" in line]
     assert lines == [f"{name}: masters 16 exact True round trip True"
                      for name in ("FP16_UnfusedOptimizer", "FP16_Optimizer")], proc.stdout[-2000:]
+
+
+def test_ckpt_info_describes_a_tensor_pipeline_checkpoint_as_resuming_on_any_layout(tmp_path):
+    """Issue 28: a TP/PP checkpoint with slices was told it "resumes on the same layout exactly" and pointed at
+    `consolidate` (which drops the moments and the data position)."""
+    from megapile.checkpoint import Found, fragments
+    from megapile.checkpoint.tools import _resumes_on
+
+    state = {"parallel": {"tensor": 2, "pipeline": 2}, "world_size": 4, "zero_stage": 1}
+    older = Found(str(tmp_path), "global_step3", 3, state)
+    assert "same tensor x pipeline x data layout exactly" in _resumes_on(older)  # no slices: saved before them
+    os.makedirs(tmp_path / fragments.DIR)
+    (tmp_path / fragments.DIR / fragments.INDEX).write_text("{}")
+    text = _resumes_on(Found(str(tmp_path), "global_step3", 3, state))
+    assert text.startswith("any layout") and "consolidate" not in text

@@ -11,6 +11,9 @@ its step-5 fp32 masters and Adam moments, read back by parameter name, equal the
 relative (L2) in fp32, 2e-2 in bf16, where the masters are compared over the whole model (a bf16 step moves a
 weight by ±lr wherever its gradient's sign is marginal). Moments restarted at the resume would be 11-87 % off
 (exp_avg_sq keeps 0.95² of its step-3 value). A bf16 source resumes in bf16.
+
+The same holds onto another vocabulary padding (a 1027-row vocabulary that tensor 2 and 4 pad to 1280 and 1536
+rows), and pythia-1b's and llama-8b's vocabularies read back at tensor 2, 4 and 8 without training.
 """
 import json
 import math
@@ -172,3 +175,136 @@ def test_each_rank_seals_the_files_it_wrote(tmp_path):
     assert shares[0] == ["tokenizer/tokenizer.json"]  # the largest unowned file to the first empty share
     assert shares[2] == ["portable/index.json", "megapile_state.json"]  # then the smallest share, rank 2 (0 bytes)
     assert sorted(sum(shares, [])) == sorted(names)
+
+
+# A vocabulary like a real preset's (pythia's 50277, llama's 128256 at tensor 4 or 8): a row count that tensor 2
+# and 4 do not divide. 1027 rows (the tokenizer's 1024 and three more that only the softmax sees), padded to a
+# multiple of 1 on one rank; tensor 2 and 4 pad the same config to lcm(1, 128 × tensor): 1280 and 1536 rows.
+VOCAB = 1027
+PADDED = dict(COMMON, model__vocab_size=VOCAB, model__pad_vocab_multiple=1)
+ONE, TP2 = (1, {"parallel__zero_stage": 0}), (2, {"parallel__zero_stage": 1, "parallel__tensor": 2})
+PADDING_CASES = {  # name: (source, target, the target's rows)
+    "one-to-tp2": (ONE, TP2, 1280),  # the same config plus parallel.tensor=2
+    "one-to-tp4": (ONE, (4, {"parallel__zero_stage": 1, "parallel__tensor": 4}), 1536),
+    "one-to-zero3-pad512": (ONE, (2, {"parallel__zero_stage": 3, "model__pad_vocab_multiple": 512}), 1536),
+    "one-to-pp2-pad256": (ONE, (2, {"parallel__zero_stage": 0, "parallel__pipeline": 2,
+                                    "model__pad_vocab_multiple": 256}), 1280),  # the head on the last stage
+    "tp2-to-one": (TP2, ONE, VOCAB),  # the padding cropped
+}
+
+
+@pytest.fixture(scope="module")
+def padded_sources(tmp_path_factory, preprocessed, tokenizer_path):
+    """The straight runs of the 1027-row model, trained on first use: {(ranks, overrides) as a key: run directory}."""
+    done = {}
+
+    def get(source: tuple) -> str:
+        key = repr(source)
+        if key not in done:
+            run_dir = str(tmp_path_factory.mktemp("padded-source"))
+            _train(run_dir, source[0], {**PADDED, **source[1]}, preprocessed, tokenizer_path)
+            done[key] = run_dir
+        return done[key]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(PADDING_CASES))
+def test_resume_onto_another_vocabulary_padding(case, padded_sources, tmp_path, preprocessed, tokenizer_path):
+    """A checkpoint resumes onto a layout that pads the vocabulary differently: the losses are the straight run's,
+    the real rows of the embedding and head (masters and moments) are its, the new padding rows are zeros."""
+    source, (ranks, overrides), rows = PADDING_CASES[case]
+    straight = padded_sources(source)
+    resumed = str(tmp_path / "resumed")
+    step3 = os.path.join(straight, "checkpoints", "global_step3")
+    out = _train(resumed, ranks, {**PADDED, **overrides, "checkpoint__resume": step3}, preprocessed, tokenizer_path)
+    assert "the vocabulary padding changed" in out, out[-3000:]
+
+    mine, theirs = read_metrics(resumed), read_metrics(straight)
+    assert [r["step"] for r in mine] == [4, 5]
+    for a, b in zip(mine, theirs[3:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (case, a["loss"], b["loss"])
+
+    ours, reference = _state(resumed, 5), _state(straight, 5)
+    assert ours.params["embed.weight"]["shape"] == [rows, 64]
+    for kind in KINDS:
+        for name in reference.params:
+            a, b = ours.full(name, kind), reference.full(name, kind)
+            if name in ("embed.weight", "head.weight"):
+                assert not a[VOCAB:].any(), (case, kind, name)  # padding rows: zeros, and zeros stay zeros
+                a, b = a[:VOCAB], b[:VOCAB]
+            assert _relative(a, b) <= 1e-3, (case, kind, name, _relative(a, b))
+
+
+class _OneRank:
+    """A one-rank ZeRO-0 optimizer as `fragments.write` sees it: every parameter whole, values from a dict."""
+
+    replicated = True
+
+    def __init__(self, values: dict):
+        self.values = values  # {(name, kind): flat tensor}
+
+    def span(self, h):
+        return 0, h.numel
+
+    def get(self, h, kind):
+        return self.values[h.name, kind]
+
+
+SCALED_DOWN = {  # the preset's vocabulary, its depth and width scaled down
+    "pythia-1b": ["model.num_layers=1", "model.hidden_size=64", "model.num_heads=8"],
+    "llama-8b": ["model.num_layers=1", "model.hidden_size=64", "model.num_heads=8", "model.intermediate_size=128"],
+}
+
+
+@pytest.mark.parametrize("preset", list(SCALED_DOWN))
+def test_a_presets_vocabulary_reads_back_at_tensor_2_4_8(preset, tmp_path):
+    """A one-rank checkpoint of pythia-1b's (50277 tokens, 50304 rows) or llama-8b's (128256) vocabulary, read as a
+    rank of tensor 2, 4 and 8 reads it, in three ZeRO partitions: the embedding and head padded as that run pads
+    them, the saved rows then zeros; every tensor-parallel part the matching cut of the saved tensor. A smaller
+    padding reads the saved rows it keeps."""
+    from megapile.checkpoint.fragments import write
+    from megapile.checkpoint.slices import Held
+    from megapile.config import load_config
+    from megapile.model import GPT
+    from megapile.parallel.layout import Layout, pad_vocab_for_tensor
+    from megapile.parallel.tensor import split_dim
+
+    def model(tensor: int):
+        cfg = load_config(os.path.join(ROOT, "configs", f"{preset}.yaml"),
+                          SCALED_DOWN[preset] + [f"parallel.tensor={tensor}"])
+        pad_vocab_for_tensor(cfg)
+        with torch.device("meta"):
+            return cfg.model, dict(GPT(cfg.model).named_parameters())
+
+    model_cfg, params = model(1)
+    generator = torch.Generator().manual_seed(0)
+    saved = {(n, k): torch.randn(p.numel(), generator=generator) for n, p in params.items() for k in KINDS}
+    held = [Held(n, p, tuple(p.shape), None, 0, 1, True) for n, p in params.items()]
+    os.makedirs(tmp_path / DIR)
+    write_index(str(tmp_path), [write(_OneRank(saved), held, Layout(1, 1, 1, 1), 0, str(tmp_path))], 3, None,
+                {"tensor": 1})
+    stored, vocab = Stored(str(tmp_path)), model_cfg.vocab_size
+
+    for tensor in (2, 4, 8):
+        cfg, params = model(tensor)
+        assert cfg.padded_vocab_size % (128 * tensor) == 0 and cfg.padded_vocab_size >= vocab
+        for name, p in params.items():
+            dim = split_dim(name)
+            for kind in KINDS:
+                expected = saved[name, kind].view(stored.params[name]["shape"])
+                if name in ("embed.weight", "head.weight"):  # whole on every tensor rank
+                    rows = torch.zeros(p.shape)  # grown: the saved rows (real, and pythia's 27 padding), then zeros
+                    rows[:len(expected)] = expected
+                    expected, parts = rows, [rows]
+                else:
+                    parts = expected.chunk(tensor, dim=dim) if dim is not None else [expected]
+                for tp_rank, part in enumerate(parts):
+                    flat = part.reshape(-1)
+                    cuts = [round(i * flat.numel() / 3) for i in range(4)]  # one ZeRO partition each
+                    got = torch.cat([stored.read(name, kind, dim, tp_rank if dim is not None else 0,
+                                                 tensor if dim is not None else 1, a, b, shape=tuple(p.shape))
+                                     for a, b in zip(cuts, cuts[1:])])
+                    assert torch.equal(got, flat), (tensor, name, kind, tp_rank)
+    exact = stored.read("head.weight", "exp_avg", None, 0, 1, 0, vocab * 64, shape=(vocab, 64))  # no padding
+    assert torch.equal(exact, saved["head.weight", "exp_avg"][:vocab * 64])

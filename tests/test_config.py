@@ -108,6 +108,26 @@ def test_checkpoints_of_runs_before_llama_still_resume():
     compat.check({"config": {"model": older}}, model, {}, False, "ckpt")  # no error
 
 
+def test_another_vocabulary_padding_is_the_same_model():
+    """A pythia-1b checkpoint (50304 rows) resumes at tensor 8 (51200): the padding changes, said in one line; another
+    vocabulary is still a different model."""
+    from megapile.checkpoint import compat
+    from megapile.parallel.layout import pad_vocab_for_tensor
+
+    path = os.path.join(ROOT, "configs", "pythia-1b.yaml")
+    saved = {"config": {"model": load_config(path).to_dict()["model"]}}
+    cfg = load_config(path, ["parallel.tensor=8"])
+    pad_vocab_for_tensor(cfg)
+    compat.check(saved, cfg.to_dict()["model"], {}, False, "ckpt")  # no error
+    assert compat.vocab_padding_change(saved, cfg.to_dict()["model"]) == (
+        "the vocabulary padding changed from 50304 to 51200 rows (model.pad_vocab_multiple 128 -> 1024): the 50277 "
+        "real rows are the checkpoint's, added padding rows are zeros")
+    assert compat.vocab_padding_change(saved, saved["config"]["model"]) is None
+    other = load_config(path, ["model.vocab_size=50280"]).to_dict()["model"]
+    with pytest.raises(ConfigError, match=r"different model \(model.vocab_size: 50277 -> 50280\)"):
+        compat.check(saved, other, {}, False, "ckpt")
+
+
 def test_llama_keys_are_checked(tmp_path):
     assert "model.num_heads (8) must be divisible by model.num_kv_heads (3)" in _error(
         tmp_path, "model:\n  arch: llama\n  num_heads: 8\n  num_kv_heads: 3\n")

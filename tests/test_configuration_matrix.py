@@ -5,6 +5,9 @@
     layout     ZeRO-0, ZeRO-1, ZeRO-2, ZeRO-3 (data parallel 2); TP2 (ZeRO-1); PP2 (ZeRO-0 in fp32, ZeRO-1 in
                bf16: megapile refuses bf16 ZeRO-0 pipelines, whose checkpoints DeepSpeed cannot load)
 
+and one cell on 4 ranks: TP2 × PP2 (ZeRO-1), fp32, dropout 0.1 (each stage splits its blocks itself, with the
+per-rank attention-dropout stream of TP alone).
+
 Every cell runs through the one path of `megapile/parallel/parallelize.py`, with the DeepSpeed config generated
 from the YAML's `parallel` keys (no JSON). Each cell is one 6-step run (checkpoints every 3 steps, a NaN injected into rank 0's loss at step 5) and
 one resume of its step-3 checkpoint, and checks:
@@ -23,8 +26,9 @@ one resume of its step-3 checkpoint, and checks:
   weights, the full weights are the fp32 masters, so 2e-2.
 
 The combinations DeepSpeed refuses (TP with ZeRO-0/3, PP with ZeRO-2/3) are refused by megapile in one line
-before any process starts: tests/test_parallel_layout.py. fp16 needs a GPU in DeepSpeed (its loss scaler); the
-fp16 loss path is covered at unit level in tests/test_model.py.
+before any process starts: tests/test_parallel_layout.py. DeepSpeed refuses fp16 on CPU; its loss
+scaling (resume, overflow skips, the minimum scale) is tested with that refusal switched off in tests/test_fp16.py,
+and the fp16 loss path at unit level in tests/test_model.py.
 """
 import math
 import os
@@ -50,9 +54,12 @@ LAYOUTS = {  # name: overrides; the DeepSpeed config is generated from them (no 
     "zero3": {"parallel__zero_stage": 3, "parallel__overlap_comm": False},
     "tp2": {"parallel__zero_stage": 1, "parallel__tensor": 2},
     "pp2": {"parallel__pipeline": 2},  # ZeRO-0 in fp32, ZeRO-1 in bf16 (below)
+    "tp2pp2": {"parallel__zero_stage": 1, "parallel__tensor": 2, "parallel__pipeline": 2},  # 4 ranks: one cell
 }
-REPLICATED = ("zero0", "zero1", "zero2", "tp2")
-CELLS = [(p, d, layout) for p in ("fp32", "bf16") for d in (0.0, 0.1) for layout in LAYOUTS]
+NPROC = {"tp2pp2": 4}
+REPLICATED = ("zero0", "zero1", "zero2", "tp2", "tp2pp2")  # tp2pp2: within each stage's tensor group
+CELLS = [(p, d, layout) for p in ("fp32", "bf16") for d in (0.0, 0.1) for layout in LAYOUTS if layout != "tp2pp2"]
+CELLS.append(("fp32", 0.1, "tp2pp2"))
 
 
 def _train(run_dir, overrides, nproc=2):
@@ -94,7 +101,9 @@ def test_cell(precision, dropout, layout, tmp_path, preprocessed, tokenizer_path
     settings = dict(train__dtype=precision, model__dropout=dropout, train__max_steps=6, checkpoint__every=3,
                     train__eval_every=3, optim__decay_steps=6, **extra)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    proc = _train(straight, small_run_overrides(preprocessed, tokenizer_path, straight, **settings))
+    nproc = NPROC.get(layout, 2)
+    ranks = [str(r) for r in range(nproc)]
+    proc = _train(straight, small_run_overrides(preprocessed, tokenizer_path, straight, **settings), nproc)
     records = read_metrics(straight)
     loss = [r["loss"] for r in records]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -104,19 +113,19 @@ def test_cell(precision, dropout, layout, tmp_path, preprocessed, tokenizer_path
     assert loss[5] < loss[0] - 0.05, loss
     assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0, 1, 1]
     unchanged = dict(re.findall(rf"rank (\d) step {NAN_STEP} weights unchanged: (True|False)", proc.stdout))
-    assert unchanged == {"0": "True", "1": "True"}, proc.stdout[-2000:]
+    assert unchanged == dict.fromkeys(ranks, "True"), proc.stdout[-2000:]
 
     # replicated parameters bit-equal across the ranks that hold them
     replicas = dict(re.findall(r"rank (\d) replicas (\d+ [0-9a-f]{64})", proc.stdout))
-    assert set(replicas) == {"0", "1"}, proc.stdout[-2000:]
-    if layout in REPLICATED:
-        assert int(replicas["0"].split()[0]) > 0
-        assert replicas["0"] == replicas["1"], replicas
+    assert set(replicas) == set(ranks), proc.stdout[-2000:]
+    if layout in REPLICATED:  # pairs of ranks: the data-parallel pair, or each stage's tensor pair
+        assert all(int(v.split()[0]) > 0 for v in replicas.values())
+        assert all(replicas[a] == replicas[b] for a, b in zip(ranks[::2], ranks[1::2])), replicas
 
     # save -> resume on the same layout: steps 4-6 bit for bit
     step3 = os.path.join(straight, "checkpoints", "global_step3")
     _train(resumed, small_run_overrides(preprocessed, tokenizer_path, resumed, checkpoint__resume=step3,
-                                            **settings))
+                                            **settings), nproc)
     again = [r["loss"] for r in read_metrics(resumed)]
     assert [r["step"] for r in read_metrics(resumed)] == [4, 5, 6]
     assert all(_same(a, b) for a, b in zip(again, loss[3:])), (again, loss[3:])

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from megapile.run_lock import RunLock
 from train_helpers import DS, ROOT, TRAIN, small_run_overrides
 
 TABLE = os.path.join(ROOT, "docs", "errors.md")
@@ -73,6 +74,10 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed, che
     rewritten = work / "rewritten_tokenizer.json"  # the same vocabulary, other bytes: another fingerprint
     rewritten.write_text(json.dumps(json.load(open(tokenizer_path)), indent=1))
 
+    def busy(d):  # this process holds the run directory a run is then started on
+        with RunLock(str(d / "run")):
+            return _train(good + [f"logging.run_dir={d}/run"], d)
+
     def clobber(d):
         (d / "tokenizer.json").write_text("{}")
         return _megapile(["ckpt", "consolidate", checkpoint_dir, "--output", "model.safetensors"], d)
@@ -110,6 +115,7 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed, che
         "ckpt-not-intact": (lambda d: _train(ds("zero0.json") + good + [f"checkpoint.resume={d}/gone/global_step4",
                                                                        f"logging.run_dir={d}/run"], d), []),
         "ckpt-unwritable": (lambda d: _train(good + [f"checkpoint.dir={blocker}/ckpt"], d), []),
+        "run-dir-in-use": (busy, ["run/config.yaml", "run/metrics.jsonl"]),
         "ckpt-tool": (lambda d: _megapile(["ckpt", "info", "nothing"], d), []),
         "model-missing": (lambda d: _megapile(["eval", "--checkpoint", "nothing", "--data", val], d), []),
         "model-tensor-world": (lambda d: _megapile(["eval", "--checkpoint", checkpoint_dir, "--data", val,

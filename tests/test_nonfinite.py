@@ -14,8 +14,8 @@ from train_helpers import DS, ROOT, free_port, read_metrics, small_run_overrides
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 
 
-def _run(nproc, ds, overrides, nan_steps):
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_NAN_STEPS=nan_steps)
+def _run(nproc, ds, overrides, nan_steps, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_NAN_STEPS=nan_steps, **env)
     args = [HARNESS, "--deepspeed_config", os.path.join(DS, ds)] + overrides
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())] + args
@@ -68,3 +68,22 @@ def test_a_streak_of_nans_stops_with_the_batch_named(tmp_path, preprocessed, tok
     assert last.startswith("megapile: error: steps 3-5: 3 consecutive steps had a non-finite loss")
     assert "global samples [16, 24)" in last and "weights are those after step 2" in last
     assert [s for s, _ in list_complete(os.path.join(run_dir, "checkpoints"))] == [2]  # no save during the streak
+
+
+@pytest.mark.slow
+def test_a_skipped_last_or_stop_step_still_saves_its_checkpoint(tmp_path, preprocessed, tokenizer_path):
+    """Issue 28.5: a NaN at the last step, or at the step a stop signal ends, used to leave no checkpoint there (the
+    run still exited 75, "checkpointed"). The skipped update left the weights as they were: saving them is safe."""
+    last = str(tmp_path / "last")
+    proc = _run(1, "zero1.json", small_run_overrides(preprocessed, tokenizer_path, last, train__max_steps=4,
+                                                     checkpoint__every=3), nan_steps="4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 step 4 weights unchanged: True" in proc.stdout
+    assert [s for s, _ in list_complete(os.path.join(last, "checkpoints"))] == [4, 3]
+
+    stopped = str(tmp_path / "stopped")
+    proc = _run(1, "zero1.json", small_run_overrides(preprocessed, tokenizer_path, stopped, train__max_steps=8,
+                                                     checkpoint__every=2), nan_steps="3", MEGAPILE_SIGTERM_AT_STEP="3")
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert [s for s, _ in list_complete(os.path.join(stopped, "checkpoints"))] == [3, 2]
+    assert read_metrics(stopped)[-1]["skipped_steps"] == 1

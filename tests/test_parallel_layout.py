@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from megapile.config import ConfigError, load_config
-from megapile.parallel.layout import Layout, check_same_layout, check_vocab, resolve_layout
+from megapile.parallel.layout import Layout, check_same_layout, pad_vocab_for_tensor, resolve_layout
 from megapile.parallel.pipeline import explicit_parts, gpt_name
 from train_helpers import ROOT, TRAIN, small_run_overrides
 
@@ -63,10 +63,19 @@ def test_config_values_are_checked():
         _cfg("parallel.data=2")
 
 
-def test_vocab_padding_must_split_into_multiples_of_128():
-    check_vocab(_cfg("model.vocab_size=50277", "model.pad_vocab_multiple=256"), Layout(2, 2, 1, 1))  # 50432 rows
-    with pytest.raises(ConfigError, match=r"padded vocabulary \(50304 rows\) .* set model.pad_vocab_multiple to 256"):
-        check_vocab(_cfg("model.vocab_size=50277"), Layout(2, 2, 1, 1))
+@pytest.mark.parametrize("preset,rows", [
+    ("pythia-1b", {1: 50304, 2: 50432, 4: 50688, 8: 51200}),  # tensor 2: 50432, as the released Pythia 6.9B/12B
+    ("neox-20b", {1: 50432, 2: 50432, 4: 50688, 8: 51200}),   # pad_vocab_multiple 256 already
+    ("llama-8b", {1: 128256, 2: 128256, 4: 128512, 8: 129024}),
+])
+def test_the_vocabulary_is_padded_for_each_tensor_parallel_size(preset, rows):
+    """The same preset runs at any parallel.tensor: its vocabulary is padded to a multiple of 128 × tensor (and of
+    its own model.pad_vocab_multiple), so every tensor-parallel share is a multiple of 128 rows."""
+    for tensor, padded in rows.items():
+        cfg = load_config(os.path.join(ROOT, "configs", f"{preset}.yaml"), [f"parallel.tensor={tensor}"])
+        pad_vocab_for_tensor(cfg)
+        assert cfg.model.padded_vocab_size == padded, (tensor, cfg.model.padded_vocab_size)
+        assert padded % (128 * tensor) == 0
 
 
 def test_resume_refuses_another_tensor_or_pipeline_layout():

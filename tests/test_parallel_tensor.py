@@ -3,7 +3,9 @@
 megapile's AutoTP plan (megapile/parallel/tensor.py) is applied by `deepspeed.initialize` to a 1-block GPT;
 every rank then runs the sharded qkv (column), proj (row), attention, MLP and whole block on the same input
 and compares with the dense model built from the same seed: outputs and input gradients equal the dense
-ones, and each weight/bias gradient equals the matching slice of the dense gradient.
+ones, and each weight/bias gradient equals the matching slice of the dense gradient. The attention dropout of a
+split block, by AutoTP or by a pipeline stage (`pipeline.shard_block`, TP × PP), draws from a generator of each
+tensor rank's own: peers start from the same process stream yet drop different probabilities in their own heads.
 
 Run as a test (spawns itself under torchrun) or directly: torchrun --nproc_per_node 2 tests/test_parallel_tensor.py
 """
@@ -25,7 +27,7 @@ def test_tensor_parallel_layers_equal_dense(arch):
                            "--master_port", str(_free_port()), HERE], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    for part in ("qkv column", "proj row", "attention", "mlp", "block"):
+    for part in ("qkv column", "proj row", "attention", "mlp", "block", "autotp dropout", "stage dropout"):
         assert f"rank 0 {part}: ok" in proc.stdout and f"rank 1 {part}: ok" in proc.stdout, proc.stdout
 
 
@@ -45,7 +47,8 @@ def _worker() -> None:
 
     from megapile.config import ModelConfig
     from megapile.model import build_model, rotary_cos_sin
-    from megapile.parallel.parallelize import init_groups
+    from megapile.parallel.parallelize import prepare_tensor_parallel
+    from megapile.parallel.pipeline import shard_block
     from megapile.parallel.tensor import autotp_section, split_dim
 
     deepspeed.init_distributed("gloo")
@@ -57,7 +60,8 @@ def _worker() -> None:
     sharded = build_model(cfg, seed=7).double()
     ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0},
           "tensor_parallel": autotp_section(tp)}
-    engine, *_ = deepspeed.initialize(model=sharded, config=ds, mpu=init_groups(tp))
+    mpu = prepare_tensor_parallel(sharded, tp)
+    engine, *_ = deepspeed.initialize(model=sharded, config=ds, mpu=mpu)
     model = engine.module
     T = 8
     rope = rotary_cos_sin(cfg, T, torch.device("cpu"))
@@ -101,6 +105,24 @@ def _worker() -> None:
           prefix="blocks.0.attn")
     check("mlp", block_d.mlp, block_s.mlp, x_all, prefix="blocks.0.mlp")
     check("block", lambda x: block_d(x, rope), lambda x: block_s(x, rope), x_all, prefix="blocks.0")
+
+    def check_dropout(part, attn):
+        """The generator the attention-probability dropout draws its mask from, sampled where the mask is made,
+        after every rank seeded the process stream alike: a tensor peer's must differ."""
+        draws, attend = [], attn._attend
+        attn._attend = lambda *args: (draws.append(torch.rand(4).tolist()), attend(*args))[1]
+        attn.dropout = 0.1
+        torch.manual_seed(0)
+        attn.train()(x_all, rope)
+        peers = [None] * tp
+        dist.all_gather_object(peers, draws, group=mpu.get_tensor_model_parallel_group())
+        assert peers[0] != peers[1], (part, peers)
+        print(f"rank {rank} {part}: ok", flush=True)
+
+    check_dropout("autotp dropout", block_s.attn)
+    stage_block = build_model(cfg, seed=7).double().blocks["0"]
+    shard_block(stage_block, mpu.get_tensor_model_parallel_group())
+    check_dropout("stage dropout", stage_block.attn)
     engine.destroy()
     dist.destroy_process_group()
 

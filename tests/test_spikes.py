@@ -78,6 +78,27 @@ def test_the_window_is_state_a_resumed_detector_decides_alike():
     assert a.observe(6, (40, 48), a.judge(8.0), None) == b.observe(6, (40, 48), b.judge(8.0), None)
 
 
+def test_a_non_finite_step_does_not_blind_the_detector():
+    """Issue 28.1: a NaN/Inf step (skipped by the non-finite path) stayed in the window, so every later z-score was
+    NaN and a 1000-sigma spike at step 10 was applied; it also travelled in the checkpoint's window."""
+    cfg = SpikeConfig(window=16, min_steps=4, z_threshold=6.0)
+    detector = SpikeDetector(cfg)
+    _steady(detector, [3.0, 3.1, 2.9, 3.0, 3.05])
+    for bad in (float("nan"), float("inf")):
+        verdict = detector.judge(bad)
+        assert not verdict.spike
+        assert detector.observe(6, (40, 48), verdict, None) is None
+    assert list(detector.losses) == [3.0, 3.1, 2.9, 3.0, 3.05]
+    spike = detector.judge(3.0 + 1000 * 0.07)
+    assert spike.spike and spike.z > 6
+    # a window saved with a NaN in it (a checkpoint of an earlier version) is cleaned when loaded
+    saved = {"losses": [3.0, float("nan"), 3.1, 2.9, 3.0], "norms": [1.0, float("inf")], "events": [], "streak": 0}
+    resumed = SpikeDetector(cfg)
+    resumed.load_state_dict(json.loads(json.dumps(saved)))
+    assert list(resumed.losses) == [3.0, 3.1, 2.9, 3.0] and list(resumed.norms) == [1.0]
+    assert resumed.judge(50.0).spike
+
+
 def test_skipped_ranges_merge_and_a_batch_never_overlaps_one():
     assert merge_ranges([[64, 80]], [[8, 16], [70, 96]], [[16, 24]]) == [[8, 24], [64, 96]]
     skip = [[16, 32], [40, 48]]
@@ -142,14 +163,25 @@ def test_a_spike_step_is_skipped_on_every_rank(layout, tmp_path, preprocessed, t
     assert "step 7: loss spike skipped" in proc.stdout + proc.stderr and "rolled back" not in proc.stdout
 
 
+# every ZeRO stage and model-parallel layout a rollback reloads in place (each keeps a copy of the weights of its
+# own); PP2 with the embedding tied (one weight held by both stages), TP2 with dropout (the per-rank streams)
+ROLLBACK_LAYOUTS = {**LAYOUTS, "fp32-zero0": dict(train__dtype="fp32", parallel__zero_stage=0),
+                    "bf16-zero2": dict(train__dtype="bf16", parallel__zero_stage=2),
+                    "fp32-pp2": dict(LAYOUTS["fp32-pp2"], model__tie_embeddings=True),
+                    "fp32-tp2": dict(LAYOUTS["fp32-tp2"], model__dropout=0.1)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["fp32-zero1", "bf16-zero1"])
+@pytest.mark.parametrize("layout", ["fp32-zero1", "bf16-zero1", "fp32-zero0", "bf16-zero2", "bf16-zero3", "fp32-tp2",
+                                    "fp32-pp2"])
 def test_a_persistent_spike_rolls_back_and_steps_over_its_samples(layout, tmp_path, preprocessed, tokenizer_path):
     """Samples [64, 80) spike: steps 9 and 10 (patience 2) roll back to step 4 (rollback_steps 4: at or before step
     5), and training goes on with [64, 80) never trained. The final model equals, bit for bit, a run given
-    train.skip_samples [[64, 80]] from the start; a requeue right after the rollback (before any save) does not
-    train those samples either."""
-    settings = dict(**SPIKE, **LAYOUTS[layout], train__max_steps=14, train__spike__rollback_steps=4)
+    train.skip_samples [[64, 80]] from the start, and so does every loss after the rollback; a requeue right after
+    the rollback (before any save) does not train those samples either (checked on fp32 ZeRO-1 only). ZeRO-3 keeps
+    its default persistence threshold: the tiny model's norms, biases and block weights stay gathered whole on
+    every rank between steps, the copy a rollback must refresh (issue 28.3)."""
+    settings = dict(**SPIKE, **ROLLBACK_LAYOUTS[layout], train__max_steps=14, train__spike__rollback_steps=4)
     env = {"MEGAPILE_SPIKE_SAMPLES": "64-80"}
 
     rolled = str(tmp_path / "rolled")
@@ -164,14 +196,18 @@ def test_a_persistent_spike_rolls_back_and_steps_over_its_samples(layout, tmp_pa
     given = str(tmp_path / "given")
     _train(small_run_overrides(preprocessed, tokenizer_path, given, **settings, train__skip_samples=[[64, 80]]),
            env=env)
+    assert [r["loss"] for r in read_metrics(given)] == [r["loss"] for r in records]
     weights, state = _final_weights(rolled, 14)
     reference, _ = _final_weights(given, 14)
     assert weights.keys() == reference.keys()
-    assert all(torch.equal(weights[k], reference[k]) for k in weights)
+    assert all(torch.equal(weights[k], reference[k]) for k in weights), \
+        max(float((weights[k].float() - reference[k].float()).abs().max()) for k in weights)
     assert state["skip_samples"] == [[64, 80]]
     info = subprocess.run([sys.executable, "-m", "megapile.cli", "ckpt", "info", os.path.join(rolled, "checkpoints")],
                           capture_output=True, text=True, timeout=120)
     assert "skipped      16 global samples: [64, 80)" in info.stdout, info.stdout + info.stderr
+    if layout != "fp32-zero1":
+        return
 
     requeued = str(tmp_path / "requeued")  # killed right after the rollback, then started again
     killed = _train(small_run_overrides(preprocessed, tokenizer_path, requeued, **settings), check=False,

@@ -100,10 +100,13 @@ def rolled_back_to(directory: str) -> Optional[str]:
         return None
 
 
-def find_resumable(directory: str, checksums: bool = True, warn=None) -> Optional[Found]:
-    """The newest checkpoint that verifies; damaged ones are reported through `warn` and skipped."""
+def find_resumable(directory: str, checksums: bool = True, warn=None, at_most: Optional[int] = None) -> Optional[Found]:
+    """The newest checkpoint (at step `at_most` or before, if given) that verifies; damaged ones are reported
+    through `warn` and skipped."""
     warn = warn or (lambda text: print(text, file=sys.stderr))
     for step, tag in list_complete(directory):
+        if at_most is not None and step > at_most:
+            continue
         path = os.path.join(directory, tag)
         problems = manifest.verify(path, checksums=checksums)
         if problems:

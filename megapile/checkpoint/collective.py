@@ -26,6 +26,7 @@ from megapile.checkpoint import STATE_FILE, CheckpointError, Found, _replace_dir
 from megapile.checkpoint import fragments, rng
 from megapile.checkpoint import slices as slices_access
 from megapile.config import CheckpointConfig, ConfigError
+from megapile.parallel import loss_scale
 from megapile.parallel.layout import Layout
 
 
@@ -184,7 +185,7 @@ def load(engine, found: Found, slices: Slices, show_progress: bool = False) -> N
     loss scale. The RNG streams are the caller's: they follow only onto the same layout."""
     slices_access.load(engine, fragments.Stored(found.path), slices.layout, slices.rank, slices.num_layers,
                        show_progress)
-    _restore_engine_state(engine, found.state.get("engine") or {})
+    _restore_engine_state(engine, found.state.get("engine") or {}, found.state.get("dtype"))
 
 
 def restore_rng(found: Found, rank: int, world_size: int) -> None:
@@ -210,21 +211,21 @@ _COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 def _engine_state(engine) -> dict[str, Any]:
     """What DeepSpeed's own checkpoint would add: its step counters, and the loss scaler's state (fp16's dynamic
     scale; a constant 1 in fp32 and bf16)."""
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    scaler = loss_scale.scaler(engine)
     return {**{k: int(getattr(engine, k, 0)) for k in _COUNTERS},
             "loss_scaler": {k: v for k, v in vars(scaler).items()
                             if isinstance(v, (bool, int, float))} if scaler is not None else {}}
 
 
-def _restore_engine_state(engine, state: dict[str, Any]) -> None:
+def _restore_engine_state(engine, state: dict[str, Any], saved_dtype: Optional[str]) -> None:
+    """The counters always; fp16's loss scale only from an fp16 checkpoint (`saved_dtype` None: saved before
+    checkpoints recorded it, when a dynamic scaler says fp16). fp32 and bf16 save a static scale of 1, which
+    as fp16's scale would overflow at its minimum within two steps: fp16 then starts at its initial scale."""
     for key in _COUNTERS:
         if key in state:
             setattr(engine, key, state[key])
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if scaler is not None:
-        for key, value in (state.get("loss_scaler") or {}).items():
-            if hasattr(scaler, key):
-                setattr(scaler, key, value)
+    if saved_dtype in ("fp16", None):
+        loss_scale.restore(engine, state.get("loss_scaler") or {})
 
 
 def _barrier() -> None:

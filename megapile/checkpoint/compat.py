@@ -1,13 +1,15 @@
 """Refuse to resume a checkpoint into a run it does not belong to, naming what changed."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from megapile.config import ConfigError
 
-# Model keys that change no tensor shape or meaning: they may differ between save and resume.
+# Model keys that change no tensor shape or meaning: they may differ between save and resume. The vocabulary's
+# padding changes the embedding's and head's shapes but not the model: a load keeps the real rows
+# (megapile/checkpoint/fragments.py) and `vocab_padding_change` says so.
 _FREE_MODEL_KEYS = {"dropout", "activation_checkpointing", "attention", "init_from", "checkpoint_every",
-                    "chunked_loss", "compile"}
+                    "chunked_loss", "compile", "pad_vocab_multiple"}
 
 
 def check(saved: dict[str, Any], model: dict[str, Any], fingerprints: dict[str, str], allow_data_change: bool,
@@ -26,3 +28,20 @@ def check(saved: dict[str, Any], model: dict[str, Any], fingerprints: dict[str, 
             f"checkpoint {path} was trained on different data (data.train, its weights or train.seed changed); "
             "set checkpoint.allow_data_change=true to continue on the new data from the same sample index"
         )
+
+
+def vocab_padding_change(saved: dict[str, Any], model: dict[str, Any]) -> Optional[str]:
+    """A line saying how the vocabulary's padding rows change on resume, or None when they do not (the real
+    vocabulary is the same: `check` compared it)."""
+    old_model = saved.get("config", {}).get("model", {})
+    before, after = _padded_rows(old_model), _padded_rows(model)
+    if before is None or before == after:
+        return None
+    return (f"the vocabulary padding changed from {before} to {after} rows (model.pad_vocab_multiple "
+            f"{old_model.get('pad_vocab_multiple')} -> {model['pad_vocab_multiple']}): the {model['vocab_size']} real "
+            f"rows are the checkpoint's, {'added padding rows are zeros' if after > before else 'the padding is cut'}")
+
+
+def _padded_rows(model: dict[str, Any]) -> Optional[int]:
+    vocab, multiple = model.get("vocab_size"), model.get("pad_vocab_multiple", 128)
+    return None if vocab is None else -(-vocab // multiple) * multiple  # ModelConfig.padded_vocab_size

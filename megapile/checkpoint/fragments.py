@@ -13,6 +13,12 @@ its tensor-parallel `split_dim` (megapile/checkpoint/slices.py). ZeRO-1/2/3 rank
 optimizer holds; ZeRO-0's replicas split each tensor between them, so every rank writes about the same amount.
 A reader on the same tensor-parallel cut copies the overlapping ranges; on another cut it assembles one
 parameter at a time and cuts it anew, so a rank never holds more than its shard plus one parameter.
+
+The vocabulary's rows (`VOCAB_PARAMS`) are stored as the saving run padded them. A run that pads them
+differently (another model.pad_vocab_multiple, or another parallel.tensor: megapile/parallel/layout.py) reads
+the rows both have and zeros for the rest: the real rows always, padding rows cropped or added. Padding rows are
+never scored (`GPT.loss`, sampling) and have no gradient, so zeros stay zeros and the losses are unchanged;
+a same-padding resume reads every row as saved (padding rows decay from their initial values: not derivable).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ KINDS = ("fp32", "exp_avg", "exp_avg_sq")  # the fp32 master weight and Adam's t
 DIR = "portable"
 INDEX = "index.json"
 FILE_BYTES = 1 << 30
+VOCAB_PARAMS = ("embed.weight", "head.weight")  # (padded vocabulary, hidden), replicated under tensor parallelism
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,20 @@ def write_index(directory: str, gathered: list[tuple[list[Piece], dict]], step: 
         json.dump(index, f)
 
 
+def read_padded_rows(name: str, saved_shape: list[int], shape: tuple[int, ...], split_dim: Optional[int], start: int,
+                     end: int, read_saved) -> torch.Tensor:
+    """Elements [start, end) of vocabulary parameter `name` flattened in the reader's `shape`, which has other padding
+    rows than the checkpoint's `saved_shape`: the rows both have from `read_saved(lo, hi)` (the same flat elements,
+    rows being contiguous), zeros in the rows only the reader has."""
+    if name not in VOCAB_PARAMS or split_dim is not None or list(shape[1:]) != list(saved_shape[1:]):
+        raise ValueError(f"{name}: the checkpoint's shape {tuple(saved_shape)} does not fit this run's {tuple(shape)}")
+    both = min(shape[0], saved_shape[0]) * int(torch.Size(shape[1:]).numel())
+    out = torch.zeros(end - start, dtype=torch.float32)
+    if start < both:
+        out[:min(end, both) - start] = read_saved(start, min(end, both))
+    return out
+
+
 def present(path: str) -> bool:
     return os.path.exists(os.path.join(path, DIR, INDEX))
 
@@ -123,10 +144,14 @@ class Stored:
         return (name, kind) in self._pieces
 
     def read(self, name: str, kind: str, split_dim: Optional[int], tp_rank: int, tensor: int, start: int,
-             end: int) -> torch.Tensor:
+             end: int, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
         """Elements [start, end) of part `tp_rank` of `tensor` of parameter `name` cut along `split_dim` (None: the
-        whole parameter), flattened, in fp32."""
+        whole parameter), flattened, in fp32. `shape`: the reader's global shape, whose vocabulary padding may
+        differ from the checkpoint's (see the module docstring)."""
         meta = self.params[name]
+        if shape is not None and list(shape) != meta["shape"]:
+            return read_padded_rows(name, meta["shape"], shape, split_dim, start, end,
+                                    lambda lo, hi: self.read(name, kind, split_dim, tp_rank, tensor, lo, hi))
         saved_cut = (meta["split_dim"], meta["tensor"]) if meta["split_dim"] is not None else (None, 1)
         if saved_cut == ((split_dim, tensor) if split_dim is not None else (None, 1)):
             return self._read_local(name, kind, tp_rank if split_dim is not None else 0, start, end)

@@ -13,7 +13,7 @@ import deepspeed
 import torch
 
 import megapile
-from megapile import checkpoint
+from megapile import checkpoint, optim
 from megapile.checkpoint import collective, compat, fragments, manifest, portable, slices
 from megapile.checkpoint.rng import seed_everything
 from megapile.config import ConfigError
@@ -34,6 +34,7 @@ def resume(run: Run) -> Position:
     found = _choose(run)
     skip = merge_ranges(run.cfg.train.skip_samples, _spike_record(run.ckpt_dir)["skip_samples"])
     if found is None:
+        _clear_pending(run)
         return Position(skip_samples=skip)
     compat.check(found.state, run.cfg.to_dict()["model"], run.fingerprints, run.cfg.checkpoint.allow_data_change,
                  found.path)
@@ -41,11 +42,15 @@ def resume(run: Run) -> Position:
     position = Position.of_state(found.step, found.state, skip)
     run.logger.message(f"resumed from {found.path} at step {found.step} "
                        f"(sample {position.sample_index}, {position.tokens_seen:,} tokens seen)")
+    padding = compat.vocab_padding_change(found.state, run.cfg.to_dict()["model"])
+    if padding:
+        run.logger.message(padding)
     saved_batch = found.state.get("config", {}).get("train", {}).get("global_batch_size")
     if saved_batch is not None and saved_batch != run.cfg.train.global_batch_size:
         run.logger.message(f"train.global_batch_size changed from {saved_batch} to {run.cfg.train.global_batch_size}: "
                            f"the next step reads global samples from {position.sample_index} on")
     _set_aside_newer(run, found)
+    _clear_pending(run)
     return position
 
 
@@ -56,6 +61,7 @@ def _load(run: Run, found: "checkpoint.Found") -> None:
     saved, now = _layout_of(found.state), _layout_of(_state_layout(run))
     same = saved == {**now, "dtype": saved["dtype"] or now["dtype"]}
     has_slices, show = fragments.present(found.path), run.env.is_main and run.cfg.logging.progress
+    settings = optim.group_settings(run.scheduler)  # as this run's config built them
     if not same:
         how = ("each rank reads its slices of the fp32 masters and Adam moments" if has_slices else
                "an older checkpoint without slices: every rank reads full fp32 weights and Adam moments")
@@ -64,13 +70,16 @@ def _load(run: Run, found: "checkpoint.Found") -> None:
                            "(seed, step, rank)")
     if has_slices:
         collective.load(run.engine, found, _slices(run), show_progress=show)
-    elif same:  # saved before checkpoints carried slices: DeepSpeed's own shards
+    elif same and not compat.vocab_padding_change(found.state, run.cfg.to_dict()["model"]):
+        # saved before checkpoints carried slices: DeepSpeed's own shards, which hold the saved padding
         collective.load_deepspeed_shards(run.engine, found, run.env.rank, run.env.world_size)
     else:  # ... on another layout: ZeRO stages and data-parallel sizes only, through full tensors on every rank
         check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
         full = portable.read_full_state(found.path, saved["zero"], run.param_order)
         slices.load(run.engine, portable.FullState(full), run.layout, run.env.rank, run.cfg.model.num_layers,
                     show_progress=show)
+    optim.follow_config(run.scheduler, settings)
+    _say_optim_changes(run, found)
     if same:
         collective.restore_rng(found, run.env.rank, run.env.world_size)
     else:
@@ -79,6 +88,14 @@ def _load(run: Run, found: "checkpoint.Found") -> None:
         run.spikes.load_state_dict(found.state["spike_detector"])
     elif run.spikes is not None:  # saved without train.spike: the window starts empty
         run.spikes.reset()
+
+
+def _say_optim_changes(run: Run, found: "checkpoint.Found") -> None:
+    changed = optim.changed_at_resume(found.state.get("config") or {}, run.cfg.to_dict())
+    if changed:
+        lr = run.scheduler.get_last_lr()[0]
+        run.logger.message(f"this run's optimizer settings differ from {found.path}'s: {', '.join(changed)}; they "
+                           f"apply from step {found.step + 1} on (lr {lr:.4g}, optim.lr × the schedule's factor there)")
 
 
 def _slices(run: Run) -> "collective.Slices":
@@ -107,9 +124,13 @@ def _describe(layout: dict) -> str:
 
 
 def roll_back(run: Run, rollback: Rollback) -> Position:
-    """Too many loss spikes (megapile/spikes.py): reload the newest checkpoint at least train.spike.rollback_steps
-    before the first of them and go on with their global samples never trained. The range and the count of
-    rollbacks are written to CHECKPOINT_DIR/spikes.json at once, so a requeue before the next save skips them too."""
+    """Too many loss spikes (megapile/spikes.py): reload the newest intact checkpoint at least
+    train.spike.rollback_steps before the first of them and go on with their global samples never trained.
+
+    The range, the count of rollbacks and the chosen checkpoint ("pending") are written to CHECKPOINT_DIR/spikes.json
+    before anything else, so a requeue before the next save skips the range too, and a kill anywhere inside the
+    rollback leaves a restart that completes it (`_pending_rollback`) instead of resuming the newest checkpoint,
+    which lies past the spikes, or spending a second rollback."""
     cfg = run.cfg.train.spike
     record = _spike_record(run.ckpt_dir)
     rollbacks = record["rollbacks"] + 1
@@ -118,22 +139,69 @@ def roll_back(run: Run, rollback: Rollback) -> Position:
         raise TrainingError(f"step {rollback.first_step}: {rollback.reason}, after {cfg.max_rollbacks} rollbacks "
                             f"(train.spike.max_rollbacks); the spikes began at global samples [{start}, {end})")
     target = rollback.first_step - cfg.rollback_steps
-    older = [tag for step, tag in checkpoint.list_complete(run.ckpt_dir) if step <= target]
-    if not older:
-        raise TrainingError(f"step {rollback.first_step}: {rollback.reason}, but {run.ckpt_dir} holds no checkpoint "
-                            f"at or before step {target} to roll back to (train.spike.rollback_steps="
-                            f"{cfg.rollback_steps}; checkpoint.every and checkpoint.keep_every keep older ones)")
-    found = checkpoint.open_checkpoint(os.path.join(run.ckpt_dir, older[0]), run.cfg.checkpoint.verify == "checksum")
+    found, damaged = _rollback_target(run, target)
+    if found is None:
+        raise TrainingError(f"step {rollback.first_step}: {rollback.reason}, but {run.ckpt_dir} holds no "
+                            f"{'intact ' if damaged else ''}checkpoint at or before step {target} to roll back to "
+                            f"(train.spike.rollback_steps={cfg.rollback_steps}; checkpoint.every and "
+                            "checkpoint.keep_every keep older ones)")
     skip = merge_ranges(record["skip_samples"], [[start, end]])
     if run.env.world_size > 1:
         torch.distributed.barrier()  # every rank has read the record before rank 0 changes it
     if run.env.is_main:
-        _write_spike_record(run.ckpt_dir, {"skip_samples": skip, "rollbacks": rollbacks})
+        _write_spike_record(run.ckpt_dir, {"skip_samples": skip, "rollbacks": rollbacks,
+                                           "pending": {"path": found.path, "step": found.step}})
     _load(run, found)
     run.logger.message(f"step {rollback.first_step}: {rollback.reason}: rollback {rollbacks} of at most "
                        f"{cfg.max_rollbacks} to {found.path}; global samples [{start}, {end}) will not be trained")
     _set_aside_newer(run, found)
+    _clear_pending(run)
     return Position.of_state(found.step, found.state, merge_ranges(run.cfg.train.skip_samples, skip))
+
+
+def _rollback_target(run: Run, step: int) -> "tuple[checkpoint.Found | None, bool]":
+    """The newest checkpoint at or before `step` that verifies (a damaged one is reported and the next older one
+    tried), and whether any there was damaged. Rank 0 verifies and tells the others, so every rank loads the same."""
+    choice: list = [None, False]
+    if run.env.is_main:
+        found = _newest_intact(run, step)
+        older = [tag for s, tag in checkpoint.list_complete(run.ckpt_dir) if s <= step]
+        choice = [found.path if found else None, bool(older) and found is None]
+    if run.env.world_size > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None, choice[1]
+    return (found if run.env.is_main else checkpoint.open_checkpoint(choice[0], checksums=False)), False
+
+
+def _newest_intact(run: Run, step: int) -> "checkpoint.Found | None":
+    return checkpoint.find_resumable(run.ckpt_dir, run.cfg.checkpoint.verify == "checksum", at_most=step,
+                                     warn=lambda text: run.logger.message(f"{text}; rolling back further"))
+
+
+def _pending_rollback(run: Run) -> "checkpoint.Found | None":
+    """A rollback that a kill interrupted (spikes.json still names its target): the restart resumes that target,
+    or an older intact checkpoint if it has since been damaged, never the newest past the spikes. Rank 0 only."""
+    pending = _spike_record(run.ckpt_dir).get("pending")
+    if pending is None:
+        return None
+    found = _newest_intact(run, pending["step"])
+    if found is None:
+        raise ConfigError(f"checkpoint.resume: {SPIKE_FILE} in {run.ckpt_dir} asks to complete a rollback to "
+                          f"{pending['path']}, but no intact checkpoint at or before step {pending['step']} remains")
+    run.logger.message(f"completing the loss-spike rollback to {pending['path']} that was interrupted: "
+                       f"resuming {found.path}, not the newest checkpoint")
+    return found
+
+
+def _clear_pending(run: Run) -> None:
+    """The rollback is complete (target loaded, newer checkpoints set aside), or a fresh start abandoned it: a
+    restart resumes as usual."""
+    if not run.env.is_main:
+        return
+    record = _spike_record(run.ckpt_dir)
+    if "pending" in record:
+        _write_spike_record(run.ckpt_dir, {k: v for k, v in record.items() if k != "pending"})
 
 
 def _spike_record(ckpt_dir: str) -> dict:
@@ -178,6 +246,9 @@ def _find(run: Run) -> "checkpoint.Found | None":
     cfg = run.cfg.checkpoint
     if cfg.resume == "none":
         return None
+    pending = _pending_rollback(run)  # before any other choice: the newest checkpoint lies past the spikes
+    if pending is not None:
+        return pending
     checksums = cfg.verify == "checksum"
     warn = run.logger.message
     if cfg.resume == "auto":

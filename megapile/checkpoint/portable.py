@@ -170,8 +170,11 @@ class FullState:
         return name in self.full.get(kind, {})
 
     def read(self, name: str, kind: str, split_dim: Optional[int], tp_rank: int, tensor: int, start: int,
-             end: int) -> torch.Tensor:
+             end: int, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
         value = self.full[kind][name]
+        if shape is not None and tuple(shape) != tuple(value.shape):  # another vocabulary padding
+            return fragments.read_padded_rows(name, list(value.shape), shape, split_dim, start, end,
+                                              lambda lo, hi: value.reshape(-1)[lo:hi].float())
         if split_dim is not None:
             value = value.chunk(tensor, dim=split_dim)[tp_rank]
         return value.reshape(-1)[start:end].float()

@@ -131,6 +131,9 @@ class _Fragments:
         _ensure_adam_state(base, [p for g in base.param_groups for p in g["params"]])
         self._link()
 
+    def finish(self) -> None:
+        pass
+
     def states(self) -> list[dict]:
         return list(self.engine.optimizer.optimizer.state.values())
 
@@ -183,7 +186,15 @@ class _Zero3:
             h.param.ds_tensor.data.copy_(self._padded(h, values).to(h.param.ds_tensor.device))
 
     def prepare(self) -> None:
+        """Release every gathered parameter first, as DeepSpeed's own load does: a persistent one (at most
+        stage3_param_persistence_threshold elements: norms, biases) stays whole in `p.data` between steps, and a
+        rollback into a running engine would otherwise train on the abandoned branch's copy."""
+        self.engine.optimizer.checkpoint_event_prologue()
         _ensure_adam_state(self.engine.optimizer.optimizer, self.engine.optimizer.fp32_partitioned_groups_flat)
+
+    def finish(self) -> None:
+        """Gather the persistent parameters again, now from the loaded partitions."""
+        self.engine.optimizer.checkpoint_event_epilogue()
 
     def states(self) -> list[dict]:
         return list(self.engine.optimizer.optimizer.state.values())
@@ -244,6 +255,9 @@ class _Replica:
     def prepare(self) -> None:
         _ensure_adam_state(self.inner, list({id(t): t for t, _ in self.where.values()}.values()))
 
+    def finish(self) -> None:
+        pass
+
     def states(self) -> list[dict]:
         return list(self.inner.state.values())
 
@@ -282,7 +296,8 @@ def load(engine, source, layout: Layout, rank: int, num_layers: int, show_progre
     for h in bar(params, desc="load slices", unit="tensor", enabled=show_progress):
         # the module's range holds the optimizer's (the whole local tensor, or the same partition): read once
         module_start, module_end = accessor.module_span(h)
-        weights = source.read(h.name, "fp32", h.split_dim, h.tp_rank, h.tensor, module_start, module_end)
+        weights = source.read(h.name, "fp32", h.split_dim, h.tp_rank, h.tensor, module_start, module_end,
+                              shape=h.shape)  # the vocabulary's rows padded as this run pads them
         accessor.put_module(h, weights)
         span = accessor.span(h)
         if span is None:
@@ -291,13 +306,12 @@ def load(engine, source, layout: Layout, rank: int, num_layers: int, show_progre
             if kind == "fp32":
                 values = weights[span[0] - module_start:span[1] - module_start]
             elif source.has(h.name, kind):
-                values = source.read(h.name, kind, h.split_dim, h.tp_rank, h.tensor, *span)
+                values = source.read(h.name, kind, h.split_dim, h.tp_rank, h.tensor, *span, shape=h.shape)
             else:
                 continue
             accessor.put(h, kind, values)  # copy_ moves it to the optimizer's device
+    accessor.finish()
     set_optimizer_step(accessor, source.step)
     scheduler = engine.lr_scheduler
     if scheduler is not None and source.lr_scheduler:
-        scheduler.load_state_dict(source.lr_scheduler)
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # the next step must use the resumed schedule's lr, not the initial one
+        scheduler.load_state_dict(source.lr_scheduler)  # its step; the lr is the caller's (optim.follow_config)

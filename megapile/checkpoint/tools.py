@@ -13,7 +13,7 @@ import sys
 
 from safetensors.torch import save_file
 
-from megapile.checkpoint import STATE_FILE, Found, carried_tokenizer, find_resumable, list_complete, manifest
+from megapile.checkpoint import STATE_FILE, Found, carried_tokenizer, find_resumable, fragments, list_complete, manifest
 from megapile.checkpoint.portable import read_full_weights
 
 
@@ -46,7 +46,7 @@ def info(found: Found) -> str:
         f"size         {size / 1e6:.1f} MB in {len(os.listdir(found.path))} files"
         + ("" if not problems else f" (INCOMPLETE: {problems[0]})"),
         "saved by     " + ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items()),
-        "resumes on   " + _resumes_on(s),
+        "resumes on   " + _resumes_on(found),
         "tokenizer    " + _tokenizer_line(found),
         "skipped      " + _skipped_line(s),
     ]
@@ -78,11 +78,15 @@ def _layout(state: dict) -> str:
     return f"{grid}ZeRO-{state['zero_stage']} on {state['world_size']} rank(s)"
 
 
-def _resumes_on(state: dict) -> str:
-    par = state.get("parallel") or {}
+def _resumes_on(found: Found) -> str:
+    if fragments.present(found.path):  # layout-free slices (megapile/checkpoint/fragments.py)
+        return ("any layout: tensor, pipeline and data-parallel sizes, ZeRO stage 0-3, bf16/fp32/fp16, each rank "
+                "reading its slices of the fp32 masters and Adam moments, with the data position; "
+                "bit-identical on the layout that wrote it")
+    par = found.state.get("parallel") or {}  # saved before checkpoints carried slices
     if par.get("tensor", 1) * par.get("pipeline", 1) > 1:
-        return ("the same tensor x pipeline x data layout exactly (bit-identical); for another layout, "
-                "`megapile ckpt consolidate` gives its weights")
+        return ("the same tensor x pipeline x data layout exactly (bit-identical; saved before checkpoints carried "
+                "slices); for another layout, `megapile ckpt consolidate` gives its weights")
     return ("the same layout exactly (bit-identical); any ZeRO stage 0-3 and any data-parallel size "
             "through megapile's resharding (weights and Adam moments carried)")
 

@@ -9,6 +9,7 @@ so the ranks of one tensor-parallel group are neighbours (one node, fast links) 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megapile.config import Config, ConfigError
@@ -105,12 +106,16 @@ def _check_pipeline(cfg: Config, pp: int, stage: int) -> None:
                           f"summing to model.num_layers ({model.num_layers})")
 
 
-def check_vocab(cfg: Config, layout: Layout) -> None:
-    """Once the vocabulary is known: each tensor-parallel slice of the (padded) vocabulary is a multiple of 128."""
-    padded = cfg.model.padded_vocab_size
-    if layout.tensor > 1 and padded % (128 * layout.tensor):
-        raise ConfigError(f"the padded vocabulary ({padded} rows) must be a multiple of 128 × parallel.tensor = "
-                          f"{128 * layout.tensor}: set model.pad_vocab_multiple to {128 * layout.tensor}")
+def pad_vocab_for_tensor(cfg: Config) -> None:
+    """Pad the vocabulary to a multiple of 128 × parallel.tensor rows, as GPT-NeoX/Megatron do for their row-split
+    embedding (the released Pythia 6.9B/12B, trained at tensor 2, have 50432 rows; megapile's tensor parallelism
+    keeps the embedding and head whole, so this only keeps their shapes): model.pad_vocab_multiple becomes
+    lcm(itself, 128 × parallel.tensor). The padding rows are never scored (`GPT.loss`, sampling) and a checkpoint
+    resumes onto another padding (megapile/checkpoint/fragments.py), so one config runs, and resumes, at any
+    parallel.tensor."""
+    tensor = cfg.parallel.tensor
+    if tensor > 1:
+        cfg.model.pad_vocab_multiple = math.lcm(cfg.model.pad_vocab_multiple, 128 * tensor)
 
 
 def check_same_layout(saved: dict, layout: Layout, zero_stage: int, path: str) -> None:

@@ -19,7 +19,8 @@ rows excluded, as `GPT.loss` does) and `loss_fn` takes the mean cross-entropy.
 
 With `parallel.tensor` > 1 as well, DeepSpeed's pipeline grid (`PipeModelDataParallelTopology`, axes pipe,
 data, model) provides the tensor-parallel groups, and each stage splits its blocks with DeepSpeed's
-column/row-parallel layers (`shard_block`), the plan `parallel/tensor.py` gives AutoTP.
+column/row-parallel layers (`shard_block`), the plan `parallel/tensor.py` gives AutoTP, with the per-rank
+attention-dropout stream that tensor parallelism alone sets (`parallelize.prepare_tensor_parallel`).
 """
 from __future__ import annotations
 
@@ -125,6 +126,7 @@ def shard_block(block: nn.Module, group) -> None:
     global gradient norm counts them on every tensor rank and the replicated ones once."""
     set_autotp_mode(training=True)
     attn, mlp = block.attn, block.mlp
+    attn.dropout_stream = dist.get_rank(group)  # the tensor rank: each rank drops its own heads' probabilities
     attn.qkv, mlp.fc_in = LinearLayer(attn.qkv, group), LinearLayer(mlp.fc_in, group)
     if hasattr(mlp, "gate"):
         mlp.gate = LinearLayer(mlp.gate, group)

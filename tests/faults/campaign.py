@@ -1,7 +1,8 @@
 """Kill campaign: SIGKILL a random rank of a 2-rank training job at random moments, restart the same command,
 and check that the finished run equals an uninterrupted one bit for bit (per-step losses and final weights).
+`kill_in_rollback` kills at each stage of a loss-spike rollback instead, through tests/faults/nan_train.py.
 
-Used by tests/test_faults.py (K=10) and bench/faults.py (K=50).
+Used by tests/test_faults.py (K=10), tests/test_rollback_faults.py and bench/faults.py (K=50).
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "megapile", "train.py")
+HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
+# manager.roll_back's stages, in order, at which nan_train.py's MEGAPILE_KILL_IN_ROLLBACK kills rank 0
+ROLLBACK_STAGES = ("before-record", "recorded", "loaded", "set-aside")
 
 
 @dataclass
@@ -188,3 +192,22 @@ def _mtime(path: str) -> float:
         return os.path.getmtime(path)
     except OSError:
         return 0.0
+
+
+def run_harness(overrides: list[str], port: int, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """One 2-rank start of tests/faults/nan_train.py (megapile/train.py with faults injected by `env`)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           HARNESS] + overrides
+    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def kill_in_rollback(stage: str, overrides: list[str], port_fn, env: dict):
+    """Start the job; rank 0 SIGKILLs itself at `stage` of its first loss-spike rollback (a moment defined by
+    progress, never by time); restart the same command, without the kill, to the end. Both starts' outputs."""
+    killed = run_harness(overrides, port_fn(), {**env, "MEGAPILE_KILL_IN_ROLLBACK": stage}, check=False)
+    assert killed.returncode != 0 and f"rank 0 killed in the rollback at {stage}" in killed.stdout, \
+        f"exit {killed.returncode}\n{killed.stdout[-3000:]}\n{killed.stderr[-3000:]}"
+    return killed, run_harness(overrides, port_fn(), env)

@@ -8,11 +8,19 @@ parallelism: on the last stage), and reports read by the tests (a test harness, 
                                (default 30) in each step whose global batch overlaps samples [a, b) (a stand-in
                                for a poisoned stretch of data); several ranges joined by commas
     MEGAPILE_EXIT_AFTER_ROLLBACK=1  die (exit 9, no clean-up) right after a loss-spike rollback, before any save
+    MEGAPILE_KILL_IN_ROLLBACK=stage  rank 0 SIGKILLs itself inside the first loss-spike rollback (manager.roll_back),
+                               a moment defined by progress: "before-record" (spikes.json not yet written),
+                               "recorded" (written, target not loaded), "loaded" (newer checkpoints not yet set
+                               aside), "set-aside" (moved, the rollback not yet marked complete)
+    MEGAPILE_DAMAGE_BEFORE_ROLLBACK=global_stepN  rank 0 flips a byte of each slice file of that checkpoint just
+                               before the first loss-spike rollback (bit rot that checkpoint.verify=checksum finds)
+    MEGAPILE_SIGTERM_AT_STEP=N  rank 0 sends itself SIGTERM just before step N trains (a stop scheduled by progress)
 
 For each NaN or spike step, every rank prints whether its weights came out of the step exactly as they went in.
 """
 import hashlib
 import os
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,6 +90,8 @@ def train_step(run, first_sample):
     """Report whether a step with an injected NaN left this rank's weights exactly as they were."""
     _step[0] = first_sample // run.cfg.train.global_batch_size + 1  # the batch size is fixed in these runs
     _batch[0] = (first_sample, first_sample + run.cfg.train.global_batch_size)
+    if RANK == "0" and os.environ.get("MEGAPILE_SIGTERM_AT_STEP") == str(_step[0]):
+        os.kill(os.getpid(), signal.SIGTERM)  # megapile's handler only raises the stop flag
     before = _local_weights(run.engine) if _step[0] in NAN_STEPS or _spiking() else None
     out = _original_step(run, first_sample)
     if before is not None:
@@ -91,9 +101,48 @@ def train_step(run, first_sample):
 
 
 _original_roll_back = manager.roll_back
+_rolling = [0]  # how many rollbacks have begun in this process
+KILL_IN_ROLLBACK = os.environ.get("MEGAPILE_KILL_IN_ROLLBACK", "")
+
+
+def _die_at(stage):
+    if _rolling[0] == 1 and KILL_IN_ROLLBACK == stage and RANK == "0":
+        _say(f"rank 0 killed in the rollback at {stage}")
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no clean-up
+
+
+def _hook(name, before=None, after=None):
+    """Wrap manager.`name` (called by roll_back through the module's globals) with kills before or after it."""
+    original = getattr(manager, name)
+
+    def hooked(*args, **kwargs):
+        if before:
+            _die_at(before)
+        out = original(*args, **kwargs)
+        if after:
+            _die_at(after)
+        return out
+    setattr(manager, name, hooked)
+
+
+def _damage(run, tag):
+    """Flip one byte in the middle of every slice file of checkpoint `tag`; the manifest keeps the old CRCs."""
+    portable = os.path.join(run.ckpt_dir, tag, "portable")
+    for name in sorted(os.listdir(portable)):
+        path = os.path.join(portable, name)
+        if os.path.isfile(path) and not name.endswith(".json"):
+            with open(path, "r+b") as f:
+                f.seek(os.path.getsize(path) // 2)
+                byte = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def roll_back(run, rollback):
+    _rolling[0] += 1
+    damaged = os.environ.get("MEGAPILE_DAMAGE_BEFORE_ROLLBACK")
+    if damaged and _rolling[0] == 1 and RANK == "0":
+        _damage(run, damaged)
     position = _original_roll_back(run, rollback)
     _say(f"rank {RANK} rolled back to step {position.step}, skipping {position.skip_samples}")
     if os.environ.get("MEGAPILE_EXIT_AFTER_ROLLBACK") == "1":
@@ -123,4 +172,7 @@ pipeline.lm_loss = lm_loss
 train.train_step = train_step
 train.loop = loop
 manager.roll_back = roll_back
+_hook("_write_spike_record", before="before-record", after="recorded")  # its first call writes the decision
+_hook("_load", after="loaded")
+_hook("_set_aside_newer", after="set-aside")
 exit_now(train.main())  # as megapile/train.py ends
