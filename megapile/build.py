@@ -60,7 +60,7 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
         model = _build_model(cfg, layout, device, init_weights, ds_config)
         state = parallelize(cfg, layout, model, ds_config)
 
-        logger = MetricsLogger(cfg.logging, cfg.to_dict(), enabled=env.is_main)
+        logger = MetricsLogger.for_rank(cfg.logging, cfg.to_dict(), env.is_main)
         if env.is_main:
             _write_resolved_config(cfg, ds_config)
         peak, peak_source = peak_tflops(device, torch.float32 if dtype == "fp32" else torch.bfloat16,

@@ -156,7 +156,7 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
         evaluation = _evaluate_if_due(run, done, last)
         if done % cfg.train.log_every == 0 or last or stopping or evaluation:
             record = _record(run, tally, position, grad_norm, evaluation, time.perf_counter() - loop_start, start.step)
-            run.logger.log(record, console=bar.write)
+            run.logger.log(record)  # its console line lifts the progress bar (tqdm.write)
             summary.update(step=done, loss=record["loss"], val_loss=record.get("val_loss", summary["val_loss"]))
         # Periodic saves wait out a streak of skipped steps; the last step and a stop always save: a skipped
         # update left the weights as they were, and exit code 75 promises a checkpoint of this very step.
