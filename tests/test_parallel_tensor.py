@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from train_helpers import free_port
+
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
@@ -24,19 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def test_tensor_parallel_layers_equal_dense(arch):
     env = dict(os.environ, OMP_NUM_THREADS="1", MEGAPILE_TEST_ARCH=arch)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), HERE], cwd=ROOT, env=env, capture_output=True,
+                           "--master_port", str(free_port()), HERE], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for part in ("qkv column", "proj row", "attention", "mlp", "block", "autotp dropout", "stage dropout"):
         assert f"rank 0 {part}: ok" in proc.stdout and f"rank 1 {part}: ok" in proc.stdout, proc.stdout
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker() -> None:
