@@ -166,7 +166,7 @@ def reshard_memory(args) -> None:
     cfg, layout, engine = _engine(args, 3, env.world_size)
     path = os.path.join(directory, "global_step1")
     accessor = slices.holder(engine)
-    held = slices.held(engine, layout, env.rank, cfg.model.num_layers)
+    held = slices.held(engine, layout, env.rank, cfg.model.num_layers, cfg.model.family.tensor_plan)
     shard_mb = sum(e - s for h in held if (span := accessor.span(h)) for s, e in [span]) * 12 / 1e6
     new = _peak_extra_mb(lambda: slices.load(engine, fragments.Stored(path), layout, env.rank, cfg.model.num_layers))
     old = _peak_extra_mb(lambda: slices.load(engine, _full_state(path), layout, env.rank, cfg.model.num_layers))

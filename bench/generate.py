@@ -35,7 +35,7 @@ def main() -> None:
 
     from megapile.config import load_config
     from megapile.generate import generate
-    from megapile.hf_convert import save_hf_dir
+    from megapile.hf_export import write_hf_dir
     from megapile.model import build_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -56,7 +56,7 @@ def main() -> None:
     n = args.batch * args.new_tokens
 
     with tempfile.TemporaryDirectory() as hf_dir:
-        save_hf_dir(cfg, {k: v.cpu() for k, v in model.state_dict().items()}, hf_dir)
+        write_hf_dir(cfg, {k: v.cpu() for k, v in model.state_dict().items()}, None, hf_dir)
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
 
     def ours(cache: bool):

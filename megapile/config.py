@@ -16,9 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message is one line."""
+from megapile.errors import ConfigError  # noqa: F401  (re-exported: `from megapile.config import ConfigError`)
+from megapile.models import FAMILIES, Family, family
 
 
 @dataclass
@@ -40,34 +39,28 @@ class RopeScalingConfig:
                               f"model.rope_scaling.low_freq_factor ({self.low_freq_factor})")
 
 
-# Per arch: (parallel_residual, tie_embeddings, activation, rotary_pct) when the config leaves them unset.
-ARCH_DEFAULTS = {
-    "neox": (True, False, "gelu", 0.25),  # LayerNorm, GELU MLP, partial rotary, biases
-    "gpt2": (False, True, "gelu_tanh", 0.25),  # learned positions (rotary_pct unused)
-    "llama": (False, False, "silu", 1.0),  # RMSNorm, SwiGLU MLP, full rotary, grouped-query attention, no biases
-}
-
-
 @dataclass
 class ModelConfig:
-    """Transformer shape. `arch` picks the GPT-NeoX/Pythia, GPT-2 or Llama layout of the same code."""
+    """Transformer shape. `arch` picks a model family (megapile/models/: neox, gpt2, llama, qwen2, ...), whose
+    description fills the fields left None below and says which of the others it allows."""
 
-    arch: str = "neox"  # "neox" (rotary, parallel residual, untied) | "gpt2" (learned positions, sequential, tied)
-    #                     | "llama" (RMSNorm, SwiGLU, grouped-query attention, full rotary, no biases, untied)
+    arch: str = "neox"  # a family in megapile/models/: "neox" (GPT-NeoX/Pythia) | "gpt2" | "llama" | ...
     num_layers: int = 2
     hidden_size: int = 64
     num_heads: int = 4
-    num_kv_heads: Optional[int] = None  # key/value heads (llama); None: num_heads (MHA); 1: multi-query attention
-    intermediate_size: Optional[int] = None  # MLP width (llama: of the gate and up projections); None: 4 * hidden_size
+    num_kv_heads: Optional[int] = None  # key/value heads (grouped-query families); None: num_heads; 1: multi-query
+    intermediate_size: Optional[int] = None  # MLP width (gated MLPs: of the gate and up projections); None: 4 * hidden
     vocab_size: Optional[int] = None  # None: taken from data.tokenizer at start-up
     pad_vocab_multiple: int = 128  # embedding rows are padded up to a multiple of this
     max_seq_len: int = 2048  # learned positions (gpt2) / rotary cache length
-    rotary_pct: Optional[float] = None  # fraction of each head's dims that get rotary; None: 0.25 neox, 1.0 llama
-    rotary_base: float = 10000.0
-    rope_scaling: Optional[RopeScalingConfig] = None  # llama only: Llama-3 style scaling of the rotary frequencies
-    parallel_residual: Optional[bool] = None  # None: True for neox, False for gpt2 and llama
-    tie_embeddings: Optional[bool] = None  # None: True for gpt2, False for neox and llama
-    activation: Optional[str] = None  # "gelu" | "gelu_tanh" | "silu"; None: gelu neox, gelu_tanh gpt2, silu llama
+    # None in the five fields below: the family's default (e.g. rotary_pct 0.25 neox, 1.0 llama; rotary_base
+    # 10000, 1e6 qwen2; parallel_residual only neox; tie_embeddings only gpt2; activation gelu/gelu_tanh/silu)
+    rotary_pct: Optional[float] = None  # fraction of each head's dims that get rotary
+    rotary_base: Optional[float] = None
+    rope_scaling: Optional[RopeScalingConfig] = None  # Llama-3 style scaling of the rotary frequencies (llama)
+    parallel_residual: Optional[bool] = None
+    tie_embeddings: Optional[bool] = None
+    activation: Optional[str] = None  # "gelu" | "gelu_tanh" | "silu"
     dropout: float = 0.0  # attention-probability and residual dropout
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -80,19 +73,12 @@ class ModelConfig:
     init_from: Optional[str] = None  # a local Hugging Face model directory to start from
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCH_DEFAULTS:
-            raise ConfigError(f"model.arch must be one of {sorted(ARCH_DEFAULTS)}, got {self.arch!r}")
+        fam = family(self.arch)
         if isinstance(self.rope_scaling, dict):  # from a checkpoint's saved config (dataclasses.asdict)
             self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
-        parallel, tied, act, rotary = ARCH_DEFAULTS[self.arch]
-        if self.parallel_residual is None:
-            self.parallel_residual = parallel
-        if self.tie_embeddings is None:
-            self.tie_embeddings = tied
-        if self.activation is None:
-            self.activation = act
-        if self.rotary_pct is None:
-            self.rotary_pct = rotary
+        for key, value in fam.defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         _check_choice("model.activation", self.activation, ("gelu", "gelu_tanh", "silu"))
         _check_choice("model.attention", self.attention, ("sdpa", "flash_attn"))
         for key in ("num_layers", "hidden_size", "num_heads", "max_seq_len", "pad_vocab_multiple", "checkpoint_every"):
@@ -107,27 +93,33 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise ConfigError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
-        if self.arch == "neox" and self.rotary_dims % 2:
-            raise ConfigError(f"model.rotary_pct gives {self.rotary_dims} rotary dims per head; it must be even")
-        self._check_llama_keys()
+        self._check_family_keys(fam)
 
-    def _check_llama_keys(self) -> None:
-        """Grouped-query attention, rope scaling and full rotary belong to the llama layout."""
-        if self.arch != "llama":
-            if self.kv_heads != self.num_heads:
-                raise ConfigError(f"model.num_kv_heads ({self.num_kv_heads}) differs from model.num_heads "
-                                  f"({self.num_heads}), which only model.arch llama supports")
-            if self.rope_scaling is not None:
-                raise ConfigError(f"model.rope_scaling is supported with model.arch llama only, got {self.arch!r}")
-            return
+    def _check_family_keys(self, fam: Family) -> None:
+        """Grouped-query attention, rope scaling and full rotary are allowed by some families only."""
+        def allowing(flag: str) -> str:
+            return ", ".join(f.name for f in FAMILIES.values() if getattr(f, flag))
+
+        if self.kv_heads != self.num_heads and not fam.grouped_query:
+            raise ConfigError(f"model.num_kv_heads ({self.num_kv_heads}) differs from model.num_heads "
+                              f"({self.num_heads}), which only model.arch {allowing('grouped_query')} supports")
         if self.num_heads % self.kv_heads:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
                               f"({self.num_kv_heads}): each key/value head serves a whole group of query heads")
-        if self.rotary_pct != 1.0:
-            raise ConfigError(f"model.rotary_pct must be 1.0 with model.arch llama (full rotary), "
+        if self.rope_scaling is not None and not fam.rope_scaling:
+            raise ConfigError(f"model.rope_scaling is supported with model.arch {allowing('rope_scaling')} only, "
+                              f"got {self.arch!r}")
+        if fam.full_rotary and self.rotary_pct != 1.0:
+            raise ConfigError(f"model.rotary_pct must be 1.0 with model.arch {self.arch} (full rotary), "
                               f"got {self.rotary_pct}")
-        if self.head_dim % 2:
-            raise ConfigError(f"model.hidden_size / model.num_heads ({self.head_dim}) must be even for rotary")
+        if fam.positions == "rotary" and self.rotary_dims % 2:
+            raise ConfigError(f"model.rotary_pct gives {self.rotary_dims} rotary dims per head "
+                              f"(model.hidden_size / model.num_heads = {self.head_dim}); it must be even")
+
+    @property
+    def family(self) -> Family:
+        """This model's family description (megapile/models/)."""
+        return family(self.arch)
 
     @property
     def head_dim(self) -> int:
@@ -148,10 +140,6 @@ class ModelConfig:
         """Output rows of the fused QKV projection: the query heads plus a key and a value head per group."""
         return (self.num_heads + 2 * self.kv_heads) * self.head_dim
 
-    @property
-    def bias(self) -> bool:
-        """Whether the linear layers have biases (and norms a bias): not in llama."""
-        return self.arch != "llama"
 
     @property
     def rotary_dims(self) -> int:

@@ -5,7 +5,7 @@ for `megapile eval` / `megapile generate`.
 
 An export is a directory `transformers` loads offline with `AutoModelForCausalLM.from_pretrained`:
 
-    config.json                     GPTNeoXConfig (arch neox), GPT2Config (arch gpt2) or LlamaConfig (arch llama)
+    config.json                     the family's transformers config (GPTNeoXConfig, GPT2Config, LlamaConfig, ...)
     model.safetensors               or model-0000k-of-0000n.safetensors + model.safetensors.index.json
                                     past --max-shard-size
     generation_config.json          bos/eos = <|endoftext|>, pad = <|padding|> when the tokenizer has it
@@ -35,7 +35,7 @@ from megapile.checkpoint import carried_tokenizer, fragments, portable, tools
 from megapile.config import Config, ConfigError, ModelConfig
 from megapile.data import DataError
 from megapile.data.tokenizer import load_tokenizer
-from megapile.hf_convert import _HF_HEAD, HF_CLASS, config_to_hf, hf_head_on_disk, load_hf_dir, state_dict_to_hf
+from megapile.hf_convert import HF_CLASS, config_to_hf, load_hf_dir, state_dict_for_disk
 from megapile.model import GPT
 from megapile.parallel.tensor_inference import build_split, cut, local_shape
 from megapile.progress import bar
@@ -137,7 +137,7 @@ def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optiona
         cfg, weights = load_hf_dir(path)
         part = cut(weights, tensor, tensor_rank)
         tokenizer = tokenizer or path
-        source = f"{path} (Hugging Face {cfg.arch})"
+        source = f"{path} (Hugging Face {cfg.family.hf.hf_class})"
     else:
         cfg, ckpt_tokenizer, found = _checkpoint_info(path)
         part = _checkpoint_parts(cfg, found, DTYPES[dtype], tensor, tensor_rank)
@@ -176,7 +176,9 @@ def export(source: str, output: str, dtype: str = "fp32", max_shard_bytes: int =
 def write_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, output: str,
                  dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 10**9,
                  show_progress: bool = False) -> list[str]:
-    """config.json, (sharded) safetensors, generation_config.json and tokenizer files into `output`."""
+    """config.json, (sharded) safetensors, and with a tokenizer `tok` (None: weights only, as a test or a
+    benchmark that brings no tokenizer writes them) generation_config.json and the tokenizer files, into
+    `output`. The one Hugging Face writer: `megapile export-hf` and every test write through it."""
     # lazy: transformers is optional (a test extra) and adds ~0.7 s to torch; eval/generate of a checkpoint skip it
     import transformers
 
@@ -184,24 +186,22 @@ def write_hf_dir(cfg: ModelConfig, sd: dict[str, torch.Tensor], tok, output: str
     for name in os.listdir(output):  # a re-export must not leave shards of the previous one behind
         if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name):
             os.unlink(os.path.join(output, name))
-    eod, pad = tok.eod_id, tok.pad_id
     hf_config = config_to_hf(cfg)
-    hf_config.architectures = [HF_CLASS[cfg.arch]]
-    hf_config.bos_token_id = hf_config.eos_token_id = eod
-    hf_config.pad_token_id = pad if pad != eod else None
     hf_config.dtype = _HF_DTYPE_NAMES[dtype]
+    files = ["config.json"]
+    if tok is not None:
+        eod, pad = tok.eod_id, tok.pad_id
+        hf_config.bos_token_id = hf_config.eos_token_id = eod
+        hf_config.pad_token_id = pad if pad != eod else None
+        transformers.GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=pad).save_pretrained(output)
+        files.append("generation_config.json")
     hf_config.save_pretrained(output)
-    gen = transformers.GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=pad)
-    gen.save_pretrained(output)
-
-    hf_sd = state_dict_to_hf(cfg, sd)
-    head = hf_sd.pop(_HF_HEAD[cfg.arch])
-    if not cfg.tie_embeddings:  # tied: HF re-ties on load (and safetensors refuses shared storage)
-        hf_sd[hf_head_on_disk(cfg.arch)] = head
-    files = _save_sharded({k: v.detach().to("cpu", dtype).contiguous() for k, v in hf_sd.items()}, output,
-                          max_shard_bytes, show_progress)
-    files += write_tokenizer(tok, output, cfg.max_seq_len)
-    return ["config.json", "generation_config.json"] + files
+    hf_sd = state_dict_for_disk(cfg, sd)
+    files += _save_sharded({k: v.detach().to("cpu", dtype).contiguous() for k, v in hf_sd.items()}, output,
+                           max_shard_bytes, show_progress)
+    if tok is not None:
+        files += write_tokenizer(tok, output, cfg.max_seq_len)
+    return files
 
 
 def _save_sharded(sd: dict[str, torch.Tensor], output: str, max_shard_bytes: int,

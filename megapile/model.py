@@ -1,4 +1,7 @@
-"""The GPT-NeoX/Pythia transformer (and GPT-2 and Llama as configurations of it), in plain PyTorch.
+"""The one transformer of every model family (GPT-NeoX/Pythia, GPT-2, Llama, Qwen2 ...), in plain PyTorch.
+
+A family (megapile/models/) is a set of choices here: the norm, the MLP, the positions, which linears have
+biases, grouped-query attention. This module reads `cfg.family` and never compares family names.
 
 Nothing here knows about DeepSpeed or parallelism: wrappers in `megapile/parallel/` take a
 plain `GPT`. The model is built on the meta device and filled by `init_weights(seed)`, so
@@ -7,23 +10,23 @@ every parallel layout starts from the same weights (`build_model` does both step
 Parameter names (stable and human-readable; layer ids are the ModuleDict keys):
 
     embed.weight                    token embedding, (padded_vocab, C)
-    pos_embed.weight                learned positions, gpt2 only, (max_seq_len, C)
-    blocks.{i}.ln1.{weight,bias}    LayerNorm before attention (llama: RMSNorm, weight only)
+    pos_embed.weight                learned positions (gpt2), (max_seq_len, C)
+    blocks.{i}.ln1.{weight,bias}    LayerNorm before attention (RMSNorm families: weight only)
     blocks.{i}.attn.qkv.{weight,bias}   fused QKV, ((nh + 2 nkv) hs, C); output rows are laid out per
                                     key/value group as [q_0 .. q_{g-1}, k, v], g = nh / nkv query heads
                                     sharing one key/value head. With nkv == nh (MHA) that is per head
                                     [q, k, v] (head 0: q k v, head 1: q k v, ...), like HF GPTNeoX, so a
                                     tensor-parallel split by whole key/value groups is one slice
     blocks.{i}.attn.proj.{weight,bias}  attention output projection, (C, C)
-    blocks.{i}.ln2.{weight,bias}    LayerNorm before the MLP (llama: RMSNorm)
-    blocks.{i}.mlp.gate.weight      llama only: SwiGLU gate, (F, C); the MLP is fc_out(silu(gate x) * fc_in x)
-    blocks.{i}.mlp.fc_in.{weight,bias}  (F, C) (llama: the SwiGLU "up" projection)
-    blocks.{i}.mlp.fc_out.{weight,bias} (C, F) (llama: "down")
+    blocks.{i}.ln2.{weight,bias}    LayerNorm before the MLP (or RMSNorm)
+    blocks.{i}.mlp.gate.weight      gated MLPs only: SwiGLU gate, (F, C); the MLP is fc_out(silu(gate x) * fc_in x)
+    blocks.{i}.mlp.fc_in.{weight,bias}  (F, C) (gated: the SwiGLU "up" projection)
+    blocks.{i}.mlp.fc_out.{weight,bias} (C, F) (gated: "down")
     final_norm.{weight,bias}
     head.weight                     output projection, (padded_vocab, C); absent when
                                     embeddings are tied (the head then reuses embed.weight)
 
-arch llama has no biases anywhere (the `.bias` names above are absent) and rotates all head dims.
+Which `.bias` names exist is the family's: all (neox, gpt2), none (llama), only attn.qkv's (qwen2).
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def rotary_inv_freq(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
 
 
 def rotary_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (T, rotary_dims), in fp32; the same numbers HF GPTNeoX and Llama compute."""
+    """cos and sin tables, each (T, rotary_dims), in fp32; the same numbers HF GPTNeoX, Llama and Qwen2 compute."""
     inv_freq = rotary_inv_freq(cfg, device)
     freqs = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq  # (T, rd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd)
@@ -84,7 +87,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight (llama), computed in fp32 whatever the input dtype, as HF Llama does."""
+    """x / rms(x) * weight (Llama, Qwen2), computed in fp32 whatever the input dtype, as HF Llama does."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -98,8 +101,8 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
-    """RMSNorm for llama, LayerNorm (with bias) for neox and gpt2."""
-    if cfg.arch == "llama":
+    """The family's norm: RMSNorm (weight only), or LayerNorm with a bias."""
+    if cfg.family.norm == "rmsnorm":
         return RMSNorm(cfg.hidden_size, cfg.norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
@@ -113,8 +116,8 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.groups = cfg.kv_groups  # query heads per key/value head
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.family.qkv_bias)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.family.linear_bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.flash_attn_func = _import_flash_attn() if cfg.attention == "flash_attn" else None
         # None: attention-probability dropout draws from the process's generator like every other dropout.
@@ -177,8 +180,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_size)
-        self.fc_out = nn.Linear(cfg.ffn_size, cfg.hidden_size)
+        self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=cfg.family.linear_bias)
+        self.fc_out = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=cfg.family.linear_bias)
         self.act = activation_fn(cfg.activation)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -187,15 +190,16 @@ class MLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """fc_out(act(gate x) * fc_in x), no biases: Llama's SwiGLU (act = silu). Gate and up are two linears, not
+    """fc_out(act(gate x) * fc_in x): Llama's SwiGLU (act = silu). Gate and up are two linears, not
     one fused matrix, so splitting each column-parallel gives every tensor rank the gate and up outputs of the
     same intermediate features."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
-        self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
-        self.fc_out = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+        bias = cfg.family.linear_bias
+        self.gate = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=bias)
+        self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=bias)
+        self.fc_out = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=bias)
         self.act = activation_fn(cfg.activation)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -210,7 +214,7 @@ class Block(nn.Module):
         self.ln1 = make_norm(cfg)
         self.attn = Attention(cfg)
         self.ln2 = make_norm(cfg)
-        self.mlp = GatedMLP(cfg) if cfg.arch == "llama" else MLP(cfg)
+        self.mlp = GatedMLP(cfg) if cfg.family.mlp == "gated" else MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
                 cache: Optional["LayerCache"] = None) -> torch.Tensor:
@@ -348,7 +352,7 @@ class GPT(nn.Module):
         self._loss_workspace: list = []
         V, C = cfg.padded_vocab_size, cfg.hidden_size
         self.embed = nn.Embedding(V, C)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, C) if cfg.arch == "gpt2" else None
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, C) if cfg.family.positions == "learned" else None
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
         self.final_norm = make_norm(cfg)
@@ -494,7 +498,7 @@ class GPT(nn.Module):
 
 
 def uses_rotary(cfg: ModelConfig) -> bool:
-    return cfg.arch in ("neox", "llama") and cfg.rotary_dims > 0
+    return cfg.family.positions == "rotary" and cfg.rotary_dims > 0
 
 
 def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> GPT:

@@ -57,29 +57,36 @@ class Estimate:
 
 def layer_params(m: ModelConfig) -> int:
     """One transformer block: QKV + output projection + MLP, and two norms. QKV is h x (nh + 2 nkv) hs (3h^2
-    without grouped-query attention); the MLP has two h x f matrices, three in llama's SwiGLU (gate, up,
-    down); neox/gpt2 have biases and LayerNorm biases, llama neither."""
+    without grouped-query attention); the MLP has two h x f matrices, three when gated (SwiGLU: gate, up,
+    down); biases and norm biases as the family has them."""
+    fam = m.family
     h, f = m.hidden_size, m.ffn_size
     qkv = h * m.qkv_size
-    mlp = (3 if m.arch == "llama" else 2) * h * f
-    biases = m.qkv_size + h + f + h if m.bias else 0
-    norms = 2 * h * (2 if m.bias else 1)
+    mlp = fam.mlp_matrices * h * f
+    biases = (m.qkv_size if fam.qkv_bias else 0) + (h + (fam.mlp_matrices - 1) * f + h if fam.linear_bias else 0)
+    norms = 2 * h * _norm_params(m)
     return qkv + h * h + mlp + biases + norms
+
+
+def _norm_params(m: ModelConfig) -> int:
+    """Parameters per hidden unit of a norm: LayerNorm's weight and bias, RMSNorm's weight."""
+    return 2 if m.family.norm == "layernorm" else 1
 
 
 def activation_units(m: ModelConfig, tp: int) -> float:
     """One layer's stored activations in units of s·b·h bytes (bf16, flash attention): 10 replicated on every
     tensor rank (the two norms' inputs, the QKV and MLP inputs, two dropout masks) + the part split over tp."""
     attention = 4 + 4 * m.kv_heads / m.num_heads  # Q and proj input; K and V, nkv of nh heads
-    mlp = (8 if m.arch == "llama" else 4) * m.ffn_size / m.hidden_size
+    # f-wide tensors kept, 2 bytes each: fc_in's output and the activation's; gated: gate, up, act(gate), product
+    mlp = 2 * (4 if m.family.mlp == "gated" else 2) * m.ffn_size / m.hidden_size
     return 10 + (attention + mlp) / tp
 
 
 def total_params(m: ModelConfig) -> int:
     embed = m.padded_vocab_size * m.hidden_size
     head = 0 if m.tie_embeddings else embed
-    positions = m.max_seq_len * m.hidden_size if m.arch == "gpt2" else 0
-    final_norm = m.hidden_size * (2 if m.bias else 1)
+    positions = m.max_seq_len * m.hidden_size if m.family.positions == "learned" else 0
+    final_norm = m.hidden_size * _norm_params(m)
     return m.num_layers * layer_params(m) + embed + head + positions + final_norm
 
 

@@ -268,7 +268,6 @@ def test_a_presets_vocabulary_reads_back_at_tensor_2_4_8(preset, tmp_path):
     from megapile.config import load_config
     from megapile.model import GPT
     from megapile.parallel.layout import Layout, pad_vocab_for_tensor
-    from megapile.parallel.tensor import split_dim
 
     def model(tensor: int):
         cfg = load_config(os.path.join(ROOT, "configs", f"{preset}.yaml"),
@@ -290,7 +289,7 @@ def test_a_presets_vocabulary_reads_back_at_tensor_2_4_8(preset, tmp_path):
         cfg, params = model(tensor)
         assert cfg.padded_vocab_size % (128 * tensor) == 0 and cfg.padded_vocab_size >= vocab
         for name, p in params.items():
-            dim = split_dim(name)
+            dim = cfg.family.tensor_plan.split_dim(name)
             for kind in KINDS:
                 expected = saved[name, kind].view(stored.params[name]["shape"])
                 if name in ("embed.weight", "head.weight"):  # whole on every tensor rank

@@ -16,10 +16,10 @@ from megapile.hf_convert import (  # noqa: E402
     config_from_hf,
     config_to_hf,
     load_hf_dir,
-    save_hf_dir,
     state_dict_from_hf,
     state_dict_to_hf,
 )
+from megapile.hf_export import write_hf_dir  # noqa: E402
 from megapile.model import GPT, LinearCrossEntropy, build_model, param_groups  # noqa: E402
 
 VOCAB = 300  # padded to 384: the padding rows are exercised everywhere
@@ -133,10 +133,10 @@ def test_hf_vocab_not_padded_is_padded_on_import():
 
 
 def test_hf_directory_round_trip(tmp_path):
-    """save_hf_dir writes what transformers' from_pretrained loads; load_hf_dir reads it back."""
+    """write_hf_dir writes what transformers' from_pretrained loads; load_hf_dir reads it back."""
     cfg = make_cfg(arch="neox", num_layers=1, hidden_size=32, num_heads=2)
     ours = build_model(cfg, seed=5).eval()
-    save_hf_dir(cfg, ours.state_dict(), str(tmp_path))
+    write_hf_dir(cfg, ours.state_dict(), None, str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True).eval()
     ids = _ids(cfg)
     with torch.no_grad():

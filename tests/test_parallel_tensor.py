@@ -42,8 +42,7 @@ def _worker() -> None:
     from megapile.config import ModelConfig
     from megapile.model import build_model, rotary_cos_sin
     from megapile.parallel.parallelize import prepare_tensor_parallel
-    from megapile.parallel.pipeline import shard_block
-    from megapile.parallel.tensor import autotp_section, split_dim
+    from megapile.parallel.tensor import autotp_section, shard_block
 
     deepspeed.init_distributed("gloo")
     rank, tp = dist.get_rank(), dist.get_world_size()
@@ -53,7 +52,7 @@ def _worker() -> None:
     dense = build_model(cfg, seed=7).double()
     sharded = build_model(cfg, seed=7).double()
     ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0},
-          "tensor_parallel": autotp_section(tp)}
+          "tensor_parallel": autotp_section(tp, cfg.family.tensor_plan)}
     mpu = prepare_tensor_parallel(sharded, tp)
     engine, *_ = deepspeed.initialize(model=sharded, config=ds, mpu=mpu)
     model = engine.module
@@ -80,7 +79,7 @@ def _worker() -> None:
             if not name.startswith(prefix) or p.grad is None:
                 continue
             full = dense_params[name].grad
-            dim = split_dim(name)
+            dim = cfg.family.tensor_plan.split_dim(name)
             if dim is not None:
                 full = full.chunk(tp, dim=dim)[rank]
             assert p.shape == full.shape, (name, p.shape, full.shape)
@@ -115,7 +114,7 @@ def _worker() -> None:
 
     check_dropout("autotp dropout", block_s.attn)
     stage_block = build_model(cfg, seed=7).double().blocks["0"]
-    shard_block(stage_block, mpu.get_tensor_model_parallel_group())
+    shard_block(stage_block, mpu.get_tensor_model_parallel_group(), cfg.family.tensor_plan)
     check_dropout("stage dropout", stage_block.attn)
     engine.destroy()
     dist.destroy_process_group()

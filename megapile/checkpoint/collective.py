@@ -27,6 +27,7 @@ from megapile.checkpoint import fragments, rng
 from megapile.checkpoint import slices as slices_access
 from megapile.config import CheckpointConfig, ConfigError
 from megapile.parallel import loss_scale
+from megapile.models import TensorPlan
 from megapile.parallel.layout import Layout
 
 
@@ -37,6 +38,7 @@ class Slices:
     layout: Layout
     rank: int
     num_layers: int
+    plan: TensorPlan  # the model family's tensor-parallel plan: which parameters are split, along which dim
 
 
 def save(engine, directory: str, step: int, state: dict[str, Any], cfg: CheckpointConfig,
@@ -65,7 +67,7 @@ def save(engine, directory: str, step: int, state: dict[str, Any], cfg: Checkpoi
     written, step = ([], {}), 0
     try:
         accessor = slices_access.holder(engine)
-        params = slices_access.held(engine, slices.layout, slices.rank, slices.num_layers)
+        params = slices_access.held(engine, slices.layout, slices.rank, slices.num_layers, slices.plan)
         written = fragments.write(accessor, params, slices.layout, slices.rank, tmp)
         step = slices_access.optimizer_step(accessor)
     except Exception as e:  # noqa: BLE001 (safetensors reports I/O errors as its own SafetensorError)
@@ -184,7 +186,7 @@ def load(engine, found: Found, slices: Slices, show_progress: bool = False) -> N
     optimizer holds, the module's copy of the weights, Adam's step, the LR schedule and the engine's counters and
     loss scale. The RNG streams are the caller's: they follow only onto the same layout."""
     slices_access.load(engine, fragments.Stored(found.path), slices.layout, slices.rank, slices.num_layers,
-                       show_progress)
+                       slices.plan, show_progress)
     _restore_engine_state(engine, found.state.get("engine") or {}, found.state.get("dtype"))
 
 

@@ -77,7 +77,7 @@ def _load(run: Run, found: "checkpoint.Found") -> None:
         check_same_layout(found.state, run.layout, run.engine.zero_optimization_stage(), found.path)
         full = portable.read_full_state(found.path, saved["zero"], run.param_order)
         slices.load(run.engine, portable.FullState(full), run.layout, run.env.rank, run.cfg.model.num_layers,
-                    show_progress=show)
+                    run.cfg.model.family.tensor_plan, show_progress=show)
     optim.follow_config(run.scheduler, settings)
     _say_optim_changes(run, found)
     if same:
@@ -99,7 +99,7 @@ def _say_optim_changes(run: Run, found: "checkpoint.Found") -> None:
 
 
 def _slices(run: Run) -> "collective.Slices":
-    return collective.Slices(run.layout, run.env.rank, run.cfg.model.num_layers)
+    return collective.Slices(run.layout, run.env.rank, run.cfg.model.num_layers, run.cfg.model.family.tensor_plan)
 
 
 def _state_layout(run: Run) -> dict:

@@ -18,6 +18,7 @@ import re
 import torch
 from deepspeed.utils import zero_to_fp32 as z
 
+from megapile.models import family
 from megapile.parallel.pipeline import gpt_name
 from megapile.parallel.tensor import gather_full
 
@@ -32,12 +33,13 @@ def read_parallel_weights(path: str, state: dict) -> dict[str, torch.Tensor]:
     tensor, pipeline = parallel.get("tensor", 1), parallel.get("pipeline", 1)
     zero_stage = int(state["zero_stage"])
     num_layers = state["config"]["model"]["num_layers"]
+    plan = family(state["config"]["model"].get("arch", "neox")).tensor_plan  # checkpoints before model.arch: neox
     if pipeline > 1 and zero_stage == 0:
         per_rank = [_pipeline_layer_weights(path, t, tensor) for t in range(tensor)]  # one "stage": all layers
-        stages = [gather_full(per_rank)]
+        stages = [gather_full(per_rank, plan)]
     else:
         per_rank = [_model_parallel_rank_weights(path, m, zero_stage) for m in range(tensor * pipeline)]
-        stages = [gather_full(per_rank[s * tensor:(s + 1) * tensor]) for s in range(pipeline)]
+        stages = [gather_full(per_rank[s * tensor:(s + 1) * tensor], plan) for s in range(pipeline)]
     if pipeline == 1:
         return stages[0]
     full: dict[str, torch.Tensor] = {}

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from megapile.checkpoint.fragments import KINDS
+from megapile.models import TensorPlan
 from megapile.parallel.layout import Layout
 from megapile.parallel.pipeline import gpt_name
-from megapile.parallel.tensor import split_dim
 from megapile.progress import bar
 
 MOMENTS = KINDS[1:]
@@ -57,15 +57,15 @@ class Held:
         return int(torch.Size(self.local_shape).numel())
 
 
-def held(engine, layout: Layout, rank: int, num_layers: int) -> list[Held]:
-    """Every parameter of this rank's module, under its plain-model name."""
+def held(engine, layout: Layout, rank: int, num_layers: int, plan: TensorPlan) -> list[Held]:
+    """Every parameter of this rank's module, under its plain-model name, split as the family's `plan` says."""
     out = []
     for module_name, p in engine.module.named_parameters():
         name = gpt_name(module_name, num_layers) if layout.pipeline > 1 else module_name
         if name is None:
             raise ValueError(f"parameter {module_name} has no plain-model name")
         local = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps only a partition in p.data
-        dim = split_dim(name) if layout.tensor > 1 else None
+        dim = plan.split_dim(name) if layout.tensor > 1 else None
         tp_rank, tensor = (layout.tensor_rank(rank), layout.tensor) if dim is not None else (0, 1)
         shape = tuple(n * tensor if d == dim else n for d, n in enumerate(local))
         owner = (dim is not None or layout.tensor_rank(rank) == 0) and \
@@ -283,11 +283,12 @@ def _ensure_adam_state(optimizer: torch.optim.Optimizer, tensors: list[torch.Ten
             state.setdefault(key, torch.zeros_like(p))
 
 
-def load(engine, source, layout: Layout, rank: int, num_layers: int, show_progress: bool = False) -> None:
+def load(engine, source, layout: Layout, rank: int, num_layers: int, plan: TensorPlan,
+         show_progress: bool = False) -> None:
     """Fill a freshly built engine of any layout from `source` (`fragments.Stored`, or full tensors of an older
     checkpoint): each parameter's fp32 master and Adam moments in the slice this rank's optimizer holds, the
     module's copy, Adam's step and the LR schedule. Reads one parameter at a time."""
-    params = held(engine, layout, rank, num_layers)
+    params = held(engine, layout, rank, num_layers, plan)
     missing = sorted(h.name for h in params if not source.has(h.name, "fp32"))
     if missing:
         raise ValueError(f"the checkpoint has no value for {', '.join(missing[:5])}")

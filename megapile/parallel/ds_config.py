@@ -117,7 +117,7 @@ def resolve_ds_config(ds: dict[str, Any], cfg: Config, dp_size: int, dtype: str,
     _fill_zero(out, cfg.parallel, source)
     _fill_precision(out, cfg, dtype, source)
     if cfg.parallel.tensor > 1 and cfg.parallel.pipeline == 1:  # pipeline stages split their own blocks
-        out["tensor_parallel"] = autotp_section(cfg.parallel.tensor)
+        out["tensor_parallel"] = autotp_section(cfg.parallel.tensor, cfg.model.family.tensor_plan)
     out.setdefault("steps_per_print", 10**9)  # megapile logs; keep DeepSpeed's own step prints quiet
     return out
 

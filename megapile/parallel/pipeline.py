@@ -19,7 +19,7 @@ rows excluded, as `GPT.loss` does) and `loss_fn` takes the mean cross-entropy.
 
 With `parallel.tensor` > 1 as well, DeepSpeed's pipeline grid (`PipeModelDataParallelTopology`, axes pipe,
 data, model) provides the tensor-parallel groups, and each stage splits its blocks with DeepSpeed's
-column/row-parallel layers (`shard_block`), the plan `parallel/tensor.py` gives AutoTP, with the per-rank
+column/row-parallel layers (`tensor.shard_block`), by the family's plan that AutoTP reads too, with the per-rank
 attention-dropout stream that tensor parallelism alone sets (`parallelize.prepare_tensor_parallel`).
 """
 from __future__ import annotations
@@ -32,12 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megapile.config import Config, ModelConfig
 from megapile.model import GPT, rotary_cos_sin, uses_rotary
+from megapile.parallel.tensor import shard_block
 
 FIRST_BLOCK = 2  # layer index of blocks.0 in the pipeline's layer list
 
@@ -79,12 +79,13 @@ class TokenEmbedding(nn.Module):
 
 
 class Positions(nn.Module):
-    """Learned positions (gpt2) and the embedding dropout; no parameters for neox."""
+    """Learned positions (gpt2) and the embedding dropout; no parameters for rotary families."""
 
     def __init__(self, cfg: ModelConfig, seed: int):
         super().__init__()
         self.max_seq_len = cfg.max_seq_len
-        (self.pos_embed,) = _owned(cfg, seed, ["pos_embed"]) if cfg.arch == "gpt2" else (None,)
+        learned = cfg.family.positions == "learned"
+        (self.pos_embed,) = _owned(cfg, seed, ["pos_embed"]) if learned else (None,)
         self.embed_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,32 +112,12 @@ class BlockLayer(nn.Module):
         self.cfg = cfg
         (self.block,) = _owned(cfg, seed, [f"blocks.{index}"])
         if tensor is not None:
-            shard_block(self.block, tensor.group)
+            shard_block(self.block, tensor.group, cfg.family.tensor_plan)
         self.use_rotary = uses_rotary(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rope = rotary_cos_sin(self.cfg, x.shape[1], x.device) if self.use_rotary else None
         return self.block(x, rope)
-
-
-def shard_block(block: nn.Module, group) -> None:
-    """Split a block over the tensor-parallel `group` with DeepSpeed's AutoTP layers, as megapile's AutoTP plan
-    does without pipelining (parallel/tensor.py): qkv, fc_in (and llama's gate) column-parallel (whole key/value
-    groups per rank), proj and fc_out row-parallel. Split parameters are marked `tensor_model_parallel`, so the
-    global gradient norm counts them on every tensor rank and the replicated ones once."""
-    set_autotp_mode(training=True)
-    attn, mlp = block.attn, block.mlp
-    attn.dropout_stream = dist.get_rank(group)  # the tensor rank: each rank drops its own heads' probabilities
-    attn.qkv, mlp.fc_in = LinearLayer(attn.qkv, group), LinearLayer(mlp.fc_in, group)
-    if hasattr(mlp, "gate"):
-        mlp.gate = LinearLayer(mlp.gate, group)
-    attn.proj, mlp.fc_out = LinearAllreduce(attn.proj, group), LinearAllreduce(mlp.fc_out, group)
-    split = [attn.qkv.weight, attn.qkv.bias, mlp.fc_in.weight, mlp.fc_in.bias, attn.proj.weight, mlp.fc_out.weight]
-    if hasattr(mlp, "gate"):
-        split.append(mlp.gate.weight)
-    for p in split:
-        if p is not None:  # llama has no biases
-            p.tensor_model_parallel = True
 
 
 class FinalNorm(nn.Module):

@@ -1,16 +1,11 @@
-"""Tensor parallelism: Megatron-style split of attention and MLP, applied by DeepSpeed's AutoTP training.
+"""Tensor parallelism: the model family's plan (megapile/models/family.py `TensorPlan`) applied by DeepSpeed's
+AutoTP training, by pipeline stages (`shard_block`) and read by the checkpoint slices.
 
-The plan is data — parameter-name patterns to a split style — and DeepSpeed applies it inside
-`deepspeed.initialize` (on CPU/gloo too), composing with ZeRO-1/2 and bf16:
-
-    blocks.*.attn.qkv    column-parallel: each rank gets whole heads (rows are laid out per key/value group
-                         as [q_0 .. q_{g-1}, k, v], so a contiguous split by rows is a split by groups: a rank
-                         holds whole key/value heads with their query heads, hence parallel.tensor must
-                         divide model.num_kv_heads), bias split alike
-    blocks.*.attn.proj   row-parallel: input features split, outputs all-reduced, bias added once
-    blocks.*.mlp.gate    column-parallel (llama's SwiGLU gate, split like fc_in so gate and up columns match)
-    blocks.*.mlp.fc_in   column-parallel
-    blocks.*.mlp.fc_out  row-parallel
+The plan is data: which linears of a block are column-parallel (split by output features: attn.qkv, whole
+key/value groups per rank as its rows are grouped per key/value head, hence parallel.tensor must divide
+model.num_kv_heads; the MLP's fc_in and gate alike, so gate and up columns match) and which row-parallel
+(split by input features, outputs all-reduced, bias added once: attn.proj, mlp.fc_out). DeepSpeed applies it
+inside `deepspeed.initialize` (on CPU/gloo too), composing with ZeRO-1/2 and bf16.
 
 Everything else (embeddings, norms, the output head) is replicated: `GPT.loss` multiplies the head
 weight directly (never through an nn.Linear call), so a vocabulary-parallel head would need a different
@@ -23,47 +18,51 @@ import re
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 
-# (pattern over parameter names, DeepSpeed partition type, dimension of the weight that is split)
-TP_PLAN = (
-    (r".*\.attn\.qkv\.weight$", "column", 0),
-    (r".*\.mlp\.gate\.weight$", "column", 0),
-    (r".*\.mlp\.fc_in\.weight$", "column", 0),
-    (r".*\.attn\.proj\.weight$", "row", 1),
-    (r".*\.mlp\.fc_out\.weight$", "row", 1),
-)
+from megapile.models import TensorPlan
 
 
-def autotp_section(tp: int) -> dict[str, Any]:
-    """The DeepSpeed `tensor_parallel` config for `tp` ranks with megapile's plan."""
-    specs: dict[str, list[str]] = {}
-    for pattern, kind, _ in TP_PLAN:
-        specs.setdefault(kind, []).append(pattern)
+def autotp_section(tp: int, plan: TensorPlan) -> dict[str, Any]:
+    """The DeepSpeed `tensor_parallel` config for `tp` ranks with the family's plan."""
+    def patterns(modules: tuple[str, ...]) -> list[str]:
+        return [rf".*\.{re.escape(m)}\.weight$" for m in modules]
+
     return {
         "autotp_size": tp,
         "partition_config": {
             "use_default_specs": False,
-            "layer_specs": [{"patterns": patterns, "partition_type": kind} for kind, patterns in specs.items()],
+            "layer_specs": [{"patterns": patterns(plan.column), "partition_type": "column"},
+                            {"patterns": patterns(plan.row), "partition_type": "row"}],
         },
     }
 
 
-def split_dim(name: str) -> int | None:
-    """The dimension along which parameter `name` (a GPT name) is split across tensor-parallel ranks, or None
-    when it is replicated. Column-parallel biases are split with their weight's rows; row-parallel biases
-    are whole on every rank."""
-    for pattern, kind, dim in TP_PLAN:
-        if re.match(pattern, name):
-            return dim
-        if kind == "column" and re.match(pattern.replace(r"\.weight$", r"\.bias$"), name):
-            return 0
-    return None
+def shard_block(block: nn.Module, group, plan: TensorPlan) -> None:
+    """Split a block over the tensor-parallel `group` with DeepSpeed's AutoTP layers, by the plan AutoTP reads
+    without pipelining. Split parameters are marked `tensor_model_parallel`, so the global gradient norm counts
+    them on every tensor rank and the replicated ones once."""
+    # lazy: importing DeepSpeed prints to stdout, and `megapile config show` (which reads autotp_section) prints YAML
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
+
+    set_autotp_mode(training=True)
+    block.attn.dropout_stream = dist.get_rank(group)  # the tensor rank: each rank drops its own heads' probabilities
+    for name, module in list(block.named_modules()):
+        if not isinstance(module, nn.Linear) or not (plan.is_column(name) or plan.is_row(name)):
+            continue
+        owner, _, leaf = name.rpartition(".")
+        split = LinearLayer(module, group) if plan.is_column(name) else LinearAllreduce(module, group)
+        setattr(block.get_submodule(owner), leaf, split)
+        for kind, p in split.named_parameters(recurse=False):
+            if p is not None and plan.split_dim(f"{name}.{kind}") is not None:
+                p.tensor_model_parallel = True
 
 
-def gather_full(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def gather_full(shards: list[dict[str, torch.Tensor]], plan: TensorPlan) -> dict[str, torch.Tensor]:
     """One set of full weights from the per-rank state dicts of a tensor-parallel model (rank order)."""
     full = {}
     for name, first in shards[0].items():
-        dim = split_dim(name)
+        dim = plan.split_dim(name)
         full[name] = first if dim is None else torch.cat([s[name] for s in shards], dim=dim)
     return full

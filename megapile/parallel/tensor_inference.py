@@ -1,7 +1,7 @@
 """Tensor parallelism for evaluation: a model too large for one device, split over the ranks of a group.
 
-Each rank holds its part of the linears that training splits (megapile/parallel/tensor.py's plan: whole
-key/value heads of `attn.qkv`, columns of `mlp.gate`/`mlp.fc_in`, input features of `attn.proj`/`mlp.fc_out`)
+Each rank holds its part of the linears that training splits (the family's `TensorPlan`, which training reads
+too: whole key/value heads of `attn.qkv`, columns of `mlp.gate`/`mlp.fc_in`, input features of `attn.proj`/`mlp.fc_out`)
 and everything else whole. Column-parallel linears need no change (Attention and the MLPs run on a shard as
 they are); each row-parallel linear becomes `RowParallel`, which sums the partial outputs over the group and
 adds the bias once. Training gets the same split from DeepSpeed's AutoTP inside its engine; evaluation builds
@@ -21,9 +21,6 @@ import torch.nn.functional as F
 
 from megapile.config import ModelConfig
 from megapile.model import GPT
-from megapile.parallel.tensor import split_dim
-
-ROW_PARALLEL = ("attn.proj", "mlp.fc_out")  # the linears whose input features are split
 
 
 class RowParallel(nn.Module):
@@ -60,16 +57,17 @@ def build_split(cfg: ModelConfig, part: Callable[[str, Optional[int]], torch.Ten
     model (and `group` is not used)."""
     if tensor > 1:
         check_split(cfg, tensor)
+    plan = cfg.family.tensor_plan
     with torch.device("meta"):
         model = GPT(cfg)
     for name, _ in list(model.named_parameters()):
-        dim = split_dim(name) if tensor > 1 else None
+        dim = plan.split_dim(name) if tensor > 1 else None
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         setattr(module, leaf, nn.Parameter(part(name, dim).to(device, dtype), requires_grad=False))
     if tensor > 1:
         for name, module in list(model.named_modules()):
-            if name.endswith(ROW_PARALLEL):
+            if plan.is_row(name):
                 owner, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(owner), leaf, RowParallel(module, group))
     return model.eval()

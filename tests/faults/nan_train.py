@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from megapile import model, train  # noqa: E402
 from megapile.checkpoint import manager  # noqa: E402
-from megapile.parallel import pipeline, tensor  # noqa: E402
+from megapile.parallel import pipeline  # noqa: E402
 from megapile.process_exit import exit_now  # noqa: E402
 
 NAN_STEPS = {int(s) for s in os.environ.get("MEGAPILE_NAN_STEPS", "").split(",") if s}
@@ -159,7 +159,7 @@ def loop(run, start, stop):
         digest = hashlib.sha256()
         names = []
         for name, p in sorted(run.engine.module.named_parameters()):
-            if hasattr(p, "ds_tensor") or (run.layout.tensor > 1 and tensor.split_dim(name) is not None):
+            if hasattr(p, "ds_tensor") or (run.layout.tensor > 1 and run.cfg.model.family.tensor_plan.split_dim(name) is not None):
                 continue
             digest.update(p.detach().float().contiguous().numpy().tobytes())
             names.append(name)

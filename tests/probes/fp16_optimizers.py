@@ -40,7 +40,7 @@ def main() -> None:
         slices.load(engine, portable.FullState(full), Layout(1, 1, 1, 1), 0, cfg.num_layers)
 
         accessor = slices.holder(engine)
-        held = slices.held(engine, Layout(1, 1, 1, 1), 0, cfg.num_layers)
+        held = slices.held(engine, Layout(1, 1, 1, 1), 0, cfg.num_layers, cfg.family.tensor_plan)
         exact = all(torch.equal(accessor.get(h, key), full[key][h.name].reshape(-1)) for h in held for key in KINDS)
         module = all(torch.equal(h.param.detach(), full["fp32"][h.name].bfloat16()) for h in held)
         # independently of megapile's mapping: the optimizer's own masters, in its own order
