@@ -37,6 +37,7 @@ from megapile.data import DataError
 from megapile.data.tokenizer import load_tokenizer
 from megapile.hf_convert import HF_CLASS, config_to_hf, load_hf_dir, state_dict_for_disk
 from megapile.model import GPT
+from megapile.models import family
 from megapile.parallel.tensor_inference import build_split, cut, local_shape
 from megapile.progress import bar
 
@@ -317,4 +318,7 @@ def cli_main(args: argparse.Namespace) -> int:
           f"{HF_CLASS[summary['arch']]} "
           f"({summary['parameters'] / 1e6:.2f}M parameters, {args.dtype}): {', '.join(summary['files'])}")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({summary['output']!r})")
+    note = family(summary["arch"]).hf.tokenizer_note
+    if note:
+        print(f"tokenizer: {note.format(output=summary['output'])}")
     return 0

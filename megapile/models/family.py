@@ -99,6 +99,9 @@ class HFAdapter:
     layer: str = ""  # with {i}
     block: dict[str, Any] = {}  # our module in a block -> HF's (a str, or a tuple of the parts of a fused one)
     act_to_hf = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu"}
+    # Where transformers' AutoTokenizer ignores an exported tokenizer.json for this model_type (it builds the
+    # family's own tokenizer class instead): what to tell the user, else None.
+    tokenizer_note: Optional[str] = None
 
     def config_to_hf(self, cfg: "ModelConfig"):
         """A transformers config for the same model."""
