@@ -132,7 +132,7 @@ def test_llama_keys_are_checked(tmp_path):
     assert "model.num_heads (8) must be divisible by model.num_kv_heads (3)" in _error(
         tmp_path, "model:\n  arch: llama\n  num_heads: 8\n  num_kv_heads: 3\n")
     assert "model.num_kv_heads must be > 0" in _error(tmp_path, "model:\n  arch: llama\n  num_kv_heads: 0\n")
-    assert "only model.arch llama supports" in _error(tmp_path, "model:\n  num_kv_heads: 2\n")
+    assert "only model.arch llama, qwen2 supports" in _error(tmp_path, "model:\n  num_kv_heads: 2\n")
     assert "model.rope_scaling is supported with model.arch llama only" in _error(
         tmp_path, "model:\n  rope_scaling: {factor: 8.0}\n")
     assert "model.rope_scaling.high_freq_factor (1.0) must be > model.rope_scaling.low_freq_factor (2.0)" in _error(

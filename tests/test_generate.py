@@ -10,10 +10,13 @@ from megapile.generate import generate, sample_next
 from megapile.model import KVCache, build_model
 
 
+ARCHS = ["neox", "gpt2", "llama", "qwen2"]
+
+
 def random_model(arch: str, seed: int = 0):
-    """A random model with large weights, so greedy decoding writes varied tokens, not one repeated; llama's has
-    grouped-query attention (4 query heads over 2 cached key/value heads)."""
-    gqa = dict(num_kv_heads=2, intermediate_size=160) if arch == "llama" else {}
+    """A random model with large weights, so greedy decoding writes varied tokens, not one repeated; the
+    grouped-query families' (llama, qwen2) have 4 query heads over 2 cached key/value heads."""
+    gqa = dict(num_kv_heads=2, intermediate_size=160) if ModelConfig(arch=arch).family.grouped_query else {}
     cfg = ModelConfig(arch=arch, vocab_size=1024, num_layers=2, hidden_size=64, num_heads=4, max_seq_len=64,
                       init_std=0.3, **gqa)
     return build_model(cfg, seed=seed).eval()
@@ -26,14 +29,14 @@ def hf_dirs(tmp_path_factory, tokenizer_path):
 
     tok = load_tokenizer(tokenizer_path)
     out = {}
-    for arch in ("neox", "gpt2", "llama"):
+    for arch in ARCHS:
         model = random_model(arch)
         out[arch] = str(tmp_path_factory.mktemp(f"gen_{arch}"))
         write_hf_dir(model.cfg, model.state_dict(), tok, out[arch])
     return out
 
 
-@pytest.mark.parametrize("arch", ["neox", "gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_kv_cache_logits_equal_full_forward(arch):
     model = random_model(arch)
     ids = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -50,7 +53,7 @@ def test_kv_cache_logits_equal_full_forward(arch):
     assert (out[1, 6:] - full[0, :14]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["neox", "gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_equals_transformers_generate_with_and_without_cache(arch, hf_dirs):
     import transformers
 

@@ -25,8 +25,9 @@ def _train(preprocessed, tokenizer_path, run_dir, launcher="python", nproc=1, ds
     return os.path.join(str(run_dir), "checkpoints")
 
 
-# llama with grouped-query attention (4 query heads over 2 key/value heads) and SwiGLU
-ARCH_OVERRIDES = {"neox": {}, "gpt2": {}, "llama": dict(model__num_kv_heads=2, model__intermediate_size=160)}
+# llama and qwen2 with grouped-query attention (4 query heads over 2 key/value heads) and SwiGLU
+GQA = dict(model__num_kv_heads=2, model__intermediate_size=160)
+ARCH_OVERRIDES = {"neox": {}, "gpt2": {}, "llama": GQA, "qwen2": GQA}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,9 @@ def _assert_same_model(checkpoint: str, hf_dir: str, arch: str) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     assert type(hf).__name__ == HF_CLASS[arch]
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    if ours.cfg.family.hf.tokenizer_note:  # AutoTokenizer builds the family's own class (Qwen2): as the note says
+        assert type(hf_tok).__name__ != "TokenizersBackend"
+        hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
     ids = [ours.tokenizer.encode(t) for t in TEXTS]
     assert [hf_tok(t)["input_ids"] for t in TEXTS] == ids
     assert hf_tok.eos_token_id == ours.tokenizer.eod_id
@@ -64,13 +68,49 @@ def _assert_same_model(checkpoint: str, hf_dir: str, arch: str) -> None:
     assert mine == theirs
 
 
-@pytest.mark.parametrize("arch", ["neox", "gpt2", "llama"])
+@pytest.mark.parametrize("arch", list(ARCH_OVERRIDES))
 def test_export_equals_ours_in_transformers(arch, checkpoints, tmp_path):
     out = str(tmp_path / "hf")
     _export(checkpoints[arch], out)
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
                                        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     _assert_same_model(checkpoints[arch], out, arch)
+
+
+class _TransformersScorer:
+    """A transformers model behind the few calls `megapile.evaluate` makes of ours (hidden states, head), so the
+    same scoring code reads both and only the model differs."""
+
+    def __init__(self, hf, cfg):
+        self.hf, self.cfg = hf, cfg
+
+    def parameters(self):
+        return self.hf.parameters()
+
+    def hidden_states(self, x):
+        return self.hf.base_model(x).last_hidden_state  # after the final norm, as ours
+
+    def _head_weight(self):
+        return self.hf.get_output_embeddings().weight
+
+
+@pytest.mark.parametrize("arch", list(ARCH_OVERRIDES))
+def test_export_scores_the_same_bits_per_byte_in_transformers(arch, checkpoints, sample_corpus, tmp_path):
+    """Export, reload with transformers, score the validation documents: the bits per byte equal ours."""
+    import transformers
+
+    from megapile.evaluate import OVERALL, evaluate
+
+    out = str(tmp_path / "hf")
+    _export(checkpoints[arch], out)
+    ours = load_model(checkpoints[arch])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    data = os.path.join(sample_corpus, "val", "*.jsonl.zst")
+    with torch.no_grad():
+        mine = evaluate(ours.model, ours.tokenizer, data, max_docs=6)[OVERALL].metrics()
+        theirs = evaluate(_TransformersScorer(hf, ours.cfg), ours.tokenizer, data, max_docs=6)[OVERALL].metrics()
+    assert mine["tokens"] > 100 and 0 < mine["bits_per_byte"] < 20
+    assert theirs["bits_per_byte"] == pytest.approx(mine["bits_per_byte"], rel=1e-5)
 
 
 def test_sharded_and_bf16_exports(checkpoints, tmp_path):
@@ -129,7 +169,7 @@ def _tokenizer(tokenizer_path):
     return load_tokenizer(tokenizer_path)
 
 
-@pytest.mark.parametrize("arch", ["neox", "gpt2", "llama", "llama-mqa-tied"])
+@pytest.mark.parametrize("arch", ["neox", "gpt2", "llama", "llama-mqa-tied", "qwen2"])
 def test_transformers_model_imports_and_exports_losslessly(arch, tokenizer_path, tmp_path):
     """A model made and saved by transformers (vocab 1000: padded to 1024 on import) gives the same logits in
     megapile; exporting it and importing the export again changes no bit."""
@@ -155,6 +195,16 @@ def test_transformers_model_imports_and_exports_losslessly(arch, tokenizer_path,
                 if "norm" in name:
                     p.normal_(1.0, 0.1)
         arch = "llama"
+    elif arch == "qwen2":  # q/k/v biases (set away from 0 below), GQA, tied, rotary base 1e6
+        config = transformers.Qwen2Config(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=160, max_position_embeddings=64,
+                                          tie_word_embeddings=True,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        hf = transformers.Qwen2ForCausalLM(config)
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith("_proj.bias") or "norm" in name:
+                    p.normal_(1.0 if "norm" in name else 0.0, 0.1)
     else:
         config = transformers.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=64)
         hf = transformers.GPT2LMHeadModel(config)
@@ -185,7 +235,8 @@ def test_transformers_model_imports_and_exports_losslessly(arch, tokenizer_path,
             continue
         got = a[name][: v.shape[0]] if v.shape[0] == 1000 else a[name]
         assert torch.equal(got, v), name
-    embed = {"neox": "embed_out.weight", "gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight"}
+    embed = {"neox": "embed_out.weight", "gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight",
+             "qwen2": "model.embed_tokens.weight"}
     assert not a[embed[arch]][1000:].any()
 
 

@@ -47,9 +47,13 @@ LLAMA_SHAPES = [  # MHA, GQA, MQA, tied, Llama-3 rope scaling, odd MLP width
          rotary_base=500000.0, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                                  original_max_seq_len=16)),
 ]
-ALL_SHAPES = NEOX_SHAPES + GPT2_SHAPES + LLAMA_SHAPES
-HF_CLASSES = {"neox": transformers.GPTNeoXForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
-              "llama": transformers.LlamaForCausalLM}
+QWEN2_SHAPES = [  # Llama's layout with q/k/v biases and rotary base 1e6: GQA untied, MHA, MQA tied
+    dict(arch="qwen2", num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=2, intermediate_size=160),
+    dict(arch="qwen2", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=96, norm_eps=1e-6),
+    dict(arch="qwen2", num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=1, intermediate_size=80,
+         tie_embeddings=True),
+]
+ALL_SHAPES = NEOX_SHAPES + GPT2_SHAPES + LLAMA_SHAPES + QWEN2_SHAPES
 
 
 def make_cfg(**kw) -> ModelConfig:
@@ -61,7 +65,7 @@ def make_cfg(**kw) -> ModelConfig:
 def hf_model(cfg: ModelConfig):
     hf_cfg = config_to_hf(cfg)
     hf_cfg._attn_implementation = "eager"  # the plainest reference
-    cls = HF_CLASSES[cfg.arch]
+    cls = getattr(transformers, cfg.family.hf.hf_class)
     torch.manual_seed(1)
     return cls(hf_cfg).eval()
 
@@ -77,10 +81,22 @@ def _shape_id(kw):
 # ----------------------------------------------------------------------------- HF parity
 
 
+def _perturb_norms_and_biases(model) -> None:
+    """Norm weights away from 1 and biases away from 0 (both models initialise them so), so a misplaced or
+    dropped norm or bias (Qwen2's q/k/v biases, GPT-2's regrouped c_attn bias) changes the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name.split(".")[-2]:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+
+
 @pytest.mark.parametrize("kw", ALL_SHAPES, ids=[f"{k['arch']}:{_shape_id(k)}" for k in ALL_SHAPES])
 def test_logits_match_hf_ours_to_hf(kw):
     cfg = make_cfg(**kw)
     ours = build_model(cfg, seed=3).eval()
+    _perturb_norms_and_biases(ours)
     hf = hf_model(cfg)
     result = hf.load_state_dict(state_dict_to_hf(cfg, ours.state_dict()), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
@@ -95,11 +111,8 @@ def test_logits_match_hf_ours_to_hf(kw):
 @pytest.mark.parametrize("kw", ALL_SHAPES, ids=[f"{k['arch']}:{_shape_id(k)}" for k in ALL_SHAPES])
 def test_logits_match_hf_hf_to_ours(kw):
     cfg = make_cfg(**kw)
-    hf = hf_model(cfg)  # HF's own random init, including non-trivial norms set below
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    hf = hf_model(cfg)  # HF's own random init, including non-trivial norms and biases set below
+    _perturb_norms_and_biases(hf)
     back = config_from_hf(hf.config, vocab_size=cfg.vocab_size)
     assert back == cfg
     ours = GPT(back).eval()

@@ -74,6 +74,13 @@ def test_llama_parameter_counts_match_the_published_sizes():
     assert total_params(_model("llama-1b.yaml")) == 1_235_814_400  # Llama-3.2-1B (tied)
 
 
+def test_qwen2_parameter_count_matches_the_published_size():
+    """Qwen2's q/k/v biases (nh + 2 nkv) hs per layer are counted, no other bias, tied head."""
+    m = _model("qwen2.5-0.5b.yaml")
+    assert (m.rotary_base, m.norm_eps, m.family.qkv_bias, m.family.linear_bias) == (1e6, 1e-6, True, False)
+    assert total_params(m) == 494_032_768  # Qwen2.5-0.5B
+
+
 @pytest.mark.parametrize("preset,gpus,memory", [("llama-8b.yaml", 8, 80), ("llama-70b.yaml", 64, 80)])
 def test_llama_plans_have_fitting_layouts(preset, gpus, memory, capsys):
     """`megapile plan` lists layouts for Llama-3 8B and 70B; tensor parallelism never exceeds 8 (the key/value

@@ -6,8 +6,9 @@ from megapile.models.family import Family, TensorPlan
 from megapile.models.gpt2 import GPT2
 from megapile.models.llama import LLAMA
 from megapile.models.neox import NEOX
+from megapile.models.qwen2 import QWEN2
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (NEOX, GPT2, LLAMA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (NEOX, GPT2, LLAMA, QWEN2)}
 
 
 def family(arch: str) -> Family:
