@@ -80,7 +80,7 @@ def read_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[Mode
 
 def _full_weights(cfg: ModelConfig, found: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's merge prints progress lines
-        weights = portable.read_full_weights(found.path, int(found.state["zero_stage"]), dtype)
+        weights = portable.read_full_weights(found.path, found.state.zero_stage, dtype)
     _check_names(cfg, found, set(weights))
     return weights
 
@@ -88,12 +88,12 @@ def _full_weights(cfg: ModelConfig, found: Any, dtype: torch.dtype) -> dict[str,
 def _checkpoint_info(path: str) -> tuple[ModelConfig, Optional[str], Any]:
     try:
         found = tools.resolve(path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:  # ConfigError: a state format newer than this megapile
         raise ExportError(str(e)) from None
-    model = dict(found.state["config"]["model"])
+    model = dict(found.state.config["model"])
     model.update(activation_checkpointing=False, attention="sdpa", init_from=None)
     # the tokenizer the checkpoint carries; for one saved before checkpoints carried it, the run's data.tokenizer
-    tokenizer = carried_tokenizer(found.path) or found.state["config"].get("data", {}).get("tokenizer")
+    tokenizer = carried_tokenizer(found.path) or found.state.config["data"].get("tokenizer")
     return ModelConfig(**model), tokenizer, found
 
 
@@ -101,10 +101,9 @@ def _check_names(cfg: ModelConfig, found: Any, names: set[str]) -> None:
     with torch.device("meta"):
         expected = set(GPT(cfg).state_dict())
     if names != expected:
-        par = found.state.get("parallel", {})
         missing, extra = sorted(expected - names), sorted(names - expected)
         raise ExportError(f"{found.path}: could not reassemble full weights from this layout "
-                          f"(tensor {par.get('tensor', 1)}, pipeline {par.get('pipeline', 1)}): "
+                          f"(tensor {found.state.tensor}, pipeline {found.state.pipeline}): "
                           f"missing {missing[:3]}, unexpected {extra[:3]}")
 
 
@@ -143,7 +142,7 @@ def load_model(path: str, device: torch.device | str = "cpu", tokenizer: Optiona
         cfg, ckpt_tokenizer, found = _checkpoint_info(path)
         part = _checkpoint_parts(cfg, found, DTYPES[dtype], tensor, tensor_rank)
         tokenizer = tokenizer or ckpt_tokenizer
-        step, trained_with = found.step, found.state.get("fingerprints", {}).get("tokenizer")
+        step, trained_with = found.step, found.state.fingerprints.get("tokenizer")
         source = f"{found.path} (step {found.step})"
         if not tokenizer:
             raise ExportError(f"{found.path}: the run had no data.tokenizer; pass --tokenizer")

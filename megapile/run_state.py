@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 
+from megapile.checkpoint.state_file import RunState
 from megapile.config import Config
 from megapile.data.loader import Batches
 from megapile.distributed import DistEnv
@@ -28,9 +29,8 @@ class Position:
     skip_samples: list = field(default_factory=list)  # sorted [start, end) global sample ranges never trained
 
     @classmethod
-    def of_state(cls, step: int, state: dict[str, Any], skip_samples: list) -> "Position":
-        return cls(step, int(state["sample_index"]), int(state["tokens_seen"]),
-                   merge_ranges(state.get("skip_samples", []), skip_samples))
+    def of_state(cls, step: int, state: RunState, skip_samples: list) -> "Position":
+        return cls(step, int(state.sample_index), int(state.tokens_seen), merge_ranges(state.skip_samples, skip_samples))
 
 
 @dataclass

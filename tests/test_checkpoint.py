@@ -283,10 +283,10 @@ def test_zero0_low_precision_optimizers_take_and_give_back_a_full_state():
 def test_ckpt_info_describes_a_tensor_pipeline_checkpoint_as_resuming_on_any_layout(tmp_path):
     """Issue 28: a TP/PP checkpoint with slices was told it "resumes on the same layout exactly" and pointed at
     `consolidate` (which drops the moments and the data position)."""
-    from megapile.checkpoint import Found, fragments
+    from megapile.checkpoint import Found, RunState, fragments
     from megapile.checkpoint.tools import _resumes_on
 
-    state = {"parallel": {"tensor": 2, "pipeline": 2}, "world_size": 4, "zero_stage": 1}
+    state = RunState(parallel={"tensor": 2, "pipeline": 2}, world_size=4, zero_stage=1)
     older = Found(str(tmp_path), "global_step3", 3, state)
     assert "same tensor x pipeline x data layout exactly" in _resumes_on(older)  # no slices: saved before them
     os.makedirs(tmp_path / fragments.DIR)

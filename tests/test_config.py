@@ -102,27 +102,29 @@ def test_checkpoints_of_runs_before_llama_still_resume():
     """A GPT-NeoX checkpoint saved before num_kv_heads and rope_scaling existed has neither key: unset, they must
     compare equal to its model section, or every older run would be refused on resume as 'a different model'."""
     from megapile.checkpoint import compat
+    from megapile.checkpoint.state_file import RunState
 
     model = load_config(os.path.join(ROOT, "configs", "pythia-160m.yaml")).to_dict()["model"]
     older = {k: v for k, v in model.items() if k not in ("num_kv_heads", "rope_scaling")}
-    compat.check({"config": {"model": older}}, model, {}, False, "ckpt")  # no error
+    compat.check(RunState(config={"model": older}), model, {}, False, "ckpt")  # no error
 
 
 def test_another_vocabulary_padding_is_the_same_model():
     """A pythia-1b checkpoint (50304 rows) resumes at tensor 8 (51200): the padding changes, said in one line; another
     vocabulary is still a different model."""
     from megapile.checkpoint import compat
+    from megapile.checkpoint.state_file import RunState
     from megapile.parallel.layout import pad_vocab_for_tensor
 
     path = os.path.join(ROOT, "configs", "pythia-1b.yaml")
-    saved = {"config": {"model": load_config(path).to_dict()["model"]}}
+    saved = RunState(config={"model": load_config(path).to_dict()["model"]})
     cfg = load_config(path, ["parallel.tensor=8"])
     pad_vocab_for_tensor(cfg)
     compat.check(saved, cfg.to_dict()["model"], {}, False, "ckpt")  # no error
     assert compat.vocab_padding_change(saved, cfg.to_dict()["model"]) == (
         "the vocabulary padding changed from 50304 to 51200 rows (model.pad_vocab_multiple 128 -> 1024): the 50277 "
         "real rows are the checkpoint's, added padding rows are zeros")
-    assert compat.vocab_padding_change(saved, saved["config"]["model"]) is None
+    assert compat.vocab_padding_change(saved, saved.config["model"]) is None
     other = load_config(path, ["model.vocab_size=50280"]).to_dict()["model"]
     with pytest.raises(ConfigError, match=r"different model \(model.vocab_size: 50277 -> 50280\)"):
         compat.check(saved, other, {}, False, "ckpt")

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from megapile.checkpoint.state_file import RunState
 from megapile.config import ConfigError, load_config
 from megapile.parallel.layout import Layout, check_same_layout, pad_vocab_for_tensor, resolve_layout
 from megapile.parallel.pipeline import explicit_parts, gpt_name
@@ -79,9 +80,9 @@ def test_the_vocabulary_is_padded_for_each_tensor_parallel_size(preset, rows):
 
 
 def test_resume_refuses_another_tensor_or_pipeline_layout():
-    saved = {"parallel": {"tensor": 2, "pipeline": 1, "data": 1}, "world_size": 2, "zero_stage": 1}
+    saved = RunState(parallel={"tensor": 2, "pipeline": 1, "data": 1}, world_size=2, zero_stage=1)
     check_same_layout(saved, Layout(2, 2, 1, 1), 1, "ck")  # same layout
-    check_same_layout({"world_size": 2, "zero_stage": 1}, Layout(4, 1, 1, 4), 3, "ck")  # plain DP: resharded
+    check_same_layout(RunState(world_size=2, zero_stage=1), Layout(4, 1, 1, 4), 3, "ck")  # plain DP: resharded
     for layout, stage in ((Layout(2, 1, 2, 1), 1), (Layout(4, 2, 1, 2), 1), (Layout(2, 2, 1, 1), 2),
                           (Layout(2, 1, 1, 2), 1)):
         with pytest.raises(ConfigError, match="resumes only on its own layout"):

@@ -5,7 +5,7 @@ On disk, under `checkpoint.dir`:
     global_step300/            one complete checkpoint
         portable/              every rank's slices of the fp32 masters and Adam moments, by parameter name and
                                position, and their index: a resume on any layout (megapile/checkpoint/fragments.py)
-        megapile_state.json    step, global sample index, every rank's RNG streams, layout, config, fingerprints
+        megapile_state.json    format, step, global sample index, every rank's RNG streams, layout, config, fingerprints
         tokenizer/             a byte copy of the run's tokenizer file(s), so the checkpoint works wherever
                                it is copied (eval, generate, export-hf); its sha256 is the recorded fingerprint
         manifest.json          every file with its size and CRC32; written last
@@ -26,13 +26,13 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
-from megapile.checkpoint import manifest
+from megapile.checkpoint import manifest, state_file
+from megapile.checkpoint.state_file import STATE_FILE as STATE_FILE  # re-exported: tests and tools name it here
+from megapile.checkpoint.state_file import TOKENIZER_DIR, RunState
 from megapile.config import CheckpointConfig, ConfigError
 
-STATE_FILE = "megapile_state.json"
-TOKENIZER_DIR = "tokenizer"
 ROLLBACK_FILE = "rolled_back/last_rollback.json"
 _TAG = re.compile(r"^global_step(\d+)$")
 
@@ -44,7 +44,7 @@ class Found:
     path: str
     tag: str
     step: int
-    state: dict[str, Any]
+    state: RunState  # its megapile_state.json, upgraded to the current format (megapile/checkpoint/state_file.py)
 
 
 def checkpoint_dir(cfg: CheckpointConfig, run_dir: str) -> str:
@@ -69,8 +69,7 @@ def open_checkpoint(path: str, checksums: bool = True) -> Found:
     problems = manifest.verify(path, checksums=checksums)
     if problems:
         raise ConfigError(f"checkpoint.resume: {path} is not a complete, intact checkpoint: {'; '.join(problems[:3])}")
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return Found(path, os.path.basename(path), int(m.group(1)), json.load(f))
+    return Found(path, os.path.basename(path), int(m.group(1)), state_file.read(path))
 
 
 def set_aside_newer(directory: str, step: int) -> list[str]:
@@ -112,8 +111,7 @@ def find_resumable(directory: str, checksums: bool = True, warn=None, at_most: O
         if problems:
             warn(f"warning: skipping checkpoint {path}: {'; '.join(problems[:3])}")
             continue
-        with open(os.path.join(path, STATE_FILE)) as f:
-            return Found(path, tag, step, json.load(f))
+        return Found(path, tag, step, state_file.read(path))
     return None
 
 

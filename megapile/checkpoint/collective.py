@@ -187,12 +187,12 @@ def load(engine, found: Found, slices: Slices, show_progress: bool = False) -> N
     loss scale. The RNG streams are the caller's: they follow only onto the same layout."""
     slices_access.load(engine, fragments.Stored(found.path), slices.layout, slices.rank, slices.num_layers,
                        slices.plan, show_progress)
-    _restore_engine_state(engine, found.state.get("engine") or {}, found.state.get("dtype"))
+    _restore_engine_state(engine, found.state.engine, found.state.dtype)
 
 
 def restore_rng(found: Found, rank: int, world_size: int) -> None:
     """This rank's RNG streams as saved: on the layout that wrote the checkpoint, every stream goes on."""
-    states = found.state.get("rng") or []
+    states = found.state.rng
     if len(states) == world_size:
         rng.restore(states[rank])
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from megapile.checkpoint.state_file import RunState
 from megapile.config import ConfigError
 
 # Model keys that change no tensor shape or meaning: they may differ between save and resume. The vocabulary's
@@ -12,15 +13,15 @@ _FREE_MODEL_KEYS = {"dropout", "activation_checkpointing", "attention", "init_fr
                     "chunked_loss", "compile", "pad_vocab_multiple"}
 
 
-def check(saved: dict[str, Any], model: dict[str, Any], fingerprints: dict[str, str], allow_data_change: bool,
+def check(saved: RunState, model: dict[str, Any], fingerprints: dict[str, str], allow_data_change: bool,
           path: str) -> None:
-    old_model = saved.get("config", {}).get("model", {})
+    old_model = saved.config.get("model", {})
     changed = sorted(k for k in set(old_model) | set(model)
                      if k not in _FREE_MODEL_KEYS and old_model.get(k) != model.get(k))
     if changed:
         diffs = ", ".join(f"model.{k}: {old_model.get(k)!r} -> {model.get(k)!r}" for k in changed)
         raise ConfigError(f"checkpoint {path} was saved with a different model ({diffs})")
-    old_prints = saved.get("fingerprints", {})
+    old_prints = saved.fingerprints
     if old_prints.get("tokenizer") and old_prints.get("tokenizer") != fingerprints.get("tokenizer"):
         raise ConfigError(f"checkpoint {path} was trained with a different tokenizer (data.tokenizer changed)")
     if old_prints.get("train_data") != fingerprints.get("train_data") and not allow_data_change:
@@ -30,10 +31,10 @@ def check(saved: dict[str, Any], model: dict[str, Any], fingerprints: dict[str, 
         )
 
 
-def vocab_padding_change(saved: dict[str, Any], model: dict[str, Any]) -> Optional[str]:
+def vocab_padding_change(saved: RunState, model: dict[str, Any]) -> Optional[str]:
     """A line saying how the vocabulary's padding rows change on resume, or None when they do not (the real
     vocabulary is the same: `check` compared it)."""
-    old_model = saved.get("config", {}).get("model", {})
+    old_model = saved.config.get("model", {})
     before, after = _padded_rows(old_model), _padded_rows(model)
     if before is None or before == after:
         return None

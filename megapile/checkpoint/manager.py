@@ -14,7 +14,7 @@ import torch
 
 import megapile
 from megapile import checkpoint, optim
-from megapile.checkpoint import collective, compat, fragments, manifest, portable, slices
+from megapile.checkpoint import collective, compat, fragments, manifest, portable, slices, state_file
 from megapile.checkpoint.rng import seed_everything
 from megapile.config import ConfigError
 from megapile.parallel.collectives import any_rank
@@ -45,8 +45,8 @@ def resume(run: Run) -> Position:
     padding = compat.vocab_padding_change(found.state, run.cfg.to_dict()["model"])
     if padding:
         run.logger.message(padding)
-    saved_batch = found.state.get("config", {}).get("train", {}).get("global_batch_size")
-    if saved_batch is not None and saved_batch != run.cfg.train.global_batch_size:
+    saved_batch = found.state.config["train"]["global_batch_size"]
+    if saved_batch != run.cfg.train.global_batch_size:
         run.logger.message(f"train.global_batch_size changed from {saved_batch} to {run.cfg.train.global_batch_size}: "
                            f"the next step reads global samples from {position.sample_index} on")
     _set_aside_newer(run, found)
@@ -58,7 +58,7 @@ def _load(run: Run, found: "checkpoint.Found") -> None:
     """The checkpoint's weights, optimizer state, RNG streams and spike window into this run, on any layout: each
     rank reads the slices its optimizer holds. On the layout that wrote it the RNG streams go on too (a bit-exact
     resume); on another they are reseeded."""
-    saved, now = _layout_of(found.state), _layout_of(_state_layout(run))
+    saved, now = _layout_of(found.state), _layout_of(state_file.RunState(**_state_layout(run)))
     same = saved == {**now, "dtype": saved["dtype"] or now["dtype"]}
     has_slices, show = fragments.present(found.path), run.env.is_main and run.cfg.logging.progress
     settings = optim.group_settings(run.scheduler)  # as this run's config built them
@@ -84,14 +84,14 @@ def _load(run: Run, found: "checkpoint.Found") -> None:
         collective.restore_rng(found, run.env.rank, run.env.world_size)
     else:
         seed_everything(run.cfg.train.seed + found.step, run.layout.seed_rank(run.env.rank))
-    if run.spikes is not None and found.state.get("spike_detector"):
-        run.spikes.load_state_dict(found.state["spike_detector"])
+    if run.spikes is not None and found.state.spike_detector:
+        run.spikes.load_state_dict(found.state.spike_detector)
     elif run.spikes is not None:  # saved without train.spike: the window starts empty
         run.spikes.reset()
 
 
 def _say_optim_changes(run: Run, found: "checkpoint.Found") -> None:
-    changed = optim.changed_at_resume(found.state.get("config") or {}, run.cfg.to_dict())
+    changed = optim.changed_at_resume(found.state.config, run.cfg.to_dict())
     if changed:
         lr = run.scheduler.get_last_lr()[0]
         run.logger.message(f"this run's optimizer settings differ from {found.path}'s: {', '.join(changed)}; they "
@@ -110,11 +110,10 @@ def _state_layout(run: Run) -> dict:
             "parallel": run.layout.as_dict(), "dtype": dtype}
 
 
-def _layout_of(state: dict) -> dict:
-    parallel = state.get("parallel") or {}
-    dtype = state.get("dtype")  # None: saved before checkpoints recorded it (the config may say "auto")
-    return {"tensor": parallel.get("tensor", 1), "pipeline": parallel.get("pipeline", 1),
-            "world": state["world_size"], "zero": int(state["zero_stage"]), "dtype": dtype}
+def _layout_of(state: "state_file.RunState") -> dict:
+    # dtype None: saved before checkpoints recorded it (the config may say "auto")
+    return {"tensor": state.tensor, "pipeline": state.pipeline, "world": state.world_size, "zero": state.zero_stage,
+            "dtype": state.dtype}
 
 
 def _describe(layout: dict) -> str:
@@ -306,8 +305,9 @@ def save(run: Run, position: Position, must_succeed: bool = False) -> None:
 
 
 def _state(run: Run, position: Position) -> dict:
-    """megapile_state.json: where training stands, the layout that wrote it, and what it was trained on."""
-    return {
+    """megapile_state.json: its format, where training stands, the layout that wrote it, and what it was trained
+    on (megapile/checkpoint/state_file.py reads it back)."""
+    return state_file.write_form({
         "step": position.step,
         "sample_index": position.sample_index,
         "tokens_seen": position.tokens_seen,
@@ -318,7 +318,7 @@ def _state(run: Run, position: Position) -> dict:
         **({"spike_detector": run.spikes.state_dict()} if run.spikes is not None else {}),
         "param_order": run.param_order,  # how a ZeRO-0 optimizer numbers (and bf16/fp16 flattens) the parameters
         "versions": {"megapile": megapile.__version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__},
-    }
+    })
 
 
 def _weights_finite(engine) -> bool:

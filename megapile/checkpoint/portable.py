@@ -17,13 +17,11 @@ Hugging Face directories too, which never touch a shard.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Optional
 
 import torch
 
-from megapile.checkpoint import fragments
+from megapile.checkpoint import fragments, state_file
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -35,8 +33,8 @@ def read_full_weights(path: str, zero_stage: int, dtype: torch.dtype = torch.flo
         return {name: stored.full(name).to(dtype) for name in stored.params}
     from deepspeed.utils import zero_to_fp32 as z  # lazy: see the module docstring
 
-    state = _megapile_state(path)
-    if any(state.get("parallel", {}).get(k, 1) > 1 for k in ("tensor", "pipeline")):
+    state = state_file.read(path)
+    if state.tensor > 1 or state.pipeline > 1:
         # lazy: checkpoint.shards imports deepspeed at the top (megapile.parallel.pipeline too); see the docstring
         from megapile.checkpoint.shards import read_parallel_weights
 
@@ -44,19 +42,11 @@ def read_full_weights(path: str, zero_stage: int, dtype: torch.dtype = torch.flo
     if zero_stage == 0:
         model_state = torch.load(z.get_model_state_file(path, 0), map_location="cpu", weights_only=False)
         weights = {n: t.float() for n, t in model_state["module"].items()}
-        order = state.get("param_order")
+        order = state.param_order  # []: saved before it was recorded, when bf16/fp16 ZeRO-0 was not read
         if order and {"fp32_groups", "fp32_groups_flat"} & set(model_state.get("optimizer") or {}):  # bf16/fp16
             weights.update(_read_stage0(model_state, order)["fp32"])
         return weights
     return _read_zero(path, zero_stage, moments=())["fp32"]
-
-
-def _megapile_state(path: str) -> dict[str, Any]:
-    state_file = os.path.join(path, "megapile_state.json")
-    if not os.path.exists(state_file):
-        return {}
-    with open(state_file) as f:
-        return json.load(f)
 
 
 def read_full_state(path: str, zero_stage: int, param_order: list[str]) -> dict[str, Any]:

@@ -18,22 +18,21 @@ import re
 import torch
 from deepspeed.utils import zero_to_fp32 as z
 
+from megapile.checkpoint.state_file import RunState
 from megapile.models import family
 from megapile.parallel.pipeline import gpt_name
 from megapile.parallel.tensor import gather_full
 
 
-def read_parallel_weights(path: str, state: dict) -> dict[str, torch.Tensor]:
-    """{GPT parameter name: fp32 tensor} from checkpoint `path` written with `state["parallel"]`.
+def read_parallel_weights(path: str, state: RunState) -> dict[str, torch.Tensor]:
+    """{GPT parameter name: fp32 tensor} from checkpoint `path` written with `state.parallel`.
 
     Model-parallel rank m is pipeline stage m // tensor, tensor rank m % tensor (DeepSpeed numbers the ranks of
     one data-parallel replica in global-rank order: stage-major, tensor-minor).
     """
-    parallel = state.get("parallel") or {}
-    tensor, pipeline = parallel.get("tensor", 1), parallel.get("pipeline", 1)
-    zero_stage = int(state["zero_stage"])
-    num_layers = state["config"]["model"]["num_layers"]
-    plan = family(state["config"]["model"].get("arch", "neox")).tensor_plan  # checkpoints before model.arch: neox
+    tensor, pipeline, zero_stage = state.tensor, state.pipeline, state.zero_stage
+    num_layers = state.config["model"]["num_layers"]
+    plan = family(state.config["model"].get("arch", "neox")).tensor_plan  # configs before model.arch: neox
     if pipeline > 1 and zero_stage == 0:
         per_rank = [_pipeline_layer_weights(path, t, tensor) for t in range(tensor)]  # one "stage": all layers
         stages = [gather_full(per_rank, plan)]

@@ -14,16 +14,17 @@ import sys
 from safetensors.torch import save_file
 
 from megapile.checkpoint import STATE_FILE, Found, carried_tokenizer, find_resumable, fragments, list_complete, manifest
+from megapile.checkpoint import state_file
 from megapile.checkpoint.portable import read_full_weights
+from megapile.config import ConfigError
 
 
 def resolve(path: str) -> Found:
     """The checkpoint DIR names; raise FileNotFoundError with a one-line reason."""
     path = os.path.normpath(path)
     if os.path.exists(os.path.join(path, STATE_FILE)):
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
-        return Found(path, os.path.basename(path), int(state["step"]), state)
+        state = state_file.read(path)
+        return Found(path, os.path.basename(path), state.step, state)
     if list_complete(path):
         found = find_resumable(path)
         if found:
@@ -34,28 +35,27 @@ def resolve(path: str) -> Found:
 
 def info(found: Found) -> str:
     s = found.state
-    model = s["config"]["model"]
+    model = s.config["model"]
     size = manifest.total_bytes(found.path)
     problems = manifest.verify(found.path, checksums=False)
     lines = [
         f"checkpoint   {found.path}",
-        f"step         {s['step']} (global sample index {s['sample_index']}, {s['tokens_seen']:,} tokens seen)",
+        f"step         {s.step} (global sample index {s.sample_index}, {s.tokens_seen:,} tokens seen)",
         f"layout       {_layout(s)}",
         f"model        {model['arch']}: {model['num_layers']} layers, hidden {model['hidden_size']}, "
         f"{model['num_heads']} heads, vocab {model['vocab_size']}",
         f"size         {size / 1e6:.1f} MB in {len(os.listdir(found.path))} files"
         + ("" if not problems else f" (INCOMPLETE: {problems[0]})"),
-        "saved by     " + ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items()),
+        "saved by     " + ", ".join(f"{k} {v}" for k, v in s.versions.items()) + f" (state format {s.format})",
         "resumes on   " + _resumes_on(found),
         "tokenizer    " + _tokenizer_line(found),
-        "skipped      " + _skipped_line(s),
+        "skipped      " + _skipped_line(s.skip_samples),
     ]
     return "\n".join(lines)
 
 
-def _skipped_line(state: dict) -> str:
+def _skipped_line(ranges: list) -> str:
     """The global sample ranges this run never trains (train.skip_samples, loss-spike rollbacks)."""
-    ranges = state.get("skip_samples") or []
     if not ranges:
         return "no samples"
     shown = ", ".join(f"[{a}, {b})" for a, b in ranges)
@@ -64,18 +64,17 @@ def _skipped_line(state: dict) -> str:
 
 def _tokenizer_line(found: Found) -> str:
     carried = carried_tokenizer(found.path)
-    sha = (found.state.get("fingerprints") or {}).get("tokenizer") or "none recorded"
+    sha = found.state.fingerprints.get("tokenizer") or "none recorded"
     if carried:
         return f"carried ({', '.join(sorted(os.listdir(carried)))}), sha256 {sha[:12]}"
-    return f"not carried (saved before checkpoints carried it): {found.state['config']['data'].get('tokenizer')}"
+    return f"not carried (saved before checkpoints carried it): {found.state.config['data'].get('tokenizer')}"
 
 
-def _layout(state: dict) -> str:
-    par = state.get("parallel") or {}
-    tp, pp = par.get("tensor", 1), par.get("pipeline", 1)
-    dp = state["world_size"] // (tp * pp)
+def _layout(state: state_file.RunState) -> str:
+    tp, pp = state.tensor, state.pipeline
+    dp = state.world_size // (tp * pp)
     grid = f"tensor {tp} x pipeline {pp} x data {dp}, " if tp * pp > 1 else ""
-    return f"{grid}ZeRO-{state['zero_stage']} on {state['world_size']} rank(s)"
+    return f"{grid}ZeRO-{state.zero_stage} on {state.world_size} rank(s)"
 
 
 def _resumes_on(found: Found) -> str:
@@ -83,8 +82,7 @@ def _resumes_on(found: Found) -> str:
         return ("any layout: tensor, pipeline and data-parallel sizes, ZeRO stage 0-3, bf16/fp32/fp16, each rank "
                 "reading its slices of the fp32 masters and Adam moments, with the data position; "
                 "bit-identical on the layout that wrote it")
-    par = found.state.get("parallel") or {}  # saved before checkpoints carried slices
-    if par.get("tensor", 1) * par.get("pipeline", 1) > 1:
+    if found.state.tensor * found.state.pipeline > 1:  # saved before checkpoints carried slices
         return ("the same tensor x pipeline x data layout exactly (bit-identical; saved before checkpoints carried "
                 "slices); for another layout, `megapile ckpt consolidate` gives its weights")
     return ("the same layout exactly (bit-identical); any ZeRO stage 0-3 and any data-parallel size "
@@ -93,11 +91,11 @@ def _resumes_on(found: Found) -> str:
 
 def consolidate(found: Found, output: str) -> int:
     """Write the fp32 weights of any layout to one safetensors file; return the number of tensors."""
-    weights = read_full_weights(found.path, int(found.state["zero_stage"]))
+    weights = read_full_weights(found.path, found.state.zero_stage)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = output + ".tmp"
     save_file({k: v.contiguous() for k, v in weights.items()}, tmp,
-              metadata={"step": str(found.step), "model": json.dumps(found.state["config"]["model"])})
+              metadata={"step": str(found.step), "model": json.dumps(found.state.config["model"])})
     os.replace(tmp, output)
     return len(weights)
 
@@ -134,7 +132,7 @@ def cli_main(args: argparse.Namespace) -> int:
                 print(f"{tag}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
             return 1 if bad else 0
         found = resolve(args.dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:  # ConfigError: a state format newer than this megapile
         print(f"megapile: error: {e}", file=sys.stderr)
         return 1
     if args.action == "info":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megapile.checkpoint.state_file import RunState
 from megapile.config import Config, ConfigError
 
 TP_ZERO_STAGES = (1, 2)  # AutoTP training is tested with these; ZeRO-0's grad-norm path is TP-unaware
@@ -118,15 +119,14 @@ def pad_vocab_for_tensor(cfg: Config) -> None:
         cfg.model.pad_vocab_multiple = math.lcm(cfg.model.pad_vocab_multiple, 128 * tensor)
 
 
-def check_same_layout(saved: dict, layout: Layout, zero_stage: int, path: str) -> None:
+def check_same_layout(saved: RunState, layout: Layout, zero_stage: int, path: str) -> None:
     """For checkpoints written before they carried slices (DeepSpeed's files): tensor/pipeline ones hold per-rank
     pieces of the model and resume only on the layout that wrote them; plain data-parallel ones pass (megapile
     reshards them to any world size and ZeRO stage through full tensors)."""
-    old = saved.get("parallel") or {"tensor": 1, "pipeline": 1}
-    old_tp, old_pp = old.get("tensor", 1), old.get("pipeline", 1)
+    old_tp, old_pp = saved.tensor, saved.pipeline
     if old_tp == old_pp == layout.tensor == layout.pipeline == 1:
         return
-    before = (old_tp, old_pp, saved.get("world_size"), saved.get("zero_stage"))
+    before = (old_tp, old_pp, saved.world_size, saved.zero_stage)
     now = (layout.tensor, layout.pipeline, layout.world, zero_stage)
     if before == now:
         return
