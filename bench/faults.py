@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,13 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
-from faults.campaign import command, run_campaign  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from faults.campaign import run_campaign, target  # noqa: E402
+from harness import run_ranks  # noqa: E402
 
 
 def _data(work: str) -> tuple[str, str]:
@@ -57,11 +51,10 @@ def main() -> None:
 
     ds = os.path.join(ROOT, "ds_configs", "zero1.json")
     straight = os.path.join(work, "straight")
-    subprocess.run(command(ds, overrides(straight), _port()), check=True, capture_output=True,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run_ranks("torchrun", 2, target(ds, overrides(straight)), straight + "-logs", timeout=3600)
     faulty = os.path.join(work, "faulty")
     start = time.perf_counter()
-    report = run_campaign(args.kills, ds, overrides(faulty), faulty, os.path.join(faulty, "checkpoints"), _port,
+    report = run_campaign(args.kills, ds, overrides(faulty), faulty, os.path.join(faulty, "checkpoints"),
                           seed=args.seed)
     from train_helpers import losses
 

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 
-from train_helpers import free_port
+from harness import free_port, wait_for
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
 MISSING_HELP = ("SLURM/munge are not installed ({names} missing): .ci/run installs them "
@@ -71,17 +71,16 @@ class SlurmCluster:
         for name, cmd in (("slurmctld", [_which("slurmctld"), "-D", "-f", self.conf]),
                           ("slurmd", [_which("slurmd"), "-D", "-N", "localhost", "-f", self.conf])):
             self._spawn(name, cmd)
-        deadline = time.monotonic() + self.start_timeout
-        state = ""
-        while time.monotonic() < deadline:
-            self._check_alive()
+        state = [""]
+
+        def idle() -> bool:
+            self._check_alive()  # a daemon that died fails at once, with its output
             out = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
-            state = out.stdout.strip()
-            if out.returncode == 0 and state in ("idle", "mixed"):
-                return
-            time.sleep(0.25)
-        raise SlurmError(f"SLURM node not idle within {self.start_timeout:.0f} s (state {state!r}); "
-                         f"logs in {self.root}:\n{self.logs()}")
+            state[0] = out.stdout.strip()
+            return out.returncode == 0 and state[0] in ("idle", "mixed")
+
+        wait_for(idle, None, self.start_timeout, "idle SLURM node",
+                 detail=lambda: f"state {state[0]!r}; logs in {self.root}:\n{self.logs()}", every=0.25)
 
     def stop(self) -> None:
         """Cancel every job, wait for them to end, then stop slurmd, slurmctld, munged by their pid files."""
@@ -129,18 +128,19 @@ class SlurmCluster:
         """Poll until the job is in one of `states` with Restarts >= since_restart; fail on a final state."""
         final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                  "DEADLINE", "PREEMPTED"}
-        deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
-        while time.monotonic() < deadline:
+
+        def reached() -> bool:
             self._check_alive()
-            info = self.job(job_id)
+            info.clear()
+            info.update(self.job(job_id))
             state = info.get("JobState", "")
-            if state in states and int(info.get("Restarts", 0)) >= since_restart:
-                return info
             if state in final and state not in states:
                 raise SlurmError(f"job {job_id} ended {state} (exit {info.get('ExitCode')}), waiting for {states}")
-            time.sleep(0.5)
-        raise SlurmError(f"job {job_id} not in {states} within {timeout:.0f} s: {info}")
+            return state in states and int(info.get("Restarts", 0)) >= since_restart
+
+        wait_for(reached, None, timeout, f"job {job_id} in {states}", detail=lambda: f"{info}", every=0.5)
+        return info
 
     def logs(self) -> str:
         parts = []
@@ -169,12 +169,12 @@ class SlurmCluster:
                f"--pid-file={self.pid_files['munged']}", f"--seed-file={munge_dir}/munged.seed",
                f"--log-file={munge_dir}/munged.log"]
         self._spawn("munged", ["runuser", "-u", "munge", "--"] + cmd, log=False)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.munge_socket):
+
+        def socket_made() -> bool:
             self._check_alive()
-            if time.monotonic() > deadline:
-                raise SlurmError(f"munged did not create {self.munge_socket} within 20 s")
-            time.sleep(0.1)
+            return os.path.exists(self.munge_socket)
+
+        wait_for(socket_made, None, 20, f"munge socket {self.munge_socket}", every=0.1)
 
     def _write_conf(self) -> None:
         for sub in ("state", "spool", "log"):

@@ -4,8 +4,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +12,8 @@ import torch
 from megapile.checkpoint import find_resumable, list_complete, manifest, prune
 from megapile.config import CheckpointConfig
 from megapile.signals import EXIT_CHECKPOINTED
-from train_helpers import DS, ROOT, TRAIN, assert_close, free_port, launch, losses, read_metrics, small_run_overrides
+from harness import ROOT, run_ranks, start_each_rank, start_ranks, wait_for
+from train_helpers import DS, TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
 
 
 def _overrides(preprocessed, tokenizer_path, run_dir, **extra):
@@ -110,30 +109,16 @@ def test_prune_keeps_last_and_every_mth(tmp_path):
 def test_resume_with_a_changed_model_names_the_key(saved_run, tmp_path, preprocessed, tokenizer_path):
     run_dir = str(tmp_path / "run")
     shutil.copytree(saved_run, run_dir)
-    proc = subprocess.run(
-        [sys.executable, TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")]
-        + _overrides(preprocessed, tokenizer_path, run_dir, model__hidden_size=128, train__max_steps=6),
-        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    proc = run_ranks("python", 1, [TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")]
+                     + _overrides(preprocessed, tokenizer_path, run_dir, model__hidden_size=128, train__max_steps=6),
+                     logs=tmp_path / "logs", timeout=300, check=False)
     assert proc.returncode == 1
     assert "different model (model.hidden_size: 64 -> 128)" in proc.stderr.strip().splitlines()[-1]
 
 
 def _start(run_dir, preprocessed, tokenizer_path, **extra):
-    cmd = [sys.executable, TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")] + _overrides(
-        preprocessed, tokenizer_path, run_dir, **extra)
-    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait_for(predicate, proc, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.005)
-    raise AssertionError("timed out waiting for the training process")
+    return start_ranks("python", 1, [TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")] + _overrides(
+        preprocessed, tokenizer_path, run_dir, **extra), logs=run_dir + "-logs")
 
 
 @pytest.mark.slow
@@ -148,15 +133,16 @@ def test_sigkill_during_saves_leaves_a_resumable_run(tmp_path, preprocessed, tok
     rng = random.Random(0)
     kills = 0
     for attempt in range(4):
-        proc = _start(run_dir, preprocessed, tokenizer_path, train__max_steps=12, optim__decay_steps=12,
-                      checkpoint__every=1, logging__run_dir=run_dir)
-        tmp = os.path.join(ckpt, f"global_step{2 + 3 * attempt}.tmp")  # a later save each time: progress
-        saving = lambda: os.path.isdir(tmp)
-        if _wait_for(saving, proc):
-            time.sleep(rng.uniform(0, 0.03))
-            os.killpg(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.communicate()
+        with _start(run_dir, preprocessed, tokenizer_path, train__max_steps=12, optim__decay_steps=12,
+                    checkpoint__every=1, logging__run_dir=run_dir) as proc:
+            step = 2 + 3 * attempt  # a later save each time: progress
+            tmp = os.path.join(ckpt, f"global_step{step}.tmp")
+            # a save too quick for the poll to see is no kill (the run then finishes): counted below
+            if wait_for(lambda: os.path.isdir(tmp), proc, 240, f"the save of step {step}", exit_ok=True):
+                time.sleep(rng.uniform(0, 0.03))  # a random instant inside the save, not a wait for something
+                proc.signal_group(signal.SIGKILL)
+                kills += 1
+            proc.finish(timeout=600, check=False)
     assert kills >= 2
     final = launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=12,
                                                           optim__decay_steps=12, checkpoint__every=1))
@@ -170,14 +156,15 @@ def test_sigterm_saves_and_exits_with_the_documented_code(tmp_path, preprocessed
     launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, straight, train__max_steps=40,
                                                   optim__decay_steps=40))
     run_dir = str(tmp_path / "run")
-    proc = _start(run_dir, preprocessed, tokenizer_path, train__max_steps=40, optim__decay_steps=40)
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    assert _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0, proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGTERM)  # a second signal during the save must not corrupt it
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_CHECKPOINTED, err[-3000:]
+    with _start(run_dir, preprocessed, tokenizer_path, train__max_steps=40, optim__decay_steps=40) as proc:
+        wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0, proc, 240, "a logged step")
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.01)  # a moment for the first signal to start the save: the second lands in it or after
+        os.kill(proc.pid, signal.SIGTERM)  # a second signal during the save must not corrupt it
+        done = proc.finish(timeout=120, check=False)
+    out = done.stdout
+    assert done.returncode == EXIT_CHECKPOINTED, proc.describe()
     stopped_at = read_metrics(run_dir)[-1]["step"]
     assert stopped_at < 40 and f"global_step{stopped_at}" in out
     assert find_resumable(os.path.join(run_dir, "checkpoints")).step == stopped_at
@@ -266,15 +253,12 @@ def test_reshard_a_bf16_zero0_checkpoint_from_its_fp32_masters(tmp_path, preproc
     assert_close(losses(run_dir), losses(straight), rel=2e-2)  # bf16 on another layout: close, not bit-equal
 
 
-def test_zero0_low_precision_optimizers_take_and_give_back_a_full_state():
+def test_zero0_low_precision_optimizers_take_and_give_back_a_full_state(tmp_path):
     """Loading into bf16/fp16 ZeRO-0 sets DeepSpeed's fp32 masters and Adam moments, not only the module's bf16
     weights (which the next step would overwrite from stale masters), and what a save then writes reads back
     unchanged: for the unfused FP16 optimizer (CPU) and the fused one with flat masters per group (GPU)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "probes", "fp16_optimizers.py")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    [rank] = start_each_rank(1, [os.path.join(ROOT, "tests", "probes", "fp16_optimizers.py")], logs=tmp_path / "logs")
+    proc = rank.finish(timeout=600)  # a non-zero exit fails the test with the output's tail
     lines = [line for line in proc.stdout.splitlines() if "masters" in line]
     assert lines == [f"{name}: masters 16 exact True round trip True"
                      for name in ("FP16_UnfusedOptimizer", "FP16_Optimizer")], proc.stdout[-2000:]

@@ -18,8 +18,6 @@ rows), and pythia-1b's and llama-8b's vocabularies read back at tensor 2, 4 and 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +26,8 @@ from safetensors.torch import save_file
 from megapile.checkpoint import manifest
 from megapile.checkpoint.collective import _writer
 from megapile.checkpoint.fragments import DIR, KINDS, Piece, Stored, write_index
-from train_helpers import ROOT, TRAIN, free_port, read_metrics, small_run_overrides
+from harness import run_ranks
+from train_helpers import ROOT, TRAIN, read_metrics, small_run_overrides
 
 COMMON = dict(train__max_steps=5, checkpoint__every=3, train__eval_every=100, optim__decay_steps=5,
               model__dropout=0.0, model__pad_vocab_multiple=512, parallel__overlap_comm=False)
@@ -50,13 +49,9 @@ TARGETS = {
 
 
 def _train(run_dir: str, ranks: int, overrides: dict, preprocessed: dict, tokenizer_path: str) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_port", str(free_port()), TRAIN] + \
-        small_run_overrides(preprocessed, tokenizer_path, run_dir, **{**COMMON, **overrides})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{run_dir}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout
+    return run_ranks("torchrun", ranks, [TRAIN] + small_run_overrides(preprocessed, tokenizer_path, run_dir,
+                                                                      **{**COMMON, **overrides}),
+                     run_dir + "-logs").stdout
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,6 @@ and the fp16 loss path at unit level in tests/test_model.py.
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -43,7 +41,8 @@ from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ModelConfig
 from megapile.data.samples import build_samples
 from megapile.model import build_model
-from train_helpers import ROOT, free_port, read_metrics, small_run_overrides
+from harness import run_ranks
+from train_helpers import ROOT, read_metrics, small_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 NAN_STEP = 5
@@ -63,13 +62,8 @@ CELLS.append(("fp32", 0.1, "tp2pp2"))
 
 
 def _train(run_dir, overrides, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_NAN_STEPS=str(NAN_STEP),
-               MEGAPILE_REPLICAS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), HARNESS] + overrides
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{run_dir}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return run_ranks("torchrun", nproc, [HARNESS] + overrides, run_dir + "-logs",
+                     env={"MEGAPILE_NAN_STEPS": NAN_STEP, "MEGAPILE_REPLICAS": "1"})
 
 
 def _same(a: float, b: float) -> bool:

@@ -2,13 +2,13 @@
 continues or stops as configured; an unwritable checkpoint directory fails at start-up."""
 import os
 import subprocess
-import sys
 import uuid
 
 import pytest
 
 from megapile.checkpoint import find_resumable, list_complete
-from train_helpers import DS, ROOT, TRAIN, free_port, read_metrics, small_run_overrides
+from harness import run_ranks
+from train_helpers import DS, TRAIN, read_metrics, small_run_overrides
 
 
 @pytest.fixture
@@ -24,10 +24,8 @@ def small_disk(tmp_path):
 def _train(run_dir, ckpt_dir, preprocessed, tokenizer_path, **extra):
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=6, checkpoint__every=2,
                                     checkpoint__dir=ckpt_dir, **extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")] + overrides
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)
+    return run_ranks("torchrun", 2, [TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")] + overrides,
+                     run_dir + "-logs", check=False)  # fails on purpose: the tests read how
 
 
 @pytest.mark.slow
@@ -61,7 +59,7 @@ def test_unwritable_checkpoint_dir_fails_at_start(tmp_path, preprocessed, tokeni
     blocker.write_text("not a directory")
     overrides = small_run_overrides(preprocessed, tokenizer_path, str(tmp_path / "run"),
                                     checkpoint__dir=str(blocker / "ckpt"))
-    proc = subprocess.run([sys.executable, TRAIN] + overrides, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_ranks("python", 1, [TRAIN] + overrides, tmp_path / "logs", timeout=120, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"megapile: error: checkpoint.dir: cannot write to {blocker / 'ckpt'}: Not a directory"]

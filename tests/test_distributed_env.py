@@ -114,7 +114,7 @@ def restore_environ(monkeypatch):
 
 
 def test_unreachable_master_times_out_with_one_line(restore_environ):
-    from train_helpers import free_port
+    from harness import free_port
 
     start = time.monotonic()
     with pytest.raises(LaunchError) as err:
@@ -141,10 +141,10 @@ def test_hostfile_script_writes_deepspeed_and_mpich_formats():
 
 
 _STALLED_PEER = """
-import sys, time
+import os, sys, time
 import torch, torch.distributed as dist
 from megapile import distributed
-rank, port = int(sys.argv[1]), int(sys.argv[2])
+rank, port = int(os.environ["RANK"]), int(os.environ["MASTER_PORT"])
 distributed.init(distributed.DistEnv(rank, 2, rank, "127.0.0.1", port, "env"), "gloo", timeout_s=3)
 group = dist.new_group([0, 1])  # as DeepSpeed builds its groups: no timeout argument
 if rank == 1:
@@ -158,21 +158,18 @@ except RuntimeError:
 
 
 @pytest.mark.slow
-def test_groups_created_after_init_time_out_like_the_world_group():
+def test_groups_created_after_init_time_out_like_the_world_group(tmp_path):
     """DeepSpeed's own groups (ZeRO's gradient reduction runs on one) must not fall back to torch's 30-min default."""
-    from train_helpers import ROOT, free_port
+    from harness import start_each_rank
 
-    port = str(free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    peers = [subprocess.Popen([sys.executable, "-c", _STALLED_PEER, str(rank), port], cwd=ROOT, env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for rank in (0, 1)]
+    # stdin a pipe that stays open: rank 1 blocks on it until killed; the rendezvous comes from the environment
+    peers = start_each_rank(2, ["-c", _STALLED_PEER], tmp_path / "logs", stdin=subprocess.PIPE)
     try:
-        out, _ = peers[0].communicate(timeout=90)
+        out = peers[0].finish(timeout=90, check=False).stdout
     finally:
         for p in peers:
-            p.kill()
-    assert "failed after" in out, out
+            p.stop()
+    assert "failed after" in out, peers[0].describe()
     assert float(out.split()[-2]) < 3 + 10
 
 

@@ -7,18 +7,16 @@ import glob
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from harness import run_command, run_ranks
 from megapile.config import ModelConfig
 from megapile.evaluate import OVERALL, bits_per_byte, evaluate, rolling_windows
 from megapile.model import build_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -146,24 +144,21 @@ def test_cli_table_and_json(hf_dir, sample_corpus, tmp_path, capsys):
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    """Extra variables for the test processes (harness.process_env adds them to os.environ): offline hubs."""
+    return dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_and_bf16_is_close(hf_dir, docs_jsonl, tmp_path):
     """Documents split over 2 ranks score exactly as on one; `--dtype bf16` (2 ranks too), whose weights and compute
     take half the memory, scores within bf16's rounding of fp32."""
-    from train_helpers import free_port
-
     results = {}
     for nproc, dtype in ((1, "fp32"), (2, "fp32"), (2, "bf16")):
         out = str(tmp_path / f"r{nproc}{dtype}.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), "-m", "megapile.cli", "eval", "--checkpoint", hf_dir, "--data", docs_jsonl,
-               "--per-component", "--seq-len", "32", "--output", out, "--dtype", dtype]
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        # torchrun for 1 rank too: the launcher is not what differs between the results
+        run_ranks("torchrun", nproc, ["-m", "megapile.cli", "eval", "--checkpoint", hf_dir, "--data", docs_jsonl,
+                                      "--per-component", "--seq-len", "32", "--output", out, "--dtype", dtype],
+                  tmp_path / "logs", timeout=300, env=_env())
         results[nproc, dtype] = json.load(open(out))
     one, two, half = results[1, "fp32"], results[2, "fp32"], results[2, "bf16"]
     assert two["world_size"] == 2 and half["dtype"] == "bf16"
@@ -205,9 +200,8 @@ metadata:
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
            f"pretrained={hf_dir},max_length=32,dtype=float32", "--tasks", "megapile_local_ppl", "--include_path",
            str(task_dir), "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out")]
-    env = dict(_env(), HF_DATASETS_CACHE=str(tmp_path / "datasets_cache"))
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_command(cmd, tmp_path / "logs", timeout=300, cwd=str(tmp_path),
+                env=dict(_env(), HF_DATASETS_CACHE=str(tmp_path / "datasets_cache")))
     (results_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
     theirs = json.load(open(results_file))["results"]["megapile_local_ppl"]
     ours = evaluate(model, tok, docs_jsonl, seq_len=32)[OVERALL].metrics()

@@ -8,7 +8,7 @@ import torch
 from faults.campaign import run_campaign
 from megapile.checkpoint import find_resumable
 from megapile.checkpoint.portable import read_full_weights
-from train_helpers import DS, free_port, launch, losses, small_run_overrides
+from train_helpers import DS, launch, losses, small_run_overrides
 
 
 def _overrides(preprocessed, tokenizer_path, run_dir):
@@ -28,7 +28,7 @@ def test_kill_campaign(tmp_path, preprocessed, tokenizer_path, capsys):
     launch("torchrun", 2, "zero1.json", _overrides(preprocessed, tokenizer_path, straight))
     run_dir = str(tmp_path / "faulty")
     report = run_campaign(10, os.path.join(DS, "zero1.json"), _overrides(preprocessed, tokenizer_path, run_dir),
-                          run_dir, os.path.join(run_dir, "checkpoints"), free_port, seed=1)
+                          run_dir, os.path.join(run_dir, "checkpoints"), seed=1)
     with capsys.disabled():
         print("\n" + report.line())
     assert report.injected == 10 and report.survived == 10

@@ -7,21 +7,17 @@ the summed gradient after the last backward with DeepSpeed's safe_get_full_grad.
 """
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from train_helpers import ROOT, free_port
+from harness import ROOT, start_each_rank
 
 
 @pytest.mark.slow
-def test_fp32_accumulation_is_closer_to_one_big_batch_than_bf16():
+def test_fp32_accumulation_is_closer_to_one_big_batch_than_bf16(tmp_path):
     probe = os.path.join(ROOT, "tests", "probes", "grad_accum.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, probe, "1,2,3", "auto,bf16"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    [rank] = start_each_rank(1, [probe, "1,2,3", "auto,bf16"], tmp_path / "logs")
+    proc = rank.finish(timeout=600)  # a non-zero exit fails the test with the output's tail
     found = {(int(s), a): (float(d), name) for s, a, d, name in re.findall(r"stage (\d) (\w+): (\S+) (\w+)", proc.stdout)}
     assert len(found) == 6, proc.stdout
     for stage in (1, 2, 3):

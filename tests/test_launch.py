@@ -8,15 +8,13 @@ must give the per-step losses of one process.
 """
 import os
 import shutil
-import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
+from harness import ROOT, free_port, process_env, run_command, start_command, wait_for
 from slurm_cluster import MISSING_HELP, SlurmCluster, missing_binaries
-from train_helpers import ROOT, TRAIN, assert_close, free_port, launch, losses, read_metrics, small_run_overrides
+from train_helpers import TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
 
 STEPS = 20
 DS = os.path.join(ROOT, "ds_configs")
@@ -24,20 +22,23 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 MPI_HELP = "OpenMPI/mpi4py are not installed ({}): .ci/run installs them (apt-get install openmpi-bin libopenmpi-dev; pip install mpi4py)"
 
 
-def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith(("SLURM_", "OMPI_"))}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+def _launcher_free(**extra) -> dict:
+    """Changes to the test environment: no variable of an enclosing launcher (this suite may itself run under
+    SLURM or mpirun), OpenMPI allowed as root; `extra` on top (None removes)."""
+    env = {k: None for k in os.environ if k in LAUNCHER_VARS or k.startswith(("SLURM_", "OMPI_"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     env.update(extra)
     return env
 
 
-def _run(cmd, env=None, timeout=300, check=True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=kw.pop("cwd", ROOT), env=env or _clean_env(), capture_output=True, text=True,
-                          timeout=timeout, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+def _clean_env(**extra) -> dict:
+    """The whole environment, for sbatch (the cluster passes it on to the job)."""
+    return process_env(_launcher_free(**extra))
+
+
+def _run(cmd, logs, timeout=300, check=True, cwd=ROOT, **env):
+    """A launch script or launcher command line under test, through the harness (bounded, output kept)."""
+    return run_command(cmd, logs, timeout=timeout, check=check, env=_launcher_free(**env), cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +95,14 @@ def test_a_second_cluster_starts_clean_and_stops_every_daemon(slurm):
 
 def _wait_for_steps(slurm, job, run_dir, steps):
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.monotonic() + 180
-    while not (os.path.exists(metrics) and len(read_metrics(run_dir)) >= steps):
-        assert time.monotonic() < deadline, f"no training progress: {slurm.job(job)}"
+
+    def progressed() -> bool:
+        if os.path.exists(metrics) and len(read_metrics(run_dir)) >= steps:
+            return True
         assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), slurm.job(job)
-        time.sleep(0.2)
+        return False
+
+    wait_for(progressed, None, 180, f"{steps} logged steps", detail=lambda: f"{slurm.job(job)}", every=0.2)
 
 
 def _batch_log(tmp_path, job):
@@ -169,10 +173,8 @@ def test_slurm_cancelled_job_saves_but_is_not_requeued(slurm, tmp_path, preproce
                                                              train__max_steps=STEPS))
     _wait_for_steps(slurm, job, run_dir, 3)
     slurm.run(["scancel", job])  # SIGTERM to the batch shell and every rank, as on preemption
-    deadline = time.monotonic() + 60
-    while "not requeueing" not in _batch_log(tmp_path, job):
-        assert time.monotonic() < deadline, _batch_log(tmp_path, job)
-        time.sleep(0.5)
+    wait_for(lambda: "not requeueing" in _batch_log(tmp_path, job), None, 60, '"not requeueing" in the batch log',
+             detail=lambda: _batch_log(tmp_path, job), every=0.5)
     info = slurm.wait_for(job, {"CANCELLED"}, timeout=60)  # a requeued job (PENDING) never gets there
     assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", info
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
@@ -226,20 +228,14 @@ def test_srun_two_tasks_match_one_process(slurm, tmp_path, reference, preprocess
     assert_close(losses(run_dir), reference, rel=1e-5)
 
 
-def _two_nodes(command_for_rank):
+def _two_nodes(command_for_rank, logs):
     """Start node 1 and node 0 of a two-"node" job concurrently on this machine; both must succeed."""
-    results = {}
-
-    def node(rank):
-        results[rank] = _run(command_for_rank(rank), check=False)
-
-    threads = [threading.Thread(target=node, args=(r,)) for r in (1, 0)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for rank, proc in results.items():
-        assert proc.returncode == 0, f"node {rank}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    nodes = {rank: start_command(command_for_rank(rank), logs, f"node{rank}", env=_launcher_free()) for rank in (1, 0)}
+    try:
+        results = {rank: node.finish(timeout=300) for rank, node in nodes.items()}  # non-zero: fails with its output
+    finally:
+        for node in nodes.values():
+            node.stop()
     assert "world 2 (env)" in results[0].stdout
 
 
@@ -251,18 +247,17 @@ def test_torchrun_two_nodes_on_loopback_match_one_process(tmp_path, reference, p
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)
     _two_nodes(lambda rank: ["bash", os.path.join(ROOT, "launch", "torchrun.sh"), "--nnodes", "2", "--node_rank",
                              str(rank), "--master", master, "--nproc_per_node", "1", "configs/tiny.yaml",
-                             os.path.join(DS, "zero2.json"), *overrides])
+                             os.path.join(DS, "zero2.json"), *overrides], tmp_path / "logs")
     assert_close(losses(run_dir), reference, rel=1e-5)
 
 
 @pytest.mark.slow
 def test_local_script_two_cpu_ranks_match_one_process(tmp_path, reference, preprocessed, tokenizer_path):
     run_dir = str(tmp_path / "run")
-    env = _clean_env()
-    del env["OMP_NUM_THREADS"]  # the script splits the cores itself
     proc = _run(["bash", os.path.join(ROOT, "launch", "local.sh"), "--nproc", "2", "configs/tiny.yaml",
                  os.path.join(DS, "zero3.json"),
-                 *small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)], env=env)
+                 *small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)],
+                tmp_path / "logs", OMP_NUM_THREADS=None)  # the script splits the cores itself
     assert "2 process(es)" in proc.stdout and "world 2 (env)" in proc.stdout
     assert_close(losses(run_dir), reference, rel=1e-5)
 
@@ -273,14 +268,16 @@ def test_deepspeed_hostfile_two_nodes_on_loopback_match_one_process(tmp_path, re
     """`deepspeed --hostfile` with a hostfile from launch/hostfile.sh naming two "nodes" (localhost and
     127.0.0.1), started once per node with --no_ssh --node_rank as on a cluster without ssh."""
     hosts = tmp_path / "hosts"
-    hosts.write_text(_run(["bash", os.path.join(ROOT, "launch", "hostfile.sh"), "localhost,127.0.0.1", "1"]).stdout)
+    hosts.write_text(_run(["bash", os.path.join(ROOT, "launch", "hostfile.sh"), "localhost,127.0.0.1", "1"],
+                          tmp_path / "logs").stdout)
     assert hosts.read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
     run_dir = str(tmp_path / "run")
     port = str(free_port())
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)
+    # deepspeed's own multi-node launcher is what is tested here: its command line, not the harness's
     _two_nodes(lambda rank: ["deepspeed", "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(rank),
                              "--master_addr", "127.0.0.1", "--master_port", port, TRAIN,
-                             "--deepspeed_config", os.path.join(DS, "zero2.json"), *overrides])
+                             "--deepspeed_config", os.path.join(DS, "zero2.json"), *overrides], tmp_path / "logs")
     assert_close(losses(run_dir), reference, rel=1e-5)
 
 
@@ -290,7 +287,8 @@ def test_mpirun_with_mpi4py_matches_one_process(mpi, tmp_path, reference, prepro
     run_dir = str(tmp_path / "run")
     proc = _run(["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", sys.executable, TRAIN,
                  "--deepspeed_config", os.path.join(DS, "zero2.json"),
-                 *small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)])
+                 *small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)],
+                tmp_path / "logs")
     assert "world 2 (mpi)" in proc.stdout
     assert_close(losses(run_dir), reference, rel=1e-5)
 
@@ -309,8 +307,8 @@ def test_mpirun_script_without_mpi4py_matches_one_process(mpi, tmp_path, referen
     proc = _run(["bash", os.path.join(ROOT, "launch", "mpirun.sh"), "-np", "2", "configs/tiny.yaml",
                  os.path.join(DS, "zero1.json"),
                  *small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=STEPS)],
-                env=_clean_env(PYTHONPATH=_hide_mpi4py(tmp_path), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                               MPIRUN_ARGS="--oversubscribe"))
+                tmp_path / "logs", PYTHONPATH=_hide_mpi4py(tmp_path), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()), MPIRUN_ARGS="--oversubscribe")
     assert "world 2 (mpi)" in proc.stdout
     assert_close(losses(run_dir), reference, rel=1e-5)
 
@@ -324,8 +322,8 @@ def _assert_one_line_error(proc, message):
 
 @pytest.mark.slow
 def test_mpirun_without_mpi4py_or_master_is_a_one_line_error(mpi, tmp_path):
-    proc = _run(["mpirun", "-np", "2", "--oversubscribe", sys.executable, TRAIN],
-                env=_clean_env(PYTHONPATH=_hide_mpi4py(tmp_path)), check=False, timeout=120)
+    proc = _run(["mpirun", "-np", "2", "--oversubscribe", sys.executable, TRAIN], tmp_path / "logs", check=False,
+                timeout=120, PYTHONPATH=_hide_mpi4py(tmp_path))
     _assert_one_line_error(proc, "MASTER_ADDR is not set under mpirun and mpi4py is not installed")
 
 
@@ -334,7 +332,7 @@ def test_mpirun_without_mpi4py_or_master_is_a_one_line_error(mpi, tmp_path):
     ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "RANK=2 is not within WORLD_SIZE=2"),
 ])
 def test_bad_launcher_environment_is_a_one_line_error(variables, message, tmp_path):
-    proc = _run([sys.executable, TRAIN], env=_clean_env(**variables), check=False, timeout=120, cwd=tmp_path)
+    proc = _run([sys.executable, TRAIN], tmp_path / "logs", check=False, timeout=120, cwd=tmp_path, **variables)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"megapile: error: {proc.stderr.split('megapile: error: ')[1].strip()}"]
     _assert_one_line_error(proc, message)

@@ -4,25 +4,21 @@ back."""
 import glob
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
-from train_helpers import DS, ROOT, TRAIN, launch, read_metrics, small_run_overrides
+from harness import ROOT, run_ranks, start_ranks, wait_for
+from train_helpers import DS, TRAIN, launch, read_metrics, small_run_overrides
 
 
 @pytest.mark.slow
 def test_tokens_per_second_leaves_out_evaluation_and_saving(tmp_path, preprocessed, tokenizer_path):
     run_dir = str(tmp_path / "run")
     harness = os.path.join(ROOT, "tests", "probes", "fake_clock_train.py")
-    proc = subprocess.run([sys.executable, harness, "--deepspeed_config", os.path.join(DS, "zero0.json")]
-                          + small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=6,
-                                                train__log_every=1, train__eval_every=2, checkpoint__every=3),
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_ranks("python", 1, [harness, "--deepspeed_config", os.path.join(DS, "zero0.json")]
+                     + small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=6,
+                                           train__log_every=1, train__eval_every=2, checkpoint__every=3),
+                     tmp_path / "logs")  # a non-zero exit fails the test with the output's tail
     records = read_metrics(run_dir)
     assert [r["tokens_per_s"] for r in records] == [8 * 32.0] * 6  # global batch × seq_len per 1 s step
     assert [r.get("eval_seconds") for r in records] == [None, 1000.0, None, 1000.0, None, 1000.0]
@@ -46,18 +42,9 @@ def test_a_kill_a_resume_and_a_rollback_keep_one_wandb_run_and_one_tensorboard_s
                                    logging__tensorboard=True, checkpoint__every=2, checkpoint__keep_last=10, **extra)
 
     # start 1: SIGKILLed once step 3 is logged (past the step-2 checkpoint), however fast the machine is
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    proc = subprocess.Popen([sys.executable, TRAIN, "--deepspeed_config", os.path.join(DS, "zero0.json")]
-                            + overrides(train__max_steps=60), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not any(r["step"] >= 3 for r in _records(run_dir)):
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 3 was logged"
-            time.sleep(0.05)
-    finally:
-        proc.kill()
-        proc.wait()
+    with start_ranks("python", 1, [TRAIN, "--deepspeed_config", os.path.join(DS, "zero0.json")]
+                     + overrides(train__max_steps=60), tmp_path / "logs") as proc:  # SIGKILLed on the way out
+        wait_for(lambda: any(r["step"] >= 3 for r in _records(run_dir)), proc, 300, "step 3 logged")
     launch("python", 1, "zero0.json", overrides(train__max_steps=6))  # resumes the newest checkpoint
     launch("python", 1, "zero0.json", overrides(  # rolls back
         train__max_steps=8, checkpoint__resume=os.path.join(run_dir, "checkpoints", "global_step2")))

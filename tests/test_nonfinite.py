@@ -1,25 +1,22 @@
 """A NaN loss or gradient skips the update on every rank; a streak of them stops the run, naming the batch,
 with the last good checkpoint untouched; non-finite weights are never saved."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megapile.checkpoint import list_complete
 from megapile.checkpoint.portable import read_full_weights
-from train_helpers import DS, ROOT, free_port, read_metrics, small_run_overrides
+from harness import run_ranks
+from train_helpers import DS, ROOT, read_metrics, run_dir_of, small_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 
 
 def _run(nproc, ds, overrides, nan_steps, **env):
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_NAN_STEPS=nan_steps, **env)
-    args = [HARNESS, "--deepspeed_config", os.path.join(DS, ds)] + overrides
-    if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())] + args
-    return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_ranks("torchrun" if nproc > 1 else "python", nproc,
+                     [HARNESS, "--deepspeed_config", os.path.join(DS, ds)] + overrides,
+                     run_dir_of(overrides) + "-logs", check=False, env={"MEGAPILE_NAN_STEPS": nan_steps, **env})
 
 
 @pytest.mark.slow

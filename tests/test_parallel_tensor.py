@@ -7,15 +7,15 @@ ones, and each weight/bias gradient equals the matching slice of the dense gradi
 split block, by AutoTP or by a pipeline stage (`pipeline.shard_block`, TP × PP), draws from a generator of each
 tensor rank's own: peers start from the same process stream yet drop different probabilities in their own heads.
 
-Run as a test (spawns itself under torchrun) or directly: torchrun --nproc_per_node 2 tests/test_parallel_tensor.py
+Run as a test (the harness starts this file under torchrun) or directly:
+torchrun --nproc_per_node 2 tests/test_parallel_tensor.py
 """
 import os
-import subprocess
 import sys
 
 import pytest
 
-from train_helpers import free_port
+from harness import run_ranks  # also when this file runs as the worker: its folder, tests/, is on sys.path
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -23,12 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["neox", "llama"])  # llama: 2 key/value heads (one per rank), SwiGLU, no biases
-def test_tensor_parallel_layers_equal_dense(arch):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEGAPILE_TEST_ARCH=arch)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), HERE], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+def test_tensor_parallel_layers_equal_dense(arch, tmp_path):
+    proc = run_ranks("torchrun", 2, [HERE], tmp_path / "logs", timeout=300, env={"MEGAPILE_TEST_ARCH": arch})
     for part in ("qkv column", "proj row", "attention", "mlp", "block", "autotp dropout", "stage dropout"):
         assert f"rank 0 {part}: ok" in proc.stdout and f"rank 1 {part}: ok" in proc.stdout, proc.stdout
 

@@ -19,7 +19,7 @@ from megapile.checkpoint import manager, manifest
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ConfigError
 from megapile.spikes import Rollback
-from train_helpers import free_port, losses, small_run_overrides
+from train_helpers import losses, small_run_overrides
 
 SETTINGS = dict(train__spike__enabled=True, train__spike__min_steps=4, train__spike__window=16, train__eval_every=0,
                 train__spike__rollback_steps=4, train__max_steps=12, train__dtype="fp32", parallel__zero_stage=1,
@@ -109,7 +109,7 @@ def test_a_pending_rollback_is_completed_from_its_target_or_an_older_intact_one(
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, preprocessed, tokenizer_path):
     run_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-    proc = run_harness(_overrides(preprocessed, tokenizer_path, run_dir), free_port(), SPIKE)
+    proc = run_harness(_overrides(preprocessed, tokenizer_path, run_dir), SPIKE)
     assert "rank 0 rolled back to step 5, skipping [[64, 80]]" in proc.stdout
     assert _final(run_dir)[1] == RECORD
     return run_dir
@@ -121,7 +121,7 @@ def test_a_damaged_rollback_target_falls_back_to_the_next_older_intact_checkpoin
     """global_step5 rots before the rollback: it is named with what is wrong, the rollback takes step 4, and the run
     ends as the uninterrupted one (from step 4 the same samples are retrained with the same RNG streams)."""
     run_dir = str(tmp_path / "damaged")
-    proc = run_harness(_overrides(preprocessed, tokenizer_path, run_dir), free_port(),
+    proc = run_harness(_overrides(preprocessed, tokenizer_path, run_dir),
                        {**SPIKE, "MEGAPILE_DAMAGE_BEFORE_ROLLBACK": "global_step5"})
     out = proc.stdout + proc.stderr
     assert f"warning: skipping checkpoint {run_dir}/checkpoints/global_step5: " in out, out[-3000:]
@@ -138,7 +138,7 @@ def test_a_kill_at_any_stage_of_a_rollback_restarts_into_the_same_run(
     """Rank 0 is SIGKILLed inside the rollback; the same command, restarted, completes the recorded rollback (or,
     killed before the record, rolls back anew) and ends bit for bit as the uninterrupted run, one rollback spent."""
     run_dir = str(tmp_path / stage)
-    _, again = kill_in_rollback(stage, _overrides(preprocessed, tokenizer_path, run_dir), free_port, SPIKE)
+    _, again = kill_in_rollback(stage, _overrides(preprocessed, tokenizer_path, run_dir), SPIKE)
     out = again.stdout + again.stderr
     if stage == "before-record":  # nothing decided yet: the restart meets the spike again and rolls back
         assert "rank 0 rolled back to step 5, skipping [[64, 80]]" in again.stdout, out[-3000:]

@@ -5,16 +5,15 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
 from megapile.config import ConfigError
 from megapile.distributed import DistEnv
 from megapile.run_lock import LOCK_NAME, RunLock, take
-from train_helpers import ROOT, TRAIN, free_port, read_metrics, small_run_overrides
+from harness import run_command, run_ranks, start_command, start_each_rank, start_ranks, wait_for
+from train_helpers import TRAIN, read_metrics, small_run_overrides
 
 ONE_RANK = DistEnv(0, 1, 0, "127.0.0.1", 29500, "single")
 # Takes the lock in a child process and waits to be killed
@@ -26,18 +25,10 @@ def _record(run_dir) -> dict:
     return json.loads(text) if text.strip() else {}
 
 
-def _wait_for(condition, what: str, proc=None, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc is None or proc.poll() is None, f"exited {proc.returncode} before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.05)
-
-
-def _holding_child(run_dir) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT)
-    _wait_for(lambda: os.path.exists(os.path.join(run_dir, LOCK_NAME)) and _record(run_dir).get("pid") == child.pid,
-              "lock record", child, timeout=60)
+def _holding_child(run_dir, logs):
+    child = start_command([sys.executable, "-c", HOLD, str(run_dir)], logs, name="holder")
+    wait_for(lambda: os.path.exists(os.path.join(run_dir, LOCK_NAME)) and _record(run_dir).get("pid") == child.pid,
+             child, 60, "lock record")
     return child
 
 
@@ -51,9 +42,9 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
                                           rf"{re.escape(socket.gethostname())}, pid {os.getpid()}, started "
                                           r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ; lock .*\.megapile\.lock\): "):
         RunLock(run_dir).acquire()
-    other = subprocess.run([sys.executable, "-c", "import sys; from megapile.run_lock import RunLock\n"
-                            "try: RunLock(sys.argv[1]).acquire()\nexcept Exception as e: sys.exit(str(e))", run_dir],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    other = run_command([sys.executable, "-c", "import sys; from megapile.run_lock import RunLock\n"
+                         "try: RunLock(sys.argv[1]).acquire()\nexcept Exception as e: sys.exit(str(e))", run_dir],
+                        tmp_path / "logs", timeout=60, check=False)
     assert other.returncode == 1 and f"in use by another run (host {socket.gethostname()}, pid {os.getpid()}," \
         in other.stderr, other.stderr
     first.release()
@@ -65,21 +56,17 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
 
 
 def test_refusal_from_take_is_a_config_error(tmp_path):
-    child = _holding_child(tmp_path / "run")
-    try:
+    with _holding_child(tmp_path / "run", tmp_path / "logs") as child:  # killed on the way out
         with pytest.raises(ConfigError, match=rf"in use by another run \(host .*, pid {child.pid}, "):
             take(str(tmp_path / "run"), ONE_RANK)
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_a_killed_holders_lock_is_taken_over_naming_it(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
-    child = _holding_child(run_dir)
-    started = _record(run_dir)["started"]
-    child.send_signal(signal.SIGKILL)  # no release: the record stays, the kernel drops the flock
-    child.wait()
+    with _holding_child(run_dir, tmp_path / "logs") as child:
+        started = _record(run_dir)["started"]
+        child.signal_group(signal.SIGKILL)  # no release: the record stays, the kernel drops the flock
+        child.finish(timeout=60, check=False)
     lock = take(run_dir, ONE_RANK)
     try:
         assert lock is not None and _record(run_dir)["pid"] == os.getpid()
@@ -122,23 +109,20 @@ def test_a_second_run_on_a_busy_directory_exits_with_one_line_and_touches_nothin
     # More steps than it can reach: it is stopped by the test (SIGSTOP, then SIGTERM), never by finishing
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=100000,
                                     checkpoint__every=2, train__eval_every=0)
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
-        first = subprocess.Popen([sys.executable, TRAIN] + overrides, cwd=ROOT, env=env, stdout=out, stderr=err)
-    try:
+    logs = tmp_path / "logs"
+    with start_ranks("python", 1, [TRAIN] + overrides, logs) as first:  # killed on the way out if the test fails
         metrics = os.path.join(run_dir, "metrics.jsonl")
         # training, with a checkpoint written: everything a second run could damage is there
-        _wait_for(lambda: os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))
-                  and len(open(metrics).readlines()) >= 3, "checkpoint and 3 logged steps", first)
+        wait_for(lambda: os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))
+                 and len(open(metrics).readlines()) >= 3, first, 180, "checkpoint and 3 logged steps")
         assert _record(run_dir)["pid"] == first.pid
-        first.send_signal(signal.SIGSTOP)  # holds the lock, writes nothing until SIGCONT
-        _wait_for(lambda: open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T",
-                  "stopped state", timeout=30)
+        os.kill(first.pid, signal.SIGSTOP)  # holds the lock, writes nothing until SIGCONT
+        wait_for(lambda: open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", first, 30,
+                 "stopped state")
         before = _snapshot(run_dir)
 
         # the same command again (a duplicate sbatch), to 4 steps: unrefused, it would resume and end at once
-        second = subprocess.run([sys.executable, TRAIN] + overrides + ["train.max_steps=4"], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=300)
+        second = run_ranks("python", 1, [TRAIN] + overrides + ["train.max_steps=4"], logs, timeout=300, check=False)
         assert second.returncode == 1, second.stderr[-2000:]
         lines = [line for line in second.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
         assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
@@ -146,14 +130,9 @@ def test_a_second_run_on_a_busy_directory_exits_with_one_line_and_touches_nothin
                                    f"{socket.gethostname()}, pid {first.pid}, started "), lines[0]
         assert _snapshot(run_dir) == before  # no file of the first run written, removed or rewound
 
-        first.send_signal(signal.SIGCONT)
-        first.send_signal(signal.SIGTERM)  # checkpoint and leave: exit 75
-        assert first.wait(timeout=300) == 75, open(tmp_path / "first.err").read()[-2000:]
-    finally:
-        if first.poll() is None:
-            first.send_signal(signal.SIGCONT)
-            first.kill()
-            first.wait()
+        os.kill(first.pid, signal.SIGCONT)
+        os.kill(first.pid, signal.SIGTERM)  # checkpoint and leave: exit 75
+        assert first.finish(timeout=300, check=False).returncode == 75, first.describe()
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == list(range(1, len(steps) + 1))  # one uninterrupted log
     assert _record(run_dir) == {}  # released on its way out
@@ -163,17 +142,14 @@ def test_a_second_run_on_a_busy_directory_exits_with_one_line_and_touches_nothin
 def test_every_rank_of_a_refused_run_exits_with_the_one_line(tmp_path, preprocessed, tokenizer_path):
     """Rank 0 decides and tells the others: no rank waits for one that gave up."""
     run_dir = str(tmp_path / "run")
-    port = str(free_port())
-    with RunLock(run_dir):
-        ranks = [subprocess.Popen([sys.executable, TRAIN] + small_run_overrides(preprocessed, tokenizer_path, run_dir),
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2",
-                                           LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-                 for rank in range(2)]
-        outputs = [rank.communicate(timeout=300) for rank in ranks]
-    for rank, (_, err) in zip(ranks, outputs):
+    with RunLock(run_dir):  # each rank a process of its own, as SLURM starts them: each rank's stderr apart
+        ranks = start_each_rank(2, [TRAIN] + small_run_overrides(preprocessed, tokenizer_path, run_dir),
+                                tmp_path / "logs")
+        results = [rank.finish(timeout=300, check=False) for rank in ranks]
+    for result in results:
+        err = result.stderr
         lines = [line for line in err.splitlines() if line.strip() and "[WARNING]" not in line]
-        assert rank.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+        assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
         assert lines[0].startswith(f"megapile: error: run directory {run_dir} is in use by another run (host "
                                    f"{socket.gethostname()}, pid {os.getpid()}, started "), lines[0]
     # nothing written: the checkpoint folder is only the one the writability check makes, empty

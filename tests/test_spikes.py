@@ -13,7 +13,8 @@ import torch
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ConfigError, SpikeConfig, load_config
 from megapile.spikes import SpikeDetector, Verdict, first_sample_after_skips, merge_ranges
-from train_helpers import ROOT, free_port, read_metrics, small_run_overrides
+from harness import ROOT, run_ranks
+from train_helpers import read_metrics, run_dir_of, small_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 
@@ -126,13 +127,8 @@ LAYOUTS = {"fp32-zero1": dict(train__dtype="fp32", parallel__zero_stage=1),
 
 
 def _train(overrides, env=None, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           HARNESS] + overrides
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MEGAPILE_REPLICAS="1", **(env or {}))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return run_ranks("torchrun", 2, [HARNESS] + overrides, run_dir_of(overrides) + "-logs", check=check,
+                     env={"MEGAPILE_REPLICAS": "1", **(env or {})})
 
 
 def _final_weights(run_dir, step):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ from megapile.evaluate import OVERALL, window_nll
 from megapile.model import build_model
 from megapile.parallel.tensor_inference import RowParallel, build_split, check_split, cut
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "neox": dict(arch="neox", vocab_size=256, num_layers=2, hidden_size=64, num_heads=4, max_seq_len=32),
     "llama": dict(arch="llama", vocab_size=256, num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
@@ -69,23 +66,20 @@ def test_a_split_that_does_not_give_whole_key_value_heads_is_refused():
 @pytest.mark.slow
 def test_eval_splits_a_tp2_checkpoint_over_two_ranks_and_scores_as_one_process(tmp_path, preprocessed,
                                                                              tokenizer_path, sample_corpus):
-    from train_helpers import free_port, launch, small_run_overrides
+    from harness import run_ranks
+    from train_helpers import launch, small_run_overrides
 
     run_dir = str(tmp_path / "tp2")
     launch("torchrun", 2, "zero1.json", small_run_overrides(preprocessed, tokenizer_path, run_dir,
                                                             train__max_steps=2, parallel__tensor=2))
     ckpt = os.path.join(run_dir, "checkpoints")
     data = os.path.join(sample_corpus, "val", "*.jsonl.zst")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = {}
     for nproc, tp, dtype in ((1, 1, "fp32"), (2, 2, "fp32"), (2, 2, "bf16")):
         out = str(tmp_path / f"tp{tp}{dtype}.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), "-m", "megapile.cli", "eval", "--checkpoint", ckpt, "--data", data, "--max-docs",
-               "6", "--seq-len", "32", "--tensor-parallel", str(tp), "--dtype", dtype, "--output", out,
-               "--no-progress"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_ranks("torchrun", nproc, ["-m", "megapile.cli", "eval", "--checkpoint", ckpt, "--data", data, "--max-docs",
+                                      "6", "--seq-len", "32", "--tensor-parallel", str(tp), "--dtype", dtype,
+                                      "--output", out, "--no-progress"], tmp_path / "logs", timeout=300)
         results[tp, dtype] = json.load(open(out))[OVERALL]
     one, split, half = results[1, "fp32"], results[2, "fp32"], results[2, "bf16"]
     for key in ("documents", "tokens", "bytes"):

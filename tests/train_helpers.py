@@ -1,21 +1,15 @@
-"""Launch megapile/train.py the way users do (python, torchrun, deepspeed) and read back its metrics."""
+"""megapile/train.py in tests: a small run's overrides, launched the way users do (through the harness), and its
+metrics read back."""
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, run_ranks
+
 TRAIN = os.path.join(ROOT, "megapile", "train.py")
 DS = os.path.join(ROOT, "ds_configs")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_run_overrides(preprocessed: dict, tokenizer_path: str, run_dir: str, **extra) -> list[str]:
@@ -45,27 +39,14 @@ def small_run_overrides(preprocessed: dict, tokenizer_path: str, run_dir: str, *
 
 def launch(launcher: str, nproc: int, ds_config: str, overrides: list[str], timeout: float = 600,
            config: str | None = None) -> subprocess.CompletedProcess:
-    """Run one training job to completion; raise with its output if it fails."""
-    args = ["--deepspeed_config", os.path.join(DS, ds_config)]
-    if config:
-        args += ["--config", config]
-    args += overrides
-    port = str(free_port())
-    if launcher == "python":
-        assert nproc == 1
-        cmd = [sys.executable, TRAIN] + args
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", port, TRAIN] + args
-    elif launcher == "deepspeed":
-        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", port, TRAIN] + args
-    else:
-        raise ValueError(launcher)
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    """Run one training job to completion; fail the test with its output if it fails. The output is kept in
+    RUN_DIR-logs/ beside the run directory (never inside it: tests compare run directories' contents)."""
+    args = ["--deepspeed_config", os.path.join(DS, ds_config)] + (["--config", config] if config else []) + overrides
+    return run_ranks(launcher, nproc, [TRAIN] + args, logs=run_dir_of(overrides) + "-logs", timeout=timeout)
+
+
+def run_dir_of(overrides: list[str]) -> str:
+    return next(o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("logging.run_dir="))
 
 
 def read_metrics(run_dir: str) -> list[dict]:

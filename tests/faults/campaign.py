@@ -10,14 +10,14 @@ import os
 import random
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
 import psutil
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = os.path.join(ROOT, "megapile", "train.py")
+from harness import ROOT, run_ranks, start_ranks, wait_for
+from train_helpers import TRAIN, run_dir_of
+
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 # manager.roll_back's stages, in order, at which nan_train.py's MEGAPILE_KILL_IN_ROLLBACK kills rank 0
 ROLLBACK_STAGES = ("before-record", "recorded", "loaded", "set-aside")
@@ -37,13 +37,9 @@ class Report:
                 f"(restarts {self.restarts}; kills during {kinds})")
 
 
-def command(ds_config: str, overrides: list[str], port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            TRAIN, "--deepspeed_config", ds_config] + overrides
-
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+def target(ds_config: str, overrides: list[str]) -> list[str]:
+    """What each start runs on 2 ranks under torchrun: the same command every time."""
+    return [TRAIN, "--deepspeed_config", ds_config] + overrides
 
 
 def _workers(launcher: psutil.Process) -> list[psutil.Process]:
@@ -57,20 +53,13 @@ def _workers(launcher: psutil.Process) -> list[psutil.Process]:
     return found
 
 
-def _wait_for_workers(proc, timeout: float = 60.0) -> list[psutil.Process]:
-    """The launcher's training processes; early in start-up torchrun may not have spawned them yet."""
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        try:
-            victims = _workers(psutil.Process(proc.pid))
-        except psutil.Error:  # the launcher exited just now
-            victims = []
-        if len(victims) == 2:
-            return victims
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.01)
-    return []
+def _both_workers(proc) -> list[psutil.Process]:
+    """The launcher's 2 training processes, or [] while torchrun has not spawned both (or has exited)."""
+    try:
+        victims = _workers(psutil.Process(proc.pid))
+    except psutil.Error:  # the launcher exited just now
+        return []
+    return victims if len(victims) == 2 else []
 
 
 def _last_logged_step(metrics: str, since: float = 0.0) -> int:
@@ -89,8 +78,8 @@ def _max_steps(overrides: list[str]) -> int:
     return int(next(o.split("=", 1)[1] for o in overrides if o.startswith("train.max_steps=")))
 
 
-def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str, ckpt_dir: str, port_fn,
-                 seed: int = 0, max_starts: int | None = None) -> Report:
+def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str, ckpt_dir: str, seed: int = 0,
+                 max_starts: int | None = None) -> Report:
     """Start the job, kill a random rank at a random moment, restart; `kills` times, then let it finish.
 
     Every kill moment is defined by the job's progress, never by elapsed time, so exactly `kills` kills land
@@ -106,27 +95,29 @@ def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str,
     metrics = os.path.join(run_dir, "metrics.jsonl")
     last = _max_steps(overrides)
     pending: list[int] = []  # progress at each kill not yet followed by a start that came back up
-    os.makedirs(run_dir, exist_ok=True)
-    log = os.path.join(run_dir, "campaign_stdout.txt")
+    logs = run_dir + "-logs"  # each start's output, NAME-K.out/.err, beside the run directory
     for _ in range(max_starts or 4 * kills + 5):
         resume_step = max((s for s, _ in _complete(ckpt_dir)), default=0)
         started = time.time()
-        with open(log, "w") as out_file:
-            proc = subprocess.Popen(command(ds_config, overrides, port_fn()), cwd=ROOT, env=_env(),
-                                    stdout=out_file, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        with start_ranks("torchrun", 2, target(ds_config, overrides), logs) as proc:
             killed = False
             if report.injected < kills:
                 kind = rng.choice(["save", "seal", "step", "start"])
                 if resume_step + 6 >= last:
                     kind = "start"  # too close to the end for a later moment to be sure to come
-                if _wait_for_moment(proc, kind, rng, ckpt_dir, metrics, log, started, resume_step, last):
-                    victims = _wait_for_workers(proc)
-                    if victims:
+                if _wait_for_moment(proc, kind, rng, ckpt_dir, metrics, started, resume_step, last):
+                    victims = []
+
+                    def spawned() -> bool:  # early in start-up torchrun may not have spawned both yet
+                        victims[:] = _both_workers(proc)
+                        return bool(victims)
+
+                    if wait_for(spawned, proc, 60, "both training processes", exit_ok=True):
                         progress = _last_logged_step(metrics, started)
                         rng.choice(victims).kill()  # SIGKILL: no handler, no cleanup
                         killed = True
-            _, err = proc.communicate(timeout=600)
-        out = open(log).read()
+            finished = proc.finish(timeout=600, check=False)
+        out = finished.stdout
         if pending and "megapile:" in out:  # the job came back up after the previous kill(s)
             resumed = re.search(r"resumed from \S+ at step (\d+)", out)
             report.steps_lost += max(0, max(pending) - (int(resumed.group(1)) if resumed else 0))
@@ -138,9 +129,9 @@ def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str,
             report.restarts += 1
             pending.append(progress)
             continue
-        if proc.returncode == 0:
+        if finished.returncode == 0:
             return report
-        raise AssertionError(f"training failed without a fault (exit {proc.returncode}):\n{err[-3000:]}")
+        raise AssertionError(f"training failed without a fault: {proc.describe()}")
     raise AssertionError("the job did not finish in the allowed number of starts")
 
 
@@ -150,23 +141,18 @@ def _complete(ckpt_dir: str) -> list[tuple[int, str]]:
     return [(int(m.group(1)), n) for n in os.listdir(ckpt_dir) if (m := re.match(r"^global_step(\d+)$", n))]
 
 
-def _wait_for_moment(proc, kind: str, rng: random.Random, ckpt_dir: str, metrics: str, log: str, started: float,
+def _wait_for_moment(proc, kind: str, rng: random.Random, ckpt_dir: str, metrics: str, started: float,
                      resume_step: int, last: int) -> bool:
     """Block until the chosen kind of moment of this start; False if the job ended first (a bug: every moment
     chosen comes before the job's end). Bounded by a generous deadline, never by a guess of the machine's speed."""
-    deadline = time.monotonic() + 300
 
     def wait(predicate) -> bool:
-        while not predicate():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_for(predicate, proc, 300, f"a {kind!r} moment to kill", exit_ok=True)
 
     if kind == "start":  # start-up: as soon as the workers exist, or once set-up has printed its summary
         if rng.random() < 0.5:
-            return wait(lambda: len(_wait_for_workers(proc, timeout=0)) == 2)
-        return wait(lambda: "megapile:" in open(log).read())
+            return wait(lambda: bool(_both_workers(proc)))
+        return wait(lambda: "megapile:" in proc.stdout())
     if kind == "step":  # mid-training: a few steps past this start's checkpoint, inside forward/backward/data
         target = min(last - 2, resume_step + rng.randint(1, 4))
         return wait(lambda: _last_logged_step(metrics, started) >= target)
@@ -183,7 +169,7 @@ def _wait_for_moment(proc, kind: str, rng: random.Random, ckpt_dir: str, metrics
 
     if not wait(saving):
         return False
-    time.sleep(rng.uniform(0, 0.02))  # somewhere inside the save; a save that ends first is a "step" kill
+    time.sleep(rng.uniform(0, 0.02))  # a random instant in the save (not a wait); one that ends first: a "step" kill
     return True
 
 
@@ -194,20 +180,15 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
-def run_harness(overrides: list[str], port: int, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+def run_harness(overrides: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
     """One 2-rank start of tests/faults/nan_train.py (megapile/train.py with faults injected by `env`)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           HARNESS] + overrides
-    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_ranks("torchrun", 2, [HARNESS] + overrides, run_dir_of(overrides) + "-logs", check=check, env=env)
 
 
-def kill_in_rollback(stage: str, overrides: list[str], port_fn, env: dict):
+def kill_in_rollback(stage: str, overrides: list[str], env: dict):
     """Start the job; rank 0 SIGKILLs itself at `stage` of its first loss-spike rollback (a moment defined by
     progress, never by time); restart the same command, without the kill, to the end. Both starts' outputs."""
-    killed = run_harness(overrides, port_fn(), {**env, "MEGAPILE_KILL_IN_ROLLBACK": stage}, check=False)
+    killed = run_harness(overrides, {**env, "MEGAPILE_KILL_IN_ROLLBACK": stage}, check=False)
     assert killed.returncode != 0 and f"rank 0 killed in the rollback at {stage}" in killed.stdout, \
         f"exit {killed.returncode}\n{killed.stdout[-3000:]}\n{killed.stderr[-3000:]}"
-    return killed, run_harness(overrides, port_fn(), env)
+    return killed, run_harness(overrides, env)
