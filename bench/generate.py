@@ -34,8 +34,8 @@ def main() -> None:
     import transformers
 
     from megapile.config import load_config
-    from megapile.generate import generate
-    from megapile.hf_export import write_hf_dir
+    from megapile.evaluation.generate import generate
+    from megapile.hf.export import write_hf_dir
     from megapile.model import build_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

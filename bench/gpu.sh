@@ -83,7 +83,7 @@ EOF
 section "3. the matmul peak measured in this run ($DTYPE)"
 run python - "$DEVICE" "$DTYPE" "$RESULTS/matmul_tflops.txt" <<'EOF'
 import sys, torch
-from megapile.flops import gpu_peak_tflops, measure_matmul_tflops
+from megapile.training.flops import gpu_peak_tflops, measure_matmul_tflops
 device, dtype = torch.device(sys.argv[1]), {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[2]]
 n = 8192 if device.type == "cuda" else 1024
 best = max(measure_matmul_tflops(device, dtype, n=n, seconds=1.0) for _ in range(3))

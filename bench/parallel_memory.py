@@ -61,7 +61,7 @@ def _config(args, stage: int, tensor: int, pipeline: int):
 def worker(args) -> None:
     import torch
 
-    from megapile import distributed
+    from megapile.runtime import distributed
     from megapile.model import GPT, build_model
     from megapile.parallel.ds_config import resolve_ds_config
     from megapile.parallel.layout import resolve_layout

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from megapile.config import ModelConfig, SpikeConfig  # noqa: E402
 from megapile.model import build_model, param_groups  # noqa: E402
-from megapile.spikes import SpikeDetector  # noqa: E402
+from megapile.training.spikes import SpikeDetector  # noqa: E402
 
 PRESETS = {"tiny": dict(num_layers=2, hidden_size=64, num_heads=4, vocab_size=512, batch=8, seq=128),
            "pythia-14m": dict(num_layers=6, hidden_size=128, num_heads=4, vocab_size=50304, batch=8, seq=256)}

@@ -94,7 +94,7 @@ def hf_step_fn(cfg: ModelConfig, attn: str, adam: str, device: torch.device = to
                dtype: torch.dtype = torch.float32):
     import transformers
 
-    from megapile.hf_convert import HF_CLASS, config_to_hf
+    from megapile.hf.convert import HF_CLASS, config_to_hf
 
     hf_cfg = config_to_hf(cfg)
     torch.manual_seed(0)
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
           f"{mm['n']}^2 mm, best window before and after) on {_device_name(device)}")
     datasheet = None
     if device.type == "cuda":
-        from megapile.flops import gpu_peak_tflops
+        from megapile.training.flops import gpu_peak_tflops
 
         datasheet = gpu_peak_tflops(torch.cuda.get_device_name(device))
     tps = {}

@@ -38,7 +38,7 @@ esac
 if ! hosts="$(scontrol show hostnames "$nodelist" 2>/dev/null)" || [ -z "$hosts" ]; then
     repo="$(cd "$(dirname "$0")/.." && pwd)"
     hosts="$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -c \
-        'import sys; from megapile.distributed import LaunchError, expand_nodelist
+        'import sys; from megapile.runtime.distributed import LaunchError, expand_nodelist
 try: print("\n".join(expand_nodelist(sys.argv[1])))
 except LaunchError as e: sys.exit(f"megapile: error: {e}")' \
         "$nodelist")"

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from megapile.process_exit import exit_now
+from megapile.runtime.process_exit import exit_now
 
 COMMANDS = {
     "data": ("megapile.data.sample_corpus", "build the small built-in Pile-format corpus"),
@@ -19,11 +19,11 @@ COMMANDS = {
     "config": ("megapile.config_show", "show the resolved run config and the DeepSpeed JSON generated from it"),
     "train": ("megapile.train", "train a model (same as python megapile/train.py)"),
     "ckpt": ("megapile.checkpoint.tools", "inspect, verify or consolidate a checkpoint"),
-    "plan": ("megapile.plan", "estimate memory per GPU of parallel layouts for a model"),
-    "plot": ("megapile.plot", "plot loss, lr and tokens/s of one or more runs to a PNG"),
-    "eval": ("megapile.evaluate", "loss, perplexity and bits per byte on Pile-format or preprocessed data"),
-    "generate": ("megapile.generate", "sample text from a checkpoint or an exported model"),
-    "export-hf": ("megapile.hf_export", "write a checkpoint as a Hugging Face transformers directory"),
+    "plan": ("megapile.parallel.plan", "estimate memory per GPU of parallel layouts for a model"),
+    "plot": ("megapile.reporting.plot", "plot loss, lr and tokens/s of one or more runs to a PNG"),
+    "eval": ("megapile.evaluation.evaluate", "loss, perplexity and bits per byte on Pile-format or preprocessed data"),
+    "generate": ("megapile.evaluation.generate", "sample text from a checkpoint or an exported model"),
+    "export-hf": ("megapile.hf.export", "write a checkpoint as a Hugging Face transformers directory"),
 }
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The `megapile` console script: main(), then leave without interpreter teardown, which DeepSpeed's
-    ZeRO-3 can turn into an abort of a finished run (megapile/process_exit.py)."""
+    ZeRO-3 can turn into an abort of a finished run (megapile/runtime/process_exit.py)."""
     exit_now(main())
 
 

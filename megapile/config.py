@@ -200,7 +200,7 @@ class OptimConfig:
 
 @dataclass
 class SpikeConfig:
-    """Loss-spike handling (megapile/spikes.py): a step whose loss is more than `z_threshold` standard deviations
+    """Loss-spike handling (megapile/training/spikes.py): a step whose loss is more than `z_threshold` standard deviations
     above the last `window` accepted steps is skipped; too many of them roll the run back and step over their data."""
 
     enabled: bool = False

@@ -7,7 +7,7 @@
 Reading order: the CLI, `train` (build, resume, loop, tear down), the loop and what it calls per step. The
 position in training is one integer, the global sample index, saved with every checkpoint
 (megapile/data/loader.py: every world size reads the same samples in the same order). Building the run is
-megapile/build.py (the engine: megapile/parallel/parallelize.py); choosing, loading and writing checkpoints
+megapile/training/build.py (the engine: megapile/parallel/parallelize.py); choosing, loading and writing checkpoints
 is megapile/checkpoint/manager.py.
 """
 from __future__ import annotations
@@ -29,8 +29,10 @@ from typing import Optional
 
 import torch
 
-from megapile import distributed, progress
-from megapile.build import build
+from megapile.runtime import distributed
+
+from megapile.reporting import progress
+from megapile.training.build import build
 from megapile.checkpoint import manager
 from megapile.checkpoint.manager import TrainingError
 from megapile.config import Config, ConfigError, load_config
@@ -40,10 +42,10 @@ from megapile.parallel.collectives import agree, mean_over_ranks
 from megapile.parallel.lagged_flag import LaggedFlag
 from megapile.parallel.parallelize import is_pipelined
 from megapile.parallel.step_guard import after_skipped_step
-from megapile.process_exit import exit_now
-from megapile.run_state import Position, Run
-from megapile.signals import EXIT_CHECKPOINTED, StopFlag
-from megapile.spikes import Rollback, Verdict, first_sample_after_skips
+from megapile.runtime.process_exit import exit_now
+from megapile.training.run_state import Position, Run
+from megapile.runtime.signals import EXIT_CHECKPOINTED, StopFlag
+from megapile.training.spikes import Rollback, Verdict, first_sample_after_skips
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -301,7 +303,7 @@ def train_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Optional[floa
     """One optimizer step over this rank's micro-batches of the global batch that starts at `first_sample`:
     (mean loss, global grad norm, why the update was skipped or None, spike verdict or None). A non-finite gradient
     norm skips the update on every engine (megapile/parallel/step_guard.py); so does a loss spike
-    (megapile/spikes.py), judged after the last forward pass and before its backward."""
+    (megapile/training/spikes.py), judged after the last forward pass and before its backward."""
     engine = run.engine
     skipped_before, step = engine.skipped_steps, engine.global_steps + 1
     scale_before = _current_scale(engine)
@@ -413,4 +415,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_now(main())  # not sys.exit: see megapile/process_exit.py
+    exit_now(main())  # not sys.exit: see megapile/runtime/process_exit.py

@@ -15,7 +15,7 @@
 #
 # Requeue: SLURM sends USR1 to this script 300 s before the time limit (--signal=B:USR1@300; make it longer
 # than one step plus a checkpoint save). The script forwards it to srun, srun to every rank; the ranks
-# finish the step, save and exit 75 (megapile.signals.EXIT_CHECKPOINTED), and the script runs
+# finish the step, save and exit 75 (megapile.runtime.signals.EXIT_CHECKPOINTED), and the script runs
 # `scontrol requeue`: the same job id starts again later, resumes (checkpoint.resume: auto) and logs
 # SLURM_RESTART_COUNT. Preemption's SIGTERM takes the same path. Exit 0 = finished, no requeue. Any other exit
 # is a crash: requeued at most MEGAPILE_MAX_CRASHES times in a row (default 2; a checkpointed exit resets

@@ -11,7 +11,7 @@ import torch
 
 from megapile.checkpoint import find_resumable, list_complete, manifest, prune
 from megapile.config import CheckpointConfig
-from megapile.signals import EXIT_CHECKPOINTED
+from megapile.runtime.signals import EXIT_CHECKPOINTED
 from harness import ROOT, run_ranks, start_each_rank, start_ranks, wait_for
 from train_helpers import DS, TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
 
@@ -196,7 +196,7 @@ def test_ckpt_tools(saved_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from megapile.cli import main
-    from megapile.hf_export import load_model
+    from megapile.hf.export import load_model
 
     ckpt = os.path.join(saved_run, "checkpoints")
     assert main(["ckpt", "info", ckpt]) == 0

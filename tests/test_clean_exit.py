@@ -2,7 +2,7 @@
 
 DeepSpeed's ZeRO-3 on CPU can abort a finished process at interpreter exit ("terminate called without an
 active exception"), which turns a good run into a failed job. The entry points therefore leave through
-megapile.process_exit.exit_now. Teardown aborts are rare, so the wiring is tested with a teardown that always
+megapile.runtime.process_exit.exit_now. Teardown aborts are rare, so the wiring is tested with a teardown that always
 aborts (an atexit handler calling os.abort): an entry point that still ran teardown would exit -6.
 """
 import os
@@ -22,7 +22,7 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_exit_now_skips_teardown_and_flushes_output():
-    proc = _python("from megapile.process_exit import exit_now; "
+    proc = _python("from megapile.runtime.process_exit import exit_now; "
                    "sys.stdout.write('unflushed'); sys.stderr.write('also'); exit_now(3)")
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "unflushed", "also")
     # the control: the same teardown without exit_now is an abort

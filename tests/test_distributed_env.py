@@ -1,4 +1,4 @@
-"""megapile.distributed.detect: every launcher's variables give the same DistEnv, and bad ones a one-line error."""
+"""megapile.runtime.distributed.detect: every launcher's variables give the same DistEnv, and bad ones a one-line error."""
 import os
 import subprocess
 import sys
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from megapile import distributed
-from megapile.distributed import DistEnv, LaunchError, detect, expand_nodelist
+from megapile.runtime import distributed
+from megapile.runtime.distributed import DistEnv, LaunchError, detect, expand_nodelist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +143,7 @@ def test_hostfile_script_writes_deepspeed_and_mpich_formats():
 _STALLED_PEER = """
 import os, sys, time
 import torch, torch.distributed as dist
-from megapile import distributed
+from megapile.runtime import distributed
 rank, port = int(os.environ["RANK"]), int(os.environ["MASTER_PORT"])
 distributed.init(distributed.DistEnv(rank, 2, rank, "127.0.0.1", port, "env"), "gloo", timeout_s=3)
 group = dist.new_group([0, 1])  # as DeepSpeed builds its groups: no timeout argument

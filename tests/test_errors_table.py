@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megapile.run_lock import RunLock
+from megapile.runtime.run_lock import RunLock
 from train_helpers import DS, ROOT, TRAIN, small_run_overrides
 
 TABLE = os.path.join(ROOT, "docs", "errors.md")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from harness import run_command, run_ranks
 from megapile.config import ModelConfig
-from megapile.evaluate import OVERALL, bits_per_byte, evaluate, rolling_windows
+from megapile.evaluation.evaluate import OVERALL, bits_per_byte, evaluate, rolling_windows
 from megapile.model import build_model
 
 
@@ -34,7 +34,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def hf_dir(model, tok, tmp_path_factory):
-    from megapile.hf_export import write_hf_dir
+    from megapile.hf.export import write_hf_dir
 
     out = str(tmp_path_factory.mktemp("eval_hf"))
     write_hf_dir(model.cfg, model.state_dict(), tok, out)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megapile.config import ModelConfig
-from megapile.generate import generate, sample_next
+from megapile.evaluation.generate import generate, sample_next
 from megapile.model import KVCache, build_model
 
 
@@ -25,7 +25,7 @@ def random_model(arch: str, seed: int = 0):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory, tokenizer_path):
     from megapile.data.tokenizer import load_tokenizer
-    from megapile.hf_export import write_hf_dir
+    from megapile.hf.export import write_hf_dir
 
     tok = load_tokenizer(tokenizer_path)
     out = {}
@@ -57,7 +57,7 @@ def test_kv_cache_logits_equal_full_forward(arch):
 def test_greedy_equals_transformers_generate_with_and_without_cache(arch, hf_dirs):
     import transformers
 
-    from megapile.hf_export import load_model
+    from megapile.hf.export import load_model
 
     loaded = load_model(hf_dirs[arch])
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[arch], dtype=torch.float32).eval()
@@ -139,7 +139,7 @@ def test_cli_empty_prompt_starts_a_new_document(hf_dirs, capsys):
     greedy, it writes what the model continues [eod] with."""
     from megapile.cli import main
     from megapile.data.tokenizer import load_tokenizer
-    from megapile.hf_convert import load_hf_dir
+    from megapile.hf.convert import load_hf_dir
 
     assert main(["generate", "--checkpoint", hf_dirs["neox"], "--prompt", "", "--temperature", "0",
                  "--max-new-tokens", "6"]) == 0

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from megapile.config import ConfigError, load_config
-from megapile.generate import generate
-from megapile.hf_convert import HF_CLASS
-from megapile.hf_export import apply_init_from, load_model, write_hf_dir, write_tokenizer
+from megapile.evaluation.generate import generate
+from megapile.hf.convert import HF_CLASS
+from megapile.hf.export import apply_init_from, load_model, write_hf_dir, write_tokenizer
 from train_helpers import launch, small_run_overrides
 
 TEXTS = ["The Pile is a large, diverse dataset for language modelling.", "def main():\n    return 0\n"]
@@ -78,7 +78,7 @@ def test_export_equals_ours_in_transformers(arch, checkpoints, tmp_path):
 
 
 class _TransformersScorer:
-    """A transformers model behind the few calls `megapile.evaluate` makes of ours (hidden states, head), so the
+    """A transformers model behind the few calls `megapile.evaluation.evaluate` makes of ours (hidden states, head), so the
     same scoring code reads both and only the model differs."""
 
     def __init__(self, hf, cfg):
@@ -99,7 +99,7 @@ def test_export_scores_the_same_bits_per_byte_in_transformers(arch, checkpoints,
     """Export, reload with transformers, score the validation documents: the bits per byte equal ours."""
     import transformers
 
-    from megapile.evaluate import OVERALL, evaluate
+    from megapile.evaluation.evaluate import OVERALL, evaluate
 
     out = str(tmp_path / "hf")
     _export(checkpoints[arch], out)

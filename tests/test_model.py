@@ -12,14 +12,14 @@ import torch.nn.functional as F
 import transformers  # noqa: E402  (a test dependency: .[test])
 
 from megapile.config import ModelConfig  # noqa: E402
-from megapile.hf_convert import (  # noqa: E402
+from megapile.hf.convert import (  # noqa: E402
     config_from_hf,
     config_to_hf,
     load_hf_dir,
     state_dict_from_hf,
     state_dict_to_hf,
 )
-from megapile.hf_export import write_hf_dir  # noqa: E402
+from megapile.hf.export import write_hf_dir  # noqa: E402
 from megapile.model import GPT, LinearCrossEntropy, build_model, param_groups  # noqa: E402
 
 VOCAB = 300  # padded to 384: the padding rows are exercised everywhere

@@ -117,7 +117,7 @@ def _worker() -> None:
 
 
 if __name__ == "__main__":
-    from megapile.process_exit import exit_now
+    from megapile.runtime.process_exit import exit_now
 
     _worker()
     exit_now(0)  # as megapile's entry points end: DeepSpeed/gloo may abort a finished process at C++ teardown

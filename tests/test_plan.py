@@ -6,7 +6,7 @@ import pytest
 
 from megapile.cli import main
 from megapile.config import load_config
-from megapile.plan import Layout, deepspeed_estimate_gb, estimate, total_params
+from megapile.parallel.plan import Layout, deepspeed_estimate_gb, estimate, total_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,7 @@ def test_neox_20b_layout_fits_on_96_a100_40gb(capsys):
 def test_activation_units_for_gqa_and_swiglu():
     """MHA with a 4h GELU MLP is Korthikanti's 34 (10 + 24/t); GQA stores smaller K and V, SwiGLU four f-wide
     tensors instead of two."""
-    from megapile.plan import activation_units
+    from megapile.parallel.plan import activation_units
 
     assert activation_units(_model("pythia-1b.yaml"), 1) == 34 and activation_units(_model("pythia-1b.yaml"), 2) == 22
     m = _model("llama-8b.yaml")  # nkv/nh = 1/4, f/h = 3.5

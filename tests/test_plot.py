@@ -2,7 +2,7 @@
 import json
 
 from megapile.cli import main
-from megapile.plot import read_metrics
+from megapile.reporting.plot import read_metrics
 
 
 def _run(tmp_path, name, scale):

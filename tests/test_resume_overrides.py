@@ -1,4 +1,4 @@
-"""A resume takes the optimizer's settings and the LR schedule from the config in force (megapile/optim.py
+"""A resume takes the optimizer's settings and the LR schedule from the config in force (megapile/training/optim.py
 RESUMED_FROM_CONFIG): lowering optim.lr after instability works, from the very first resumed step."""
 import os
 
@@ -6,7 +6,7 @@ import pytest
 
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import load_config
-from megapile.optim import changed_at_resume, lr_factor
+from megapile.training.optim import changed_at_resume, lr_factor
 from train_helpers import launch, read_metrics, small_run_overrides
 
 

@@ -18,7 +18,7 @@ from faults.campaign import ROLLBACK_STAGES, kill_in_rollback, run_harness
 from megapile.checkpoint import manager, manifest
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ConfigError
-from megapile.spikes import Rollback
+from megapile.training.spikes import Rollback
 from train_helpers import losses, small_run_overrides
 
 SETTINGS = dict(train__spike__enabled=True, train__spike__min_steps=4, train__spike__window=16, train__eval_every=0,

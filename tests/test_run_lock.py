@@ -1,4 +1,4 @@
-"""One run per run directory (megapile/run_lock.py): a second run on a busy directory is refused with one line naming
+"""One run per run directory (megapile/runtime/run_lock.py): a second run on a busy directory is refused with one line naming
 the holder and touches nothing; a lock whose holder died is taken over, naming it."""
 import json
 import os
@@ -10,14 +10,14 @@ import sys
 import pytest
 
 from megapile.config import ConfigError
-from megapile.distributed import DistEnv
-from megapile.run_lock import LOCK_NAME, RunLock, take
+from megapile.runtime.distributed import DistEnv
+from megapile.runtime.run_lock import LOCK_NAME, RunLock, take
 from harness import run_command, run_ranks, start_command, start_each_rank, start_ranks, wait_for
 from train_helpers import TRAIN, read_metrics, small_run_overrides
 
 ONE_RANK = DistEnv(0, 1, 0, "127.0.0.1", 29500, "single")
 # Takes the lock in a child process and waits to be killed
-HOLD = "import signal, sys; from megapile.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); signal.pause()"
+HOLD = "import signal, sys; from megapile.runtime.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); signal.pause()"
 
 
 def _record(run_dir) -> dict:
@@ -42,7 +42,7 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
                                           rf"{re.escape(socket.gethostname())}, pid {os.getpid()}, started "
                                           r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ; lock .*\.megapile\.lock\): "):
         RunLock(run_dir).acquire()
-    other = run_command([sys.executable, "-c", "import sys; from megapile.run_lock import RunLock\n"
+    other = run_command([sys.executable, "-c", "import sys; from megapile.runtime.run_lock import RunLock\n"
                          "try: RunLock(sys.argv[1]).acquire()\nexcept Exception as e: sys.exit(str(e))", run_dir],
                         tmp_path / "logs", timeout=60, check=False)
     assert other.returncode == 1 and f"in use by another run (host {socket.gethostname()}, pid {os.getpid()}," \

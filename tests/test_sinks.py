@@ -7,8 +7,8 @@ import os
 import pytest
 
 from megapile.config import LoggingConfig
-from megapile.metrics import MetricsLogger
-from megapile.sinks import ConsoleSink, MetricsFileSink, Sink, TensorBoardSink, hms
+from megapile.reporting.metrics import MetricsLogger
+from megapile.reporting.sinks import ConsoleSink, MetricsFileSink, Sink, TensorBoardSink, hms
 
 
 class Spy(Sink):

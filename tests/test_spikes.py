@@ -1,4 +1,4 @@
-"""Loss spikes (megapile/spikes.py): a spike step is skipped on every rank, a persistent spike rolls the run back
+"""Loss spikes (megapile/training/spikes.py): a spike step is skipped on every rank, a persistent spike rolls the run back
 and steps over its samples, and the result is the model of a run given that skip list from the start."""
 import json
 import math
@@ -12,7 +12,7 @@ import torch
 
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ConfigError, SpikeConfig, load_config
-from megapile.spikes import SpikeDetector, Verdict, first_sample_after_skips, merge_ranges
+from megapile.training.spikes import SpikeDetector, Verdict, first_sample_after_skips, merge_ranges
 from harness import ROOT, run_ranks
 from train_helpers import read_metrics, run_dir_of, small_run_overrides
 

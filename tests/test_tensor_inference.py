@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megapile.config import ModelConfig
-from megapile.evaluate import OVERALL, window_nll
+from megapile.evaluation.evaluate import OVERALL, window_nll
 from megapile.model import build_model
 from megapile.parallel.tensor_inference import RowParallel, build_split, check_split, cut
 

@@ -13,14 +13,15 @@ import deepspeed
 import torch
 
 import megapile
-from megapile import checkpoint, optim
+from megapile import checkpoint
+from megapile.training import optim
 from megapile.checkpoint import collective, compat, fragments, manifest, portable, slices, state_file
 from megapile.checkpoint.rng import seed_everything
 from megapile.config import ConfigError
 from megapile.parallel.collectives import any_rank
 from megapile.parallel.layout import check_same_layout
-from megapile.run_state import Position, Run
-from megapile.spikes import Rollback, merge_ranges
+from megapile.training.run_state import Position, Run
+from megapile.training.spikes import Rollback, merge_ranges
 
 SPIKE_FILE = "spikes.json"  # in the checkpoint directory: ranges rollbacks stepped over, and how many there were
 
@@ -123,7 +124,7 @@ def _describe(layout: dict) -> str:
 
 
 def roll_back(run: Run, rollback: Rollback) -> Position:
-    """Too many loss spikes (megapile/spikes.py): reload the newest intact checkpoint at least
+    """Too many loss spikes (megapile/training/spikes.py): reload the newest intact checkpoint at least
     train.spike.rollback_steps before the first of them and go on with their global samples never trained.
 
     The range, the count of rollbacks and the chosen checkpoint ("pending") are written to CHECKPOINT_DIR/spikes.json

@@ -6,7 +6,7 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-from megapile.progress import bar
+from megapile.reporting.progress import bar
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20

@@ -28,7 +28,7 @@ from megapile.checkpoint.fragments import KINDS
 from megapile.models import TensorPlan
 from megapile.parallel.layout import Layout
 from megapile.parallel.pipeline import gpt_name
-from megapile.progress import bar
+from megapile.reporting.progress import bar
 
 MOMENTS = KINDS[1:]
 

@@ -89,7 +89,7 @@ class HFAdapter:
 
     Parameter names map module by module: `top` for modules outside the blocks, `layer` for the prefix of
     block i, `block` for the modules inside a block. A module that HF splits in several (Llama's q/k/v) maps
-    to a tuple of names; `to_hf` / `from_hf` then split and join the tensor. megapile/hf_convert.py drives the
+    to a tuple of names; `to_hf` / `from_hf` then split and join the tensor. megapile/hf/convert.py drives the
     adapter for import (model.init_from, eval/generate of an HF directory) and export (megapile export-hf)."""
 
     hf_class: str = ""  # the transformers model class, e.g. "LlamaForCausalLM"

@@ -21,7 +21,7 @@ from deepspeed.utils import groups
 
 from megapile.config import Config
 from megapile.model import GPT, Attention, compile_blocks, param_groups
-from megapile.optim import build_optimizer, build_scheduler
+from megapile.training.optim import build_optimizer, build_scheduler
 from megapile.parallel.ds_config import optimizer_offloaded
 from megapile.parallel.layout import Layout
 from megapile.parallel.pipeline import build_pipeline

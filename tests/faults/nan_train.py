@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from megapile import model, train  # noqa: E402
 from megapile.checkpoint import manager  # noqa: E402
 from megapile.parallel import pipeline  # noqa: E402
-from megapile.process_exit import exit_now  # noqa: E402
+from megapile.runtime.process_exit import exit_now  # noqa: E402
 
 NAN_STEPS = {int(s) for s in os.environ.get("MEGAPILE_NAN_STEPS", "").split(",") if s}
 SPIKES = [tuple(int(v) for v in r.split("-")) for r in os.environ.get("MEGAPILE_SPIKE_SAMPLES", "").split(",") if r]

@@ -11,7 +11,7 @@ sys.path.insert(0, ROOT)
 
 from megapile import train  # noqa: E402
 from megapile.checkpoint import manager  # noqa: E402
-from megapile.process_exit import exit_now  # noqa: E402
+from megapile.runtime.process_exit import exit_now  # noqa: E402
 
 _now = [0.0]
 train.time = types.SimpleNamespace(**{**vars(time), "perf_counter": lambda: _now[0]})

@@ -1,5 +1,5 @@
 """Where training numbers go: MetricsLogger hands each record, each rewind and each message to its sinks
-(megapile/sinks.py), the ones `logging` turns on.
+(megapile/reporting/sinks.py), the ones `logging` turns on.
 
 Only rank 0 has sinks; every other rank's MetricsLogger has none, so its calls do nothing.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from megapile.config import LoggingConfig
-from megapile.sinks import ConsoleSink, MetricsFileSink, Sink, TensorBoardSink, WandbSink
+from megapile.reporting.sinks import ConsoleSink, MetricsFileSink, Sink, TensorBoardSink, WandbSink
 
 
 def sinks_from_config(cfg: LoggingConfig, run_config: dict[str, Any]) -> list[Sink]:

@@ -190,7 +190,7 @@ def cuda_ordinal(local_rank: int, visible: int, cuda_visible_devices: str | None
 def shutdown(healthy: bool = True) -> None:
     """Tear the process group down in order, so a finished run exits with status 0. After a failed collective
     (`collective_failed`) the group is broken: nothing more is sent on it (a barrier would wait for a dead rank),
-    and the process leaves through megapile.process_exit without tearing it down."""
+    and the process leaves through megapile.runtime.process_exit without tearing it down."""
     import torch.distributed as dist  # lazy: torch, see the module docstring
 
     if healthy and dist.is_available() and dist.is_initialized():

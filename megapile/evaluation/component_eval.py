@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from megapile.config import ConfigError
-from megapile.evaluate import bits_per_byte
+from megapile.evaluation.evaluate import bits_per_byte
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Build a training run from its config: check everything that can be checked before any process starts, then
-start the process group and build data, model and engine (`build` -> megapile.run_state.Run).
+start the process group and build data, model and engine (`build` -> megapile.training.run_state.Run).
 
 The checks come first, so that a bad config, a missing file or an impossible layout is one line on stderr
 within seconds, not a traceback after minutes of start-up on every rank.
@@ -13,28 +13,34 @@ from typing import Optional
 import torch
 import yaml
 
-from megapile import checkpoint, component_eval, console, distributed, run_lock
+from megapile import checkpoint
+
+from megapile.evaluation import component_eval
+
+from megapile.reporting import console
+
+from megapile.runtime import distributed, run_lock
 from megapile.checkpoint.rng import seed_everything
 from megapile.config import Config, ConfigError, DatasetSpec
 from megapile.data import DataError
 from megapile.data.loader import Batches
 from megapile.data.samples import build_samples
 from megapile.data.tokenizer import load_tokenizer
-from megapile.flops import peak_tflops
-from megapile.hf_export import apply_init_from
-from megapile.metrics import MetricsLogger
+from megapile.training.flops import peak_tflops
+from megapile.hf.export import apply_init_from
+from megapile.reporting.metrics import MetricsLogger
 from megapile.model import GPT, build_model
 from megapile.parallel.ds_config import precision_line, resolve_parallel
 from megapile.parallel.layout import Layout, pad_vocab_for_tensor
 from megapile.parallel.parallelize import TrainState, parallelize
 from megapile.parallel.zero_init import build_partitioned
-from megapile.run_state import Run
-from megapile.spikes import PipelineJudge, SpikeDetector
+from megapile.training.run_state import Run
+from megapile.training.spikes import PipelineJudge, SpikeDetector
 
 
 def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) -> Run:
     """Check everything that can be checked before starting processes, then start them, take the run directory
-    (megapile/run_lock.py: one run per directory) and build data, model and engine. `ds_config_path`: a DeepSpeed
+    (megapile/runtime/run_lock.py: one run per directory) and build data, model and engine. `ds_config_path`: a DeepSpeed
     JSON to read ZeRO settings from, or None (all from the YAML)."""
     console.configure(cfg.logging.verbose)
     pad_vocab_for_tensor(cfg)  # before init_from pads the HF rows to it

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from megapile.hf_export import ExportError, load_model
+from megapile.hf.export import ExportError, load_model
 from megapile.model import KVCache
 
 

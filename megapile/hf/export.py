@@ -13,7 +13,7 @@ An export is a directory `transformers` loads offline with `AutoModelForCausalLM
 
 Weights come from a training checkpoint of any ZeRO stage and data-parallel size (through
 `checkpoint.portable.read_full_weights`, the fp32 master weights) or from another HF directory.
-The conversion itself is `megapile/hf_convert.py`, tested for exact logits.
+The conversion itself is `megapile/hf/convert.py`, tested for exact logits.
 """
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ from megapile.checkpoint import carried_tokenizer, fragments, portable, tools
 from megapile.config import Config, ConfigError, ModelConfig
 from megapile.data import DataError
 from megapile.data.tokenizer import load_tokenizer
-from megapile.hf_convert import HF_CLASS, config_to_hf, load_hf_dir, state_dict_for_disk
+from megapile.hf.convert import HF_CLASS, config_to_hf, load_hf_dir, state_dict_for_disk
 from megapile.model import GPT
 from megapile.models import family
 from megapile.parallel.tensor_inference import build_split, cut, local_shape
-from megapile.progress import bar
+from megapile.reporting.progress import bar
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

@@ -1,5 +1,5 @@
 """Where a run's numbers go, one class per destination: RUN_DIR/metrics.jsonl, the console, Weights & Biases,
-TensorBoard. MetricsLogger (megapile/metrics.py) forwards each call to its sinks, in their order; a new sink
+TensorBoard. MetricsLogger (megapile/reporting/metrics.py) forwards each call to its sinks, in their order; a new sink
 (MLflow, a CSV, a test's spy) is one more subclass of Sink.
 """
 from __future__ import annotations

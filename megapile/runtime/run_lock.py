@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from megapile.config import ConfigError
-from megapile.distributed import DistEnv
+from megapile.runtime.distributed import DistEnv
 
 LOCK_NAME = ".megapile.lock"
 

@@ -9,12 +9,12 @@ import torch
 from megapile.checkpoint.state_file import RunState
 from megapile.config import Config
 from megapile.data.loader import Batches
-from megapile.distributed import DistEnv
-from megapile.metrics import MetricsLogger
+from megapile.runtime.distributed import DistEnv
+from megapile.reporting.metrics import MetricsLogger
 from megapile.parallel.layout import Layout
 from megapile.parallel.parallelize import TrainState
-from megapile.run_lock import RunLock
-from megapile.spikes import PipelineJudge, SpikeDetector, merge_ranges
+from megapile.runtime.run_lock import RunLock
+from megapile.training.spikes import PipelineJudge, SpikeDetector, merge_ranges
 
 
 @dataclass
@@ -50,9 +50,9 @@ class Run:
     flops_per_token: int
     peak_tflops: float
     fingerprints: dict
-    components: list = field(default_factory=list)  # megapile.component_eval.Component: per-component validation
+    components: list = field(default_factory=list)  # megapile.evaluation.component_eval.Component: per-component validation
     tokenizer_files: dict = field(default_factory=dict)  # {path in a checkpoint: bytes}: the carried tokenizer
-    spikes: Optional[SpikeDetector] = None  # train.spike.enabled: the loss-spike detector (megapile/spikes.py)
+    spikes: Optional[SpikeDetector] = None  # train.spike.enabled: the loss-spike detector (megapile/training/spikes.py)
     pipeline_judge: Optional[PipelineJudge] = None  # its judge inside a pipeline's loss function
     run_lock: Optional[RunLock] = None  # rank 0's: this run's exclusive hold on logging.run_dir
 
