@@ -147,6 +147,11 @@ class Attention(nn.Module):
             y = self._attend(q, k, v, p, cache)
         return self.resid_dropout(self.proj(y))  # back on the process stream
 
+    @property
+    def kv_heads(self) -> int:
+        """The key/value heads this module holds: the model's, or a tensor-parallel rank's share (whole groups)."""
+        return self.qkv.weight.shape[0] // ((self.groups + 2) * self.head_dim)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                 cache: Optional["LayerCache"]) -> torch.Tensor:
         """softmax(q k^T / sqrt(hs)) v, causal, with dropout p on the probabilities: (B, T, nh * hs).
@@ -314,10 +319,14 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, pad: Optional[torch.Tensor] = None):
+                 dtype: torch.dtype = torch.float32, pad: Optional[torch.Tensor] = None,
+                 kv_heads: Optional[int] = None):
+        """`kv_heads`: the key/value heads this process holds, cfg.kv_heads unless the model is split over a tensor
+        group (`GPT.kv_cache` reads them off the model)."""
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds model.max_seq_len {cfg.max_seq_len}")
-        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)  # (B, nkv, Tmax, hs): GQA caches nkv heads
+        kv_heads = kv_heads or cfg.kv_heads
+        shape = (batch_size, kv_heads, max_len, cfg.head_dim)  # (B, nkv, Tmax, hs): GQA caches nkv heads
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.max_len = max_len
@@ -388,6 +397,13 @@ class GPT(nn.Module):
         if targets is not None:
             return self.loss(input_ids, targets)
         return F.linear(self.hidden_states(input_ids), self._head_weight())
+
+    def kv_cache(self, batch_size: int, max_len: int, pad: Optional[torch.Tensor] = None) -> KVCache:
+        """An empty KVCache for this model as it is held: its device and dtype, and the key/value heads its
+        attention holds (a rank of a tensor-parallel split caches only its own)."""
+        weight = self._head_weight()
+        kv_heads = next(iter(self.blocks.values())).attn.kv_heads
+        return KVCache(self.cfg, batch_size, max_len, weight.device, weight.dtype, pad, kv_heads)
 
     def forward_cached(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, T, padded_vocab) of the T tokens that follow the cache.length already in

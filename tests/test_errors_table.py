@@ -120,6 +120,8 @@ def scenarios(tmp_path_factory, sample_corpus, tokenizer_path, preprocessed, che
         "model-missing": (lambda d: _megapile(["eval", "--checkpoint", "nothing", "--data", val], d), []),
         "model-tensor-world": (lambda d: _megapile(["eval", "--checkpoint", checkpoint_dir, "--data", val,
                                                      "--tensor-parallel", "2"], d), []),
+        "model-generate-world": (lambda d: _megapile(["generate", "--checkpoint", checkpoint_dir, "--prompt", "a",
+                                                       "--tensor-parallel", "2"], d), []),
         "model-tokenizer": (lambda d: _megapile(["generate", "--checkpoint", checkpoint_dir, "--prompt", "a",
                                                   "--tokenizer", str(rewritten)], d), []),
         "ckpt-tokenizer-exists": (clobber, ["model.safetensors", "model.safetensors.tmp"]),

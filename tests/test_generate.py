@@ -1,6 +1,11 @@
 """Generation: the KV cache against full recomputation, greedy decoding against transformers' generate,
-batches of prompts of different lengths against one at a time, sampling reproducible by seed, the CLI."""
+batches of prompts of different lengths against one at a time, sampling reproducible by seed, the CLI, and
+`--tensor-parallel 2` under torchrun writing what one process writes."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,3 +155,52 @@ def test_cli_empty_prompt_starts_a_new_document(hf_dirs, capsys):
     model.load_state_dict(weights)
     expected = generate(model.eval(), [[tok.eod_id]], 6, eod_id=tok.eod_id)[0]
     assert out == tok.decode(expected) + "\n" and expected
+
+
+def _generate_over_two_ranks(hf_dir: str, args: list[str]) -> subprocess.CompletedProcess:
+    from train_helpers import ROOT, free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "megapile.cli", "generate", "--tensor-parallel", "2", "--checkpoint", hf_dir, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]], ids=["cache", "no-cache"])
+def test_tensor_parallel_generate_writes_what_one_process_writes(hf_dirs, capsys, cache):
+    """Qwen2 (grouped-query: 2 key/value heads, one per rank, with q/k/v biases) split over 2 gloo ranks: greedy
+    tokens for a batch of prompts of different lengths, and seeded sampled tokens streamed for one prompt, are
+    one process's, and only rank 0 prints. Each rank's cache holds its one key/value head (`GPT.kv_cache`)."""
+    from megapile.cli import main
+
+    runs = {
+        "greedy": ["--prompt", "The Pile is", "--prompt", "a", "--temperature", "0", "--max-new-tokens", "20"],
+        "sampled": ["--prompt", "The Pile is", "--temperature", "0.9", "--top-k", "40", "--seed", "3",
+                    "--max-new-tokens", "20"],
+    }
+    for name, args in runs.items():
+        assert main(["generate", "--checkpoint", hf_dirs["qwen2"], *args, *cache]) == 0
+        expected = capsys.readouterr().out
+        assert expected.count("\n") == (2 if name == "greedy" else 1) and len(expected) > 30, expected
+        proc = _generate_over_two_ranks(hf_dirs["qwen2"], args + cache)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.endswith(expected), (name, proc.stdout[-2000:], expected)
+        assert proc.stdout.count(expected.splitlines()[0]) == 1, proc.stdout  # rank 1 printed nothing
+
+
+def test_tensor_parallel_needs_as_many_processes(hf_dirs, capsys):
+    from megapile.cli import main
+
+    assert main(["generate", "--checkpoint", hf_dirs["qwen2"], "--prompt", "x", "--tensor-parallel", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == "megapile: error: --tensor-parallel 2 needs exactly 2 processes (torchrun --nproc_per_node 2), got 1\n"
+
+
+def test_a_split_model_caches_only_its_own_key_value_heads():
+    from megapile.parallel.tensor_inference import build_split, cut
+
+    whole = random_model("llama")
+    split = build_split(whole.cfg, cut(dict(whole.state_dict()), 2, 1), 2, None, torch.device("cpu"), torch.float32)
+    assert whole.kv_cache(3, 10).keys[0].shape == (3, 2, 10, whole.cfg.head_dim)
+    assert split.kv_cache(3, 10).keys[0].shape == (3, 1, 10, whole.cfg.head_dim)

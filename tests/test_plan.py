@@ -90,3 +90,24 @@ def test_llama_plans_have_fitting_layouts(preset, gpus, memory, capsys):
     rows = [r.split() for r in capsys.readouterr().out.splitlines()[2:] if r.split() and r.split()[0].isdigit()]
     assert rows and all(r[10] == "yes" for r in rows)
     assert all(8 % int(r[0]) == 0 for r in rows)
+
+
+@pytest.mark.parametrize("preset,gpus", [("neox-20b.yaml", 96), ("llama-8b.yaml", 8), ("pythia-1b.yaml", 16)])
+def test_every_listed_layout_is_one_training_accepts(preset, gpus, capsys):
+    """Every row `megapile plan --all` prints, set in the preset's config, passes training's own checks (layout,
+    DeepSpeed config, bf16: what plan assumes); layouts training refuses (tensor parallelism with ZeRO-0/3, a
+    pipeline with ZeRO-2/3 or with ZeRO-0 in bf16) are not listed."""
+    import torch
+
+    from megapile.parallel.ds_config import resolve_parallel
+
+    path = os.path.join(ROOT, "configs", preset)
+    assert main(["plan", "--model", path, "--gpus", str(gpus), "--gpu-memory", "80", "--all"]) == 0
+    rows = [r.split()[:6] for r in capsys.readouterr().out.splitlines()[2:] if r.split() and r.split()[0].isdigit()]
+    layouts = {(int(tp), int(pp), int(zero), int(micro)) for tp, pp, _, zero, micro, _ in rows}
+    assert any(tp > 1 for tp, *_ in layouts) and any(pp > 1 for _, pp, *_ in layouts)
+    for tp, pp, zero, micro in layouts:
+        cfg = load_config(path, [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.zero_stage={zero}",
+                                 f"train.micro_batch_size={micro}", "train.dtype=bf16"])
+        resolve_parallel(cfg, None, gpus, torch.device("cuda"))  # raises ConfigError on a refused layout
+    assert not any((tp > 1 and zero in (0, 3)) or (pp > 1 and zero != 1) for tp, pp, zero, _ in layouts)

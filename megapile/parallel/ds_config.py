@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from megapile.config import Config, ConfigError, ParallelConfig, grad_accum_steps
-from megapile.parallel.layout import Layout, resolve_layout
+from megapile.parallel.layout import Layout, precision_refusal, resolve_layout
 from megapile.parallel.tensor import autotp_section
 
 # parallel.<key> -> (where DeepSpeed reads it under zero_optimization, the value when neither file sets it;
@@ -146,10 +146,9 @@ def _fill_precision(out: dict[str, Any], cfg: Config, dtype: str, source: str) -
             raise ConfigError(f"{source}: {name}.enabled is {enabled} but train.dtype resolves to {dtype}")
         out.setdefault(name, {})["enabled"] = dtype == name
     stage = out["zero_optimization"].get("stage", 0)
-    if cfg.parallel.pipeline > 1 and stage == 0 and dtype == "bf16":  # train.dtype auto is bf16 on GPUs
-        raise ConfigError(f"{source}: parallel.pipeline > 1 in bf16 needs zero_optimization.stage 1 "
-                          "(parallel.zero_stage: 1): DeepSpeed's ZeRO-0 pipeline cannot load its own bf16 checkpoints "
-                          "(it saves the bf16 optimizer's state as one dict and loads it as a per-rank list)")
+    reason = precision_refusal(cfg.parallel.pipeline, stage, dtype)
+    if reason is not None:
+        raise ConfigError(f"{source}: {reason}")
     if dtype == "fp32":
         return
     accum_dtype = resolve_grad_accum_dtype(cfg.train.grad_accum_dtype, dtype, stage)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
 from megapile.checkpoint.state_file import RunState
-from megapile.config import Config, ConfigError
+from megapile.config import Config, ConfigError, ModelConfig
 
 TP_ZERO_STAGES = (1, 2)  # AutoTP training is tested with these; ZeRO-0's grad-norm path is TP-unaware
 PP_ZERO_STAGES = (0, 1)  # DeepSpeed's PipelineEngine refuses ZeRO-2/3
@@ -57,51 +58,79 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     if (tp > 1 or pp > 1) and offloaded:
         raise ConfigError(f"parallel.{offloaded[0]} is supported with ZeRO data parallelism only (parallel.tensor "
                           f"and parallel.pipeline 1), got tensor {tp} × pipeline {pp}")
-    if tp > 1:  # grouped-query attention: no number of ranks splits key/value heads that tp does not divide
-        _check_kv_heads(cfg.model, tp)
-    if world_size % (tp * pp):
-        raise ConfigError(f"parallel.tensor ({tp}) × parallel.pipeline ({pp}) = {tp * pp} does not divide "
-                          f"the world size ({world_size})")
-    if tp > 1 and pp > 1 and stage != 1:
-        raise ConfigError(f"parallel.tensor > 1 with parallel.pipeline > 1 needs {ZERO_STAGE_KEY} 1, got {stage}")
-    if cfg.model.compile and (tp > 1 or pp > 1):
-        raise ConfigError("model.compile is supported with ZeRO data parallelism only (parallel.tensor and "
-                          "parallel.pipeline 1); set model.compile: false")
-    if tp > 1:
-        _check_tensor(cfg, tp, stage)
+    reason = layout_refusal(cfg.model, world_size, tp, pp, stage)  # the training dtype: ds_config, once resolved
+    if reason is not None:
+        raise ConfigError(reason)
     if pp > 1:
-        _check_pipeline(cfg, pp, stage)
+        _check_pipeline_layers(cfg, pp)
     elif par.pipeline_layers is not None and par.pipeline_layers != [cfg.model.num_layers]:
         raise ConfigError("parallel.pipeline_layers is set but parallel.pipeline is 1")
     return Layout(world_size, tp, pp, world_size // (tp * pp))
 
 
-def _check_kv_heads(model, tp: int) -> None:
-    """Each tensor-parallel rank holds whole key/value heads with the query heads that share them (with
-    num_kv_heads == num_heads the num_heads check below says the same)."""
-    if model.kv_heads < model.num_heads and model.kv_heads % tp:
-        raise ConfigError(f"model.num_kv_heads ({model.kv_heads}) must be divisible by parallel.tensor ({tp}): "
-                          "each tensor-parallel rank holds whole key/value heads")
+def layout_refusal(model: ModelConfig, world_size: int, tensor: int, pipeline: int, zero_stage: int,
+                   dtype: Optional[str] = None) -> Optional[str]:
+    """Why training refuses `model` split tensor × pipeline on `world_size` ranks with this ZeRO stage (one line),
+    or None when it runs. The one rule both training (`resolve_layout`) and `megapile plan` apply, so plan never
+    lists a layout training refuses. `dtype` None: the training dtype is not resolved yet (its rule is
+    `precision_refusal`, which ds_config applies once it is)."""
+    return next(_refusals(model, world_size, tensor, pipeline, zero_stage, dtype), None)
 
 
-def _check_tensor(cfg: Config, tp: int, stage: int) -> None:
-    model = cfg.model
+def _refusals(model: ModelConfig, world: int, tp: int, pp: int, stage: int, dtype: Optional[str]) -> Iterator[str]:
+    """Every reason to refuse, in the order training reports them (lazily: the first is all that is asked for)."""
+    # grouped-query attention: no number of ranks splits key/value heads that tp does not divide; with
+    # num_kv_heads == num_heads the num_heads check below says the same
+    if tp > 1 and model.kv_heads < model.num_heads and model.kv_heads % tp:
+        yield (f"model.num_kv_heads ({model.kv_heads}) must be divisible by parallel.tensor ({tp}): "
+               "each tensor-parallel rank holds whole key/value heads")
+    if world % (tp * pp):
+        yield (f"parallel.tensor ({tp}) × parallel.pipeline ({pp}) = {tp * pp} does not divide "
+               f"the world size ({world})")
+    if tp > 1 and pp > 1 and stage != 1:
+        yield f"parallel.tensor > 1 with parallel.pipeline > 1 needs {ZERO_STAGE_KEY} 1, got {stage}"
+    if model.compile and (tp > 1 or pp > 1):
+        yield ("model.compile is supported with ZeRO data parallelism only (parallel.tensor and "
+               "parallel.pipeline 1); set model.compile: false")
+    if tp > 1:
+        yield from _tensor_refusals(model, tp, stage)
+    if pp > 1:
+        yield from _pipeline_refusals(model, pp, stage)
+    if dtype is not None:
+        reason = precision_refusal(pp, stage, dtype)
+        if reason is not None:
+            yield reason
+
+
+def _tensor_refusals(model: ModelConfig, tp: int, stage: int) -> Iterator[str]:
     if model.num_heads % tp:
-        raise ConfigError(f"model.num_heads ({model.num_heads}) must be divisible by parallel.tensor ({tp}): "
-                          "each tensor-parallel rank holds whole attention heads")
+        yield (f"model.num_heads ({model.num_heads}) must be divisible by parallel.tensor ({tp}): "
+               "each tensor-parallel rank holds whole attention heads")
     if model.ffn_size % tp:
-        raise ConfigError(f"the MLP width ({model.ffn_size}) must be divisible by parallel.tensor ({tp})")
+        yield f"the MLP width ({model.ffn_size}) must be divisible by parallel.tensor ({tp})"
     if stage not in TP_ZERO_STAGES:
-        raise ConfigError(f"parallel.tensor > 1 needs {ZERO_STAGE_KEY} 1 or 2, got {stage}")
+        yield f"parallel.tensor > 1 needs {ZERO_STAGE_KEY} 1 or 2, got {stage}"
 
 
-def _check_pipeline(cfg: Config, pp: int, stage: int) -> None:
-    model, split = cfg.model, cfg.parallel.pipeline_layers
+def _pipeline_refusals(model: ModelConfig, pp: int, stage: int) -> Iterator[str]:
     if stage not in PP_ZERO_STAGES:
-        raise ConfigError(f"parallel.pipeline > 1 needs {ZERO_STAGE_KEY} 0 or 1, got {stage}: DeepSpeed's "
-                          "pipeline engine does not support ZeRO-2/3")
+        yield (f"parallel.pipeline > 1 needs {ZERO_STAGE_KEY} 0 or 1, got {stage}: DeepSpeed's "
+               "pipeline engine does not support ZeRO-2/3")
     if model.num_layers < pp:
-        raise ConfigError(f"parallel.pipeline ({pp}) is more stages than model.num_layers ({model.num_layers})")
+        yield f"parallel.pipeline ({pp}) is more stages than model.num_layers ({model.num_layers})"
+
+
+def precision_refusal(pipeline: int, zero_stage: int, dtype: str) -> Optional[str]:
+    """The one layout rule that depends on the training dtype (without the source prefix ds_config adds)."""
+    if pipeline > 1 and zero_stage == 0 and dtype == "bf16":  # train.dtype auto is bf16 on GPUs
+        return ("parallel.pipeline > 1 in bf16 needs zero_optimization.stage 1 (parallel.zero_stage: 1): DeepSpeed's "
+                "ZeRO-0 pipeline cannot load its own bf16 checkpoints (it saves the bf16 optimizer's state as one "
+                "dict and loads it as a per-rank list)")
+    return None
+
+
+def _check_pipeline_layers(cfg: Config, pp: int) -> None:
+    model, split = cfg.model, cfg.parallel.pipeline_layers
     if split is not None and (len(split) != pp or any(n < 0 for n in split) or sum(split) != model.num_layers):
         raise ConfigError(f"parallel.pipeline_layers {split} must give {pp} non-negative block counts "
                           f"summing to model.num_layers ({model.num_layers})")

@@ -16,6 +16,9 @@ Memory per GPU = model states + activations, in bytes, for bf16 mixed precision 
   layer's working set during its recomputation. With a pipeline, the first stage keeps PP micro-batches
   in flight (1F1B). The last stage adds the fp32 logits of one micro-batch, s·b·V/TP × 4.
 - Fits when total × 1.1 (allocator fragmentation) + 1.5 GB (CUDA context, NCCL buffers) ≤ GPU memory.
+
+Only layouts that training accepts are listed (in bf16): the same rule, `parallel.layout.layout_refusal`, decides
+both (e.g. tensor parallelism takes ZeRO-1/2, a pipeline ZeRO-1 in bf16, both together ZeRO-1 only).
 """
 from __future__ import annotations
 
@@ -25,9 +28,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megapile.config import ConfigError, ModelConfig, load_config
+from megapile.parallel.layout import layout_refusal
 
 GB = 1e9
 _FRAGMENTATION, _CONTEXT_BYTES = 1.1, 1.5 * GB
+PLANNED_DTYPE = "bf16"  # what the memory model assumes, and what train.dtype auto gives on A100/H100
 
 
 @dataclass(frozen=True)
@@ -113,20 +118,20 @@ def estimate(m: ModelConfig, layout: Layout, seq_len: int) -> Estimate:
 
 
 def candidates(m: ModelConfig, gpus: int, gpus_per_node: int, global_batch: int, micros: list[int]) -> list[Layout]:
+    """Every layout training accepts for `m` on `gpus` GPUs (`layout_refusal`, the rule training applies), with
+    tensor parallelism inside a node and micro-batches that divide the global batch."""
     out = []
     for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or m.num_heads % tp or m.kv_heads % tp:
+        if tp > gpus_per_node:
             continue
         for pp in (1, 2, 4, 8, 16):
-            if pp > m.num_layers or gpus % (tp * pp):
-                continue
-            dp = gpus // (tp * pp)
-            for micro in micros:
-                if global_batch % (micro * dp):
+            for zero in (0, 1, 2, 3):
+                if layout_refusal(m, gpus, tp, pp, zero, PLANNED_DTYPE) is not None:
                     continue
-                for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):  # DeepSpeed pipelines take ZeRO-0/1 only
-                    for ckpt in (False, True):
-                        out.append(Layout(tp, pp, dp, zero, micro, ckpt))
+                dp = gpus // (tp * pp)
+                for micro in micros:
+                    if global_batch % (micro * dp) == 0:
+                        out.extend(Layout(tp, pp, dp, zero, micro, ckpt) for ckpt in (False, True))
     return out
 
 
