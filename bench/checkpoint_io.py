@@ -30,14 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megapile import checkpoint  # noqa: E402
-
-from megapile.runtime import distributed  # noqa: E402
 from megapile.checkpoint import collective, fragments, manifest, portable, slices  # noqa: E402
 from megapile.config import load_config  # noqa: E402
 from megapile.model import build_model  # noqa: E402
 from megapile.parallel.ds_config import resolve_ds_config  # noqa: E402
 from megapile.parallel.layout import Layout  # noqa: E402
 from megapile.parallel.parallelize import parallelize  # noqa: E402
+from megapile.runtime import distributed  # noqa: E402
 
 
 def raw_write(path: str, nbytes: int, chunk: int = 8 << 20) -> float:

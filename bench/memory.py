@@ -35,8 +35,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megapile.config import ModelConfig  # noqa: E402
 from train_throughput import PRESETS  # noqa: E402
+
+from megapile.config import ModelConfig  # noqa: E402
 
 OPTIONS = {
     "default": {},

@@ -61,12 +61,12 @@ def _config(args, stage: int, tensor: int, pipeline: int):
 def worker(args) -> None:
     import torch
 
-    from megapile.runtime import distributed
     from megapile.model import GPT, build_model
     from megapile.parallel.ds_config import resolve_ds_config
     from megapile.parallel.layout import resolve_layout
     from megapile.parallel.parallelize import parallelize
     from megapile.parallel.zero_init import build_partitioned
+    from megapile.runtime import distributed
 
     stage, tensor, pipeline = args.worker
     cfg = _config(args, stage, tensor, pipeline)

@@ -43,7 +43,6 @@ from torch.utils.checkpoint import checkpoint
 
 from megapile.config import ModelConfig
 
-
 # ----------------------------------------------------------------------------- rotary
 
 

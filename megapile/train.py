@@ -29,10 +29,6 @@ from typing import Optional
 
 import torch
 
-from megapile.runtime import distributed
-
-from megapile.reporting import progress
-from megapile.training.build import build
 from megapile.checkpoint import manager
 from megapile.checkpoint.manager import TrainingError
 from megapile.config import Config, ConfigError, load_config
@@ -42,9 +38,12 @@ from megapile.parallel.collectives import agree, mean_over_ranks
 from megapile.parallel.lagged_flag import LaggedFlag
 from megapile.parallel.parallelize import is_pipelined
 from megapile.parallel.step_guard import after_skipped_step
+from megapile.reporting import progress
+from megapile.runtime import distributed
 from megapile.runtime.process_exit import exit_now
-from megapile.training.run_state import Position, Run
 from megapile.runtime.signals import EXIT_CHECKPOINTED, StopFlag
+from megapile.training.build import build
+from megapile.training.run_state import Position, Run
 from megapile.training.spikes import Rollback, Verdict, first_sample_after_skips
 
 

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
+from harness import ROOT, run_ranks, start_each_rank, start_ranks, wait_for
+from train_helpers import DS, TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
 
 from megapile.checkpoint import find_resumable, list_complete, manifest, prune
 from megapile.config import CheckpointConfig
 from megapile.runtime.signals import EXIT_CHECKPOINTED
-from harness import ROOT, run_ranks, start_each_rank, start_ranks, wait_for
-from train_helpers import DS, TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
 
 
 def _overrides(preprocessed, tokenizer_path, run_dir, **extra):

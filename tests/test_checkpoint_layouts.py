@@ -21,13 +21,13 @@ import os
 
 import pytest
 import torch
+from harness import run_ranks
 from safetensors.torch import save_file
+from train_helpers import ROOT, TRAIN, read_metrics, small_run_overrides
 
 from megapile.checkpoint import manifest
 from megapile.checkpoint.collective import _writer
 from megapile.checkpoint.fragments import DIR, KINDS, Piece, Stored, write_index
-from harness import run_ranks
-from train_helpers import ROOT, TRAIN, read_metrics, small_run_overrides
 
 COMMON = dict(train__max_steps=5, checkpoint__every=3, train__eval_every=100, optim__decay_steps=5,
               model__dropout=0.0, model__pad_vocab_multiple=512, parallel__overlap_comm=False)

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import yaml
-
 from train_helpers import DS, ROOT, TRAIN, small_run_overrides
 
 

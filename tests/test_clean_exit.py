@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from train_helpers import ROOT, TRAIN, launch, small_run_overrides
 
 ABORT_AT_TEARDOWN = "import atexit, os, runpy, sys; atexit.register(os.abort); "

@@ -36,13 +36,13 @@ import re
 
 import pytest
 import torch
+from harness import run_ranks
+from train_helpers import ROOT, read_metrics, small_run_overrides
 
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ModelConfig
 from megapile.data.samples import build_samples
 from megapile.model import build_model
-from harness import run_ranks
-from train_helpers import ROOT, read_metrics, small_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 NAN_STEP = 5

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from train_helpers import ROOT
 
 

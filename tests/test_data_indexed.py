@@ -15,7 +15,8 @@ from megapile.data.indexed import IndexedDataset, IndexedDatasetWriter, token_dt
 def _megatron():
     with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": irrelevant here
         warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset as MDataset, IndexedDatasetBuilder
+        from megatron.core.datasets.indexed_dataset import IndexedDataset as MDataset
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     return MDataset, IndexedDatasetBuilder
 

@@ -99,7 +99,8 @@ def test_missing_tokenizer_and_empty_directory(tmp_path):
 
 
 def test_tokenizer_without_end_of_document_token(tmp_path):
-    from tokenizers import Tokenizer as Backend, models
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
 
     path = str(tmp_path / "t.json")
     Backend(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(path)

@@ -5,10 +5,10 @@ import subprocess
 import uuid
 
 import pytest
-
-from megapile.checkpoint import find_resumable, list_complete
 from harness import run_ranks
 from train_helpers import DS, TRAIN, read_metrics, small_run_overrides
+
+from megapile.checkpoint import find_resumable, list_complete
 
 
 @pytest.fixture

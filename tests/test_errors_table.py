@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from train_helpers import DS, ROOT, TRAIN, small_run_overrides
 
 from megapile.runtime.run_lock import RunLock
-from train_helpers import DS, ROOT, TRAIN, small_run_overrides
 
 TABLE = os.path.join(ROOT, "docs", "errors.md")
 

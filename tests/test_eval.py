@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from harness import run_command, run_ranks
+
 from megapile.config import ModelConfig
 from megapile.evaluation.evaluate import OVERALL, bits_per_byte, evaluate, rolling_windows
 from megapile.model import build_model

@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
-
 from faults.campaign import run_campaign
+from train_helpers import DS, launch, losses, small_run_overrides
+
 from megapile.checkpoint import find_resumable
 from megapile.checkpoint.portable import read_full_weights
-from train_helpers import DS, launch, losses, small_run_overrides
 
 
 def _overrides(preprocessed, tokenizer_path, run_dir):

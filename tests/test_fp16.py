@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaleConfig, LossScaleProfile, LossScaler
+from train_helpers import ROOT, read_metrics, small_run_overrides
 
 from megapile.parallel import loss_scale
-from train_helpers import ROOT, read_metrics, small_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "faults", "fp16_train.py")
 RESUMED = re.compile(r"rank 0 loss scale after resume: (\S+) dynamic (True|False)")

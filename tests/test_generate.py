@@ -14,7 +14,6 @@ from megapile.config import ModelConfig
 from megapile.evaluation.generate import generate, sample_next
 from megapile.model import KVCache, build_model
 
-
 ARCHS = ["neox", "gpt2", "llama", "qwen2"]
 
 

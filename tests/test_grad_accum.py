@@ -9,7 +9,6 @@ import os
 import re
 
 import pytest
-
 from harness import ROOT, start_each_rank
 
 

@@ -5,7 +5,6 @@ import time
 
 import psutil
 import pytest
-
 from harness import start_ranks, wait_for
 from train_helpers import DS, TRAIN, launch, read_metrics, small_run_overrides
 

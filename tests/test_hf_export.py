@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import launch, small_run_overrides
 
 from megapile.config import ConfigError, load_config
 from megapile.evaluation.generate import generate
 from megapile.hf.convert import HF_CLASS
 from megapile.hf.export import apply_init_from, load_model, write_hf_dir, write_tokenizer
-from train_helpers import launch, small_run_overrides
 
 TEXTS = ["The Pile is a large, diverse dataset for language modelling.", "def main():\n    return 0\n"]
 

@@ -11,7 +11,6 @@ import shutil
 import sys
 
 import pytest
-
 from harness import ROOT, free_port, process_env, run_command, start_command, wait_for
 from slurm_cluster import MISSING_HELP, SlurmCluster, missing_binaries
 from train_helpers import TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-
 from harness import ROOT, run_ranks, start_ranks, wait_for
 from train_helpers import DS, TRAIN, launch, read_metrics, small_run_overrides
 

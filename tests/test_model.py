@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 import transformers  # noqa: E402  (a test dependency: .[test])
 
 from megapile.config import ModelConfig  # noqa: E402

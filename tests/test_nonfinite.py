@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
+from harness import run_ranks
+from train_helpers import DS, ROOT, read_metrics, run_dir_of, small_run_overrides
 
 from megapile.checkpoint import list_complete
 from megapile.checkpoint.portable import read_full_weights
-from harness import run_ranks
-from train_helpers import DS, ROOT, read_metrics, run_dir_of, small_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 

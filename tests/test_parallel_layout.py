@@ -4,12 +4,12 @@ import subprocess
 import sys
 
 import pytest
+from train_helpers import ROOT, TRAIN, small_run_overrides
 
 from megapile.checkpoint.state_file import RunState
 from megapile.config import ConfigError, load_config
 from megapile.parallel.layout import Layout, check_same_layout, pad_vocab_for_tensor, resolve_layout
 from megapile.parallel.pipeline import explicit_parts, gpt_name
-from train_helpers import ROOT, TRAIN, small_run_overrides
 
 
 def _cfg(*overrides):

@@ -14,7 +14,6 @@ import os
 import sys
 
 import pytest
-
 from harness import run_ranks  # also when this file runs as the worker: its folder, tests/, is on sys.path
 
 HERE = os.path.abspath(__file__)

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from train_helpers import ROOT, assert_close, launch, losses, read_metrics, small_run_overrides
 
 

@@ -3,11 +3,11 @@ RESUMED_FROM_CONFIG): lowering optim.lr after instability works, from the very f
 import os
 
 import pytest
+from train_helpers import launch, read_metrics, small_run_overrides
 
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import load_config
 from megapile.training.optim import changed_at_resume, lr_factor
-from train_helpers import launch, read_metrics, small_run_overrides
 
 
 def _run(preprocessed, tokenizer_path, run_dir, **extra):

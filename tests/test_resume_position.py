@@ -5,9 +5,9 @@ import os
 
 import numpy as np
 import pytest
+from train_helpers import launch, read_metrics, small_run_overrides
 
 from megapile.checkpoint import list_complete
-from train_helpers import launch, read_metrics, small_run_overrides
 
 
 def _state(ckpt_dir, step):

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from faults.campaign import ROLLBACK_STAGES, kill_in_rollback, run_harness
+from train_helpers import losses, small_run_overrides
+
 from megapile.checkpoint import manager, manifest
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ConfigError
 from megapile.training.spikes import Rollback
-from train_helpers import losses, small_run_overrides
 
 SETTINGS = dict(train__spike__enabled=True, train__spike__min_steps=4, train__spike__window=16, train__eval_every=0,
                 train__spike__rollback_steps=4, train__max_steps=12, train__dtype="fp32", parallel__zero_stage=1,

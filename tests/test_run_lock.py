@@ -8,12 +8,12 @@ import socket
 import sys
 
 import pytest
+from harness import run_command, run_ranks, start_command, start_each_rank, start_ranks, wait_for
+from train_helpers import TRAIN, read_metrics, small_run_overrides
 
 from megapile.config import ConfigError
 from megapile.runtime.distributed import DistEnv
 from megapile.runtime.run_lock import LOCK_NAME, RunLock, take
-from harness import run_command, run_ranks, start_command, start_each_rank, start_ranks, wait_for
-from train_helpers import TRAIN, read_metrics, small_run_overrides
 
 ONE_RANK = DistEnv(0, 1, 0, "127.0.0.1", 29500, "single")
 # Takes the lock in a child process and waits to be killed

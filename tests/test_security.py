@@ -7,7 +7,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from train_helpers import ROOT, launch, small_run_overrides
 
 SECRET = "megapile0secret0do0not0print0abcdef012345"  # 40 characters, like a W&B key

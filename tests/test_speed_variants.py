@@ -7,10 +7,10 @@ bench/train_throughput.py and bench/memory.py, not here.
 """
 import pytest
 import torch
+from train_helpers import assert_close, launch, losses, small_run_overrides
 
 from megapile.config import ConfigError, ModelConfig, load_config
 from megapile.model import build_model, compile_blocks
-from train_helpers import assert_close, launch, losses, small_run_overrides
 
 SHAPE = dict(arch="neox", num_layers=4, hidden_size=64, num_heads=4, vocab_size=300, max_seq_len=64)
 

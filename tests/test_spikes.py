@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
+from harness import ROOT, run_ranks
+from train_helpers import read_metrics, run_dir_of, small_run_overrides
 
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ConfigError, SpikeConfig, load_config
 from megapile.training.spikes import SpikeDetector, Verdict, first_sample_after_skips, merge_ranges
-from harness import ROOT, run_ranks
-from train_helpers import read_metrics, run_dir_of, small_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 

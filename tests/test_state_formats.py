@@ -9,11 +9,11 @@ import os
 import shutil
 
 import pytest
+from train_helpers import launch, read_metrics
 
 from megapile.checkpoint import state_file, tools
 from megapile.checkpoint.state_file import FORMAT, STATE_FILE, RunState
 from megapile.config import ConfigError
-from train_helpers import launch, read_metrics
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "state_formats")
 FORMATS = range(1, FORMAT + 1)

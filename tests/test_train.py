@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from train_helpers import TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
 
 

@@ -22,12 +22,21 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from megapile.checkpoint import STATE_FILE, CheckpointError, Found, _replace_dir, _write_latest, manifest, prune
-from megapile.checkpoint import fragments, rng
+from megapile.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    Found,
+    _replace_dir,
+    _write_latest,
+    fragments,
+    manifest,
+    prune,
+    rng,
+)
 from megapile.checkpoint import slices as slices_access
 from megapile.config import CheckpointConfig, ConfigError
-from megapile.parallel import loss_scale
 from megapile.models import TensorPlan
+from megapile.parallel import loss_scale
 from megapile.parallel.layout import Layout
 
 

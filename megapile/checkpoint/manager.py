@@ -14,12 +14,12 @@ import torch
 
 import megapile
 from megapile import checkpoint
-from megapile.training import optim
 from megapile.checkpoint import collective, compat, fragments, manifest, portable, slices, state_file
 from megapile.checkpoint.rng import seed_everything
 from megapile.config import ConfigError
 from megapile.parallel.collectives import any_rank
 from megapile.parallel.layout import check_same_layout
+from megapile.training import optim
 from megapile.training.run_state import Position, Run
 from megapile.training.spikes import Rollback, merge_ranges
 

@@ -13,8 +13,16 @@ import sys
 
 from safetensors.torch import save_file
 
-from megapile.checkpoint import STATE_FILE, Found, carried_tokenizer, find_resumable, fragments, list_complete, manifest
-from megapile.checkpoint import state_file
+from megapile.checkpoint import (
+    STATE_FILE,
+    Found,
+    carried_tokenizer,
+    find_resumable,
+    fragments,
+    list_complete,
+    manifest,
+    state_file,
+)
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ConfigError
 

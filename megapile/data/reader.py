@@ -140,9 +140,9 @@ def _iter_blocks(path: str) -> Iterator[tuple[bytes, int]]:
                 while block := gz.read(_BLOCK_SIZE):
                     yield block, raw.tell()
             except EOFError:
-                raise _StreamError(raw.tell(), "truncated gzip stream (file ends before the end of data)")
+                raise _StreamError(raw.tell(), "truncated gzip stream (file ends before the end of data)") from None
             except (gzip.BadGzipFile, zlib.error, OSError) as e:
-                raise _StreamError(raw.tell(), f"corrupt gzip data ({e})")
+                raise _StreamError(raw.tell(), f"corrupt gzip data ({e})") from None
         else:
             yield from _iter_zstd_blocks(raw)
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import ast
 import gzip
+import hashlib
 import inspect
 import json
 import os
-import hashlib
 import re
 import sys
 import sysconfig

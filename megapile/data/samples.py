@@ -213,7 +213,8 @@ class PackedDataset:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             if not self._cache_warned:
-                warnings.warn(f"cannot cache the sample index in '{self.cache_dir}' ({e.strerror}); rebuilding it in memory")
+                warnings.warn(f"cannot cache the sample index in '{self.cache_dir}' ({e.strerror}); rebuilding it in memory",
+                              stacklevel=2)
                 self._cache_warned = True
 
     def samples(self, local: np.ndarray) -> np.ndarray:

@@ -22,7 +22,8 @@ import sys
 import tempfile
 from typing import Iterable, Optional, Sequence, Union
 
-from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from megapile.data import DataError
 from megapile.data.reader import JsonlSource

@@ -39,13 +39,13 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from megapile.runtime import distributed
 from megapile.data import DataError
 from megapile.data.indexed import IndexedDataset, dataset_exists
 from megapile.data.reader import JsonlSource
 from megapile.hf.export import ExportError, is_hf_dir, load_model
 from megapile.parallel.tensor_inference import groups as tensor_groups
 from megapile.reporting.progress import bar as progress_bar
+from megapile.runtime import distributed
 
 OVERALL = "overall"
 

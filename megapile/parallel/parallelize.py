@@ -21,11 +21,11 @@ from deepspeed.utils import groups
 
 from megapile.config import Config
 from megapile.model import GPT, Attention, compile_blocks, param_groups
-from megapile.training.optim import build_optimizer, build_scheduler
 from megapile.parallel.ds_config import optimizer_offloaded
 from megapile.parallel.layout import Layout
 from megapile.parallel.pipeline import build_pipeline
 from megapile.parallel.step_guard import guard_plain_step, needs_guard, without_clipping
+from megapile.training.optim import build_optimizer, build_scheduler
 
 
 @dataclass

@@ -141,6 +141,7 @@ def deepspeed_estimate_gb(m: ModelConfig, layout: Layout) -> Optional[float]:
         return None
     # lazy: deepspeed (with torch, ~2.5 s) only for these rows; `megapile plan` imports nothing heavy otherwise
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
     # lazy: as the line above
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 

@@ -40,7 +40,7 @@ def plot_runs(run_dirs: list[str], output: str) -> None:
             _line(ax, records, key, label)
         for key in components:
             _line(flat[4], records, key, key.split("/", 1)[1] + ("" if len(runs) == 1 else f" ({label})"))
-    for ax, (key, title) in zip(flat, panels + [("", "validation bits per byte, by component")]):
+    for ax, (_, title) in zip(flat, panels + [("", "validation bits per byte, by component")]):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -14,26 +14,23 @@ import torch
 import yaml
 
 from megapile import checkpoint
-
-from megapile.evaluation import component_eval
-
-from megapile.reporting import console
-
-from megapile.runtime import distributed, run_lock
 from megapile.checkpoint.rng import seed_everything
 from megapile.config import Config, ConfigError, DatasetSpec
 from megapile.data import DataError
 from megapile.data.loader import Batches
 from megapile.data.samples import build_samples
 from megapile.data.tokenizer import load_tokenizer
-from megapile.training.flops import peak_tflops
+from megapile.evaluation import component_eval
 from megapile.hf.export import apply_init_from
-from megapile.reporting.metrics import MetricsLogger
 from megapile.model import GPT, build_model
 from megapile.parallel.ds_config import precision_line, resolve_parallel
 from megapile.parallel.layout import Layout, pad_vocab_for_tensor
 from megapile.parallel.parallelize import TrainState, parallelize
 from megapile.parallel.zero_init import build_partitioned
+from megapile.reporting import console
+from megapile.reporting.metrics import MetricsLogger
+from megapile.runtime import distributed, run_lock
+from megapile.training.flops import peak_tflops
 from megapile.training.run_state import Run
 from megapile.training.spikes import PipelineJudge, SpikeDetector
 

@@ -9,10 +9,10 @@ import torch
 from megapile.checkpoint.state_file import RunState
 from megapile.config import Config
 from megapile.data.loader import Batches
-from megapile.runtime.distributed import DistEnv
-from megapile.reporting.metrics import MetricsLogger
 from megapile.parallel.layout import Layout
 from megapile.parallel.parallelize import TrainState
+from megapile.reporting.metrics import MetricsLogger
+from megapile.runtime.distributed import DistEnv
 from megapile.runtime.run_lock import RunLock
 from megapile.training.spikes import PipelineJudge, SpikeDetector, merge_ranges
 

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 import psutil
-
 from harness import ROOT, run_ranks, start_ranks, wait_for
 from train_helpers import TRAIN, run_dir_of
 
