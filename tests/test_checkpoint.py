@@ -25,7 +25,7 @@ def _overrides(preprocessed, tokenizer_path, run_dir, **extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1])  # ZeRO-2/3 (and every other layout) resume bit for bit in the matrix
 def test_resume_is_bit_identical(stage, tmp_path, preprocessed, tokenizer_path):
     straight = str(tmp_path / "straight")
     launch("torchrun", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, straight))

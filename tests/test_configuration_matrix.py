@@ -1,7 +1,6 @@
 """The same short training on 2 CPU ranks in every precision × dropout × layout megapile claims.
 
-    precision  fp32, bf16
-    dropout    0, 0.1
+    precision  fp32 (dropout 0.1), bf16 (dropout 0 and 0.1)
     layout     ZeRO-0, ZeRO-1, ZeRO-2, ZeRO-3 (data parallel 2); TP2 (ZeRO-1); PP2 (ZeRO-0 in fp32, ZeRO-1 in
                bf16: megapile refuses bf16 ZeRO-0 pipelines, whose checkpoints DeepSpeed cannot load)
 
@@ -57,7 +56,11 @@ LAYOUTS = {  # name: overrides; the DeepSpeed config is generated from them (no 
 }
 NPROC = {"tp2pp2": 4}
 REPLICATED = ("zero0", "zero1", "zero2", "tp2", "tp2pp2")  # tp2pp2: within each stage's tensor group
-CELLS = [(p, d, layout) for p in ("fp32", "bf16") for d in (0.0, 0.1) for layout in LAYOUTS if layout != "tp2pp2"]
+# fp32 runs with dropout 0.1 only: every check of a dropout-0 fp32 cell holds in its dropout-0.1 twin (bit-exact resume
+# with the dropout streams is the harder case), and the 1-rank fp32 resume at 1e-5 is tests/test_checkpoint_layouts.py's
+# (masters and moments too). bf16 keeps both: its dropout-0 cells' 1e-3 cross-layout resume is checked nowhere else.
+PRECISION_DROPOUT = (("fp32", 0.1), ("bf16", 0.0), ("bf16", 0.1))
+CELLS = [(p, d, layout) for p, d in PRECISION_DROPOUT for layout in LAYOUTS if layout != "tp2pp2"]
 CELLS.append(("fp32", 0.1, "tp2pp2"))
 
 

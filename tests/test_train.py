@@ -37,7 +37,8 @@ def test_single_process_run_logs_and_learns(tmp_path, preprocessed, tokenizer_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# ZeRO-1/2/3 on two ranks against one process: tests/test_launch.py (srun, mpirun, torchrun.sh, local.sh)
+@pytest.mark.parametrize("stage", [0])
 def test_zero_stage_on_two_ranks_matches_one_rank(stage, tmp_path, reference, preprocessed, tokenizer_path):
     run_dir = str(tmp_path / "run")
     launch("torchrun", 2, f"zero{stage}.json", small_run_overrides(preprocessed, tokenizer_path, run_dir))
@@ -67,19 +68,6 @@ def test_zero3_offload_runs_and_matches(tmp_path, reference, preprocessed, token
                                                                     checkpoint__resume=step5))
     assert [r["step"] for r in read_metrics(resumed)] == list(range(6, 11))
     assert_close(losses(resumed), losses(run_dir)[5:], rel=1e-6)
-
-
-@pytest.mark.slow
-def test_restart_resumes_from_latest_checkpoint(tmp_path, reference, preprocessed, tokenizer_path):
-    run_dir = str(tmp_path / "run")
-    launch("torchrun", 2, "zero1.json", small_run_overrides(
-        preprocessed, tokenizer_path, run_dir, train__max_steps=6, checkpoint__every=3, optim__decay_steps=10))
-    proc = launch("torchrun", 2, "zero1.json", small_run_overrides(
-        preprocessed, tokenizer_path, run_dir, optim__decay_steps=10))
-    assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
-    records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 11))
-    assert_close([r["loss"] for r in records], losses(reference), rel=1e-5)
 
 
 def _cli_error(args, tmp_path):
