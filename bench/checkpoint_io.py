@@ -103,7 +103,7 @@ def throughput(args) -> None:
         loads.append(time.perf_counter() - t)
         t = time.perf_counter()
         found = checkpoint.find_resumable(args.dir)
-        slices.load(engine, fragments.Stored(found.path), layout, 0, cfg.model.num_layers)
+        slices.load(engine, fragments.Stored(found.path), layout, 0, cfg.model.num_layers, cfg.model.family.tensor_plan)
         slice_loads.append(time.perf_counter() - t)
     final = os.path.join(args.dir, f"global_step{args.repeats}")
     size = manifest.total_bytes(final)
@@ -169,8 +169,10 @@ def reshard_memory(args) -> None:
     accessor = slices.holder(engine)
     held = slices.held(engine, layout, env.rank, cfg.model.num_layers, cfg.model.family.tensor_plan)
     shard_mb = sum(e - s for h in held if (span := accessor.span(h)) for s, e in [span]) * 12 / 1e6
-    new = _peak_extra_mb(lambda: slices.load(engine, fragments.Stored(path), layout, env.rank, cfg.model.num_layers))
-    old = _peak_extra_mb(lambda: slices.load(engine, _full_state(path), layout, env.rank, cfg.model.num_layers))
+    new = _peak_extra_mb(lambda: slices.load(engine, fragments.Stored(path), layout, env.rank, cfg.model.num_layers,
+                                                    cfg.model.family.tensor_plan))
+    old = _peak_extra_mb(lambda: slices.load(engine, _full_state(path), layout, env.rank, cfg.model.num_layers,
+                                                    cfg.model.family.tensor_plan))
     figures = [None] * env.world_size
     torch.distributed.all_gather_object(figures, (shard_mb, new, old))
     if env.rank == 0:

@@ -7,6 +7,7 @@ Samples [64, 80) spike (tests/faults/nan_train.py): steps 9 and 10 (patience 2) 
 first spike (skipped), so a restart that resumes it instead of completing the rollback trains one step fewer on
 different samples.
 """
+import dataclasses
 import json
 import os
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ import torch
 from faults.campaign import ROLLBACK_STAGES, kill_in_rollback, run_harness
 from train_helpers import losses, small_run_overrides
 
-from megapile.checkpoint import manager, manifest
+from megapile.checkpoint import manager, manifest, state_file
 from megapile.checkpoint.portable import read_full_weights
 from megapile.config import ConfigError
 from megapile.training.spikes import Rollback
@@ -56,7 +57,7 @@ def _fake_run(ckpt_dir, steps, messages):
         path = os.path.join(ckpt_dir, f"global_step{step}")
         os.makedirs(os.path.join(path, "portable"))
         with open(os.path.join(path, "megapile_state.json"), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump(state_file.write_form(dataclasses.asdict(state_file.RunState(step=step))), f)
         with open(os.path.join(path, "portable", "rank00000-0.safetensors"), "wb") as f:
             f.write(bytes(range(256)))
         manifest.write(path)

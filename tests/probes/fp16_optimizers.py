@@ -37,7 +37,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         full = {key: {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for key in KINDS}
         full["step"] = 7
-        slices.load(engine, portable.FullState(full), Layout(1, 1, 1, 1), 0, cfg.num_layers)
+        slices.load(engine, portable.FullState(full), Layout(1, 1, 1, 1), 0, cfg.num_layers, cfg.family.tensor_plan)
 
         accessor = slices.holder(engine)
         held = slices.held(engine, Layout(1, 1, 1, 1), 0, cfg.num_layers, cfg.family.tensor_plan)
