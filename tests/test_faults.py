@@ -19,7 +19,7 @@ def _overrides(preprocessed, tokenizer_path, run_dir):
 def _final_weights(run_dir):
     found = find_resumable(os.path.join(run_dir, "checkpoints"))
     assert found.step == 80
-    return read_full_weights(found.path, found.state["zero_stage"])
+    return read_full_weights(found.path, found.state.zero_stage)
 
 
 @pytest.mark.slow
