@@ -3,9 +3,7 @@ batches of prompts of different lengths against one at a time, sampling reproduc
 `--tensor-parallel 2` under torchrun writing what one process writes."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -156,18 +154,16 @@ def test_cli_empty_prompt_starts_a_new_document(hf_dirs, capsys):
     assert out == tok.decode(expected) + "\n" and expected
 
 
-def _generate_over_two_ranks(hf_dir: str, args: list[str]) -> subprocess.CompletedProcess:
-    from train_helpers import ROOT, free_port
+def _generate_over_two_ranks(hf_dir: str, args: list[str], logs) -> subprocess.CompletedProcess:
+    from harness import run_ranks
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "megapile.cli", "generate", "--tensor-parallel", "2", "--checkpoint", hf_dir, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run_ranks("torchrun", 2, ["-m", "megapile.cli", "generate", "--tensor-parallel", "2", "--checkpoint", hf_dir,
+                                     *args], logs, timeout=300, check=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", [[], ["--no-cache"]], ids=["cache", "no-cache"])
-def test_tensor_parallel_generate_writes_what_one_process_writes(hf_dirs, capsys, cache):
+def test_tensor_parallel_generate_writes_what_one_process_writes(hf_dirs, capsys, cache, tmp_path):
     """Qwen2 (grouped-query: 2 key/value heads, one per rank, with q/k/v biases) split over 2 gloo ranks: greedy
     tokens for a batch of prompts of different lengths, and seeded sampled tokens streamed for one prompt, are
     one process's, and only rank 0 prints. Each rank's cache holds its one key/value head (`GPT.kv_cache`)."""
@@ -182,7 +178,7 @@ def test_tensor_parallel_generate_writes_what_one_process_writes(hf_dirs, capsys
         assert main(["generate", "--checkpoint", hf_dirs["qwen2"], *args, *cache]) == 0
         expected = capsys.readouterr().out
         assert expected.count("\n") == (2 if name == "greedy" else 1) and len(expected) > 30, expected
-        proc = _generate_over_two_ranks(hf_dirs["qwen2"], args + cache)
+        proc = _generate_over_two_ranks(hf_dirs["qwen2"], args + cache, tmp_path / f"logs-{name}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.endswith(expected), (name, proc.stdout[-2000:], expected)
         assert proc.stdout.count(expected.splitlines()[0]) == 1, proc.stdout  # rank 1 printed nothing
