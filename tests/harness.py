@@ -112,6 +112,8 @@ class Background:
             raise AssertionError(f"still running after {timeout:g} s, killed: {self.describe()}") from None
         if check and self.proc.returncode != 0:
             raise AssertionError(self.describe())
+        if check and "terminate called" in self.stderr():  # a C++ teardown abort (tests/test_clean_exit.py), in any rank
+            raise AssertionError(f"a process aborted at teardown: {self.describe()}")
         return subprocess.CompletedProcess(self.argv, self.proc.returncode, self.stdout(), self.stderr())
 
     def __enter__(self) -> "Background":
