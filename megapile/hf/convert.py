@@ -63,11 +63,12 @@ def _our_names(cfg: ModelConfig) -> list[str]:
 def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> a state dict for the model built from `config_to_hf(cfg)`."""
     adapter = cfg.family.hf
-    unused = set(sd) - set(_our_names(cfg)) - {"head.weight"}
+    names = _our_names(cfg)  # one meta model, not one per use
+    unused = set(sd) - set(names) - {"head.weight"}
     if unused:
         raise KeyError(f"state dict has keys with no Hugging Face counterpart: {sorted(unused)}")
     out = {}
-    for name in _our_names(cfg):
+    for name in names:
         for hf, t in zip(adapter.hf_names(name), adapter.to_hf(cfg, name, sd[name]), strict=True):
             out[hf] = t.contiguous()
     out[HF_HEAD] = sd["embed.weight" if cfg.tie_embeddings else "head.weight"]

@@ -8,6 +8,7 @@ fields; none of them compares family names. A new family is one module in this p
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -84,7 +85,7 @@ ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
                "silu": "silu", "swish": "silu"}  # every HF name we read; the tanh ones agree to float rounding
 
 
-class HFAdapter:
+class HFAdapter(abc.ABC):
     """How one family is written in Hugging Face transformers: its classes, its config, its parameter names.
 
     Parameter names map module by module: `top` for modules outside the blocks, `layer` for the prefix of
@@ -103,13 +104,13 @@ class HFAdapter:
     # family's own tokenizer class instead): what to tell the user, else None.
     tokenizer_note: Optional[str] = None
 
+    @abc.abstractmethod
     def config_to_hf(self, cfg: "ModelConfig"):
         """A transformers config for the same model."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def config_from_hf(self, hf_config) -> dict[str, Any]:
         """ModelConfig fields for a transformers config of this family (raise ConfigError when unsupported)."""
-        raise NotImplementedError
 
     def hf_names(self, name: str) -> tuple[str, ...]:
         """The HF names of our parameter `name` (one, or the parts of a fused parameter). KeyError: none."""
