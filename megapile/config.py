@@ -237,6 +237,12 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: GPU table or measured CPU matmul
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
     collective_timeout_s: float = 600.0  # a rank that waits longer than this for the others fails the job
+    # A rank whose heartbeat (outside the training collectives) stops this long is named and every rank stops:
+    # a dead host or a lost network is found in about this time, not after collective_timeout_s
+    heartbeat_timeout_s: float = 60.0
+    # A rank whose forward passes take more than this many times the median rank's over a log window is named in the
+    # log (megapile/training/stragglers.py); 0: not measured
+    straggler_ratio: float = 1.5
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     # Global sample ranges [start, end) never trained: a step whose batch would overlap one starts after it instead.
     # A rollback adds its range to the run's list by itself (checkpoint state); this gives more from the start.
@@ -244,8 +250,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "eval_iters",
-                    "max_bad_steps", "collective_timeout_s"):
+                    "max_bad_steps", "collective_timeout_s", "heartbeat_timeout_s"):
             _check_positive(f"train.{key}", getattr(self, key))
+        if self.straggler_ratio != 0 and not self.straggler_ratio > 1:
+            raise ConfigError(f"train.straggler_ratio must be > 1 (or 0: off), got {self.straggler_ratio}")
         _check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("train.grad_accum_dtype", self.grad_accum_dtype, ("auto", "fp32", "bf16", "fp16"))
         for pair in self.skip_samples:

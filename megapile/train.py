@@ -24,6 +24,7 @@ import argparse
 import math
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,7 +40,7 @@ from megapile.parallel.lagged_flag import LaggedFlag
 from megapile.parallel.parallelize import is_pipelined
 from megapile.parallel.step_guard import after_skipped_step
 from megapile.reporting import progress
-from megapile.runtime import distributed
+from megapile.runtime import distributed, peers
 from megapile.runtime.process_exit import exit_now
 from megapile.runtime.signals import EXIT_CHECKPOINTED, StopFlag
 from megapile.training.build import build
@@ -66,15 +67,18 @@ def cli_main(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides + flags)
         env = distributed.detect(os.environ)
         summary = train(cfg, args.deepspeed_config, env)
+    except peers.PeerLost as e:
+        if e.reporter is None or e.reporter.claim():  # else the heartbeat has said it and is ending the process
+            print(f"megapile: error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, distributed.LaunchError, TrainingError) as e:
         print(f"megapile: error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:
+    except RuntimeError as e:  # a rank lost while the run was being built
         if not distributed.collective_failed(e):
             raise
-        print(f"megapile: error: a collective did not complete within train.collective_timeout_s="
-              f"{cfg.train.collective_timeout_s:g} s: another rank stopped responding or died; restart the job "
-              f"to resume from the last checkpoint ({' '.join(str(e).split())[:200]})", file=sys.stderr)
+        print(f"megapile: error: {peers.failure_line(None, 0, e, None, cfg.train.collective_timeout_s)}",
+              file=sys.stderr)
         return 1
     if env.is_main and summary.get("val_loss") is not None:
         print(f"final validation loss: {summary['val_loss']:.4f}")
@@ -97,10 +101,17 @@ def train(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
             start = manager.roll_back(run, summary["rollback"])  # train.spike: too many loss spikes
     except RuntimeError as e:
         healthy = not distributed.collective_failed(e)
-        raise
+        if healthy:
+            raise
+        beat = run.heartbeat
+        raise peers.PeerLost(peers.failure_line(run.peers, run.env.rank, e, beat.step if beat else 0,
+                                                cfg.train.collective_timeout_s), beat.reporter if beat else None) from None
     finally:
-        # In order: sinks and readers, the engine (ZeRO-3 hooks and threads), then the process group. Leaving
-        # them to interpreter teardown lets DeepSpeed's ZeRO-3 abort a finished process on CPU.
+        # In order: the heartbeat (before any rank may finish, so none is taken for dead), sinks and readers, the
+        # engine (ZeRO-3 hooks and threads), then the process group. Leaving them to interpreter teardown lets
+        # DeepSpeed's ZeRO-3 abort a finished process on CPU.
+        if run.heartbeat is not None and healthy:
+            run.heartbeat.stop()
         run.logger.close()
         run.close()
         if healthy:  # DeepSpeed's teardown may talk to the other ranks
@@ -131,6 +142,8 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
     loop_start = time.perf_counter()  # wall time of this start, evaluation and saving included: for the ETA
     for step in range(start.step, cfg.train.max_steps):
         step_start = time.perf_counter()
+        if run.heartbeat is not None:
+            run.heartbeat.step = step + 1  # named in the line if a rank is lost during it
         first_sample = first_sample_after_skips(position.sample_index, cfg.train.global_batch_size,
                                                 position.skip_samples)
         loss, grad_norm, skipped, verdict = train_step(run, first_sample)
@@ -259,6 +272,8 @@ def _record(run: Run, tally: _Tally, position: Position, grad_norm: Optional[flo
     }
     if tally.save_seconds is not None:
         record["save_seconds"], tally.save_seconds = tally.save_seconds, None
+    if run.stragglers is not None:  # the slowest rank's forward time over the median's, this window
+        record["straggler_ratio"] = run.stragglers.check(position.step - steps + 1, position.step, run.logger.message)
     tally.intervals.append((steps, elapsed))
     tally.losses, tally.seconds = [], 0.0
     return record
@@ -333,7 +348,8 @@ def _accumulated_step(run: Run, first_sample: int) -> tuple[torch.Tensor, Option
     engine = run.engine
     loss_sum, verdict = torch.zeros((), device=run.device), None
     for j, (x, y) in enumerate(run.batches.micro_batches(first_sample, run.device)):
-        loss = engine(x, targets=y)
+        with run.stragglers.timing() if run.stragglers is not None else nullcontext():
+            loss = engine(x, targets=y)
         loss_sum += loss.detach().float()
         if run.spikes is not None and j == run.accum - 1:
             verdict = run.spikes.judge(mean_over_ranks(loss_sum / run.accum, run.env.world_size))

@@ -117,7 +117,7 @@ case "$rc" in
         exit 0 ;;
     "$EXIT_CHECKPOINTED")
         rm -f "$crash_file"
-        echo "megapile: checkpoint saved; requeueing job ${SLURM_JOB_ID} (restart $((restart + 1)) will resume)" ;;
+        why="checkpoint saved" ;;
     *)
         crashes=$(( $(cat "$crash_file" 2>/dev/null || echo 0) + 1 ))
         echo "$crashes" > "$crash_file"
@@ -126,18 +126,20 @@ case "$rc" in
                  "(MEGAPILE_MAX_CRASHES=${MEGAPILE_MAX_CRASHES:-2}); see ${log_dir}/rank*.log" >&2
             exit "$rc"
         fi
-        echo "megapile: training failed with exit code ${rc} (crash ${crashes} in a row, at most" \
-             "${MEGAPILE_MAX_CRASHES:-2}); requeueing to resume from the last checkpoint" >&2 ;;
+        why="training failed with exit code ${rc} (crash ${crashes} in a row, at most ${MEGAPILE_MAX_CRASHES:-2})" ;;
 esac
 trap '' TERM   # requeueing ends this script's step with SIGTERM; the exit below is ours
 # Requeue only a running job: after `scancel` (state CANCELLED) the ranks saved and exited 75 too, and the
-# user wants the job gone; SLURM's own preemption requeue (state PREEMPTED/REQUEUED) needs no help.
+# user wants the job gone; when a node failed, SLURM is already ending the job (COMPLETING) and requeues it
+# itself (and its own preemption requeue needs no help). One line either way, said once the state is known.
 state="$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^JobState=//p')"
 if [ "$state" != "RUNNING" ]; then
-    echo "megapile: job ${SLURM_JOB_ID} is ${state:-gone}, not running: not requeueing (resubmit the same" \
-         "command to resume from the checkpoint)"
+    echo "megapile: ${why}; job ${SLURM_JOB_ID} is ${state:-gone}, not running, so this script does not requeue it" \
+         "(SLURM requeues a job it ends for a failed node by itself; otherwise resubmit the same command to" \
+         "resume from the checkpoint)" >&2
     exit "$rc"
 fi
+echo "megapile: ${why}; requeueing job ${SLURM_JOB_ID} (restart $((restart + 1)) will resume from the last checkpoint)"
 if ! scontrol requeue "$SLURM_JOB_ID"; then
     echo "megapile: scontrol requeue ${SLURM_JOB_ID} failed (was the job cancelled, or submitted with" \
          "--no-requeue?); resubmit the same command to resume" >&2

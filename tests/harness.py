@@ -1,7 +1,7 @@
 """The one way tests run processes: a script or module on N gloo ranks, or any command, in the foreground or the
 background, with a free port, a bounded time, a test environment, and the full output kept in files.
 
-    command(launcher, nproc, target)   argv for "python" (1 rank), "torchrun" or "deepspeed"; target is
+    command(launcher, nproc, target)   argv for "python" (1 rank), "torchrun" or "deepspeed" ("ranks": below); target is
                                        [script, *args] or ["-m", module, *args]; a function runs as a
                                        script's __main__ (tests/test_parallel_tensor.py), or as ["-c", code]
                                        under python / start_each_rank (tests/test_distributed_env.py)
@@ -11,6 +11,11 @@ background, with a free port, a bounded time, a test environment, and the full o
     start_each_rank(nproc, target, logs)   one plain process per rank with RANK/WORLD_SIZE set, as SLURM and
                                        mpirun start them: each rank's own output
     wait_for(predicate, proc, timeout, what)   poll until a state holds, the process ends, or the bound passes
+
+The launcher "ranks" starts each rank as a plain process with the rendezvous in its environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT): what torchrun hands its workers, without torchrun's own start-up (1.2 s of
+every run on 2 cores). Tests of something other than the launcher use it; tests/test_launch.py and
+tests/test_cluster/ run the launchers themselves.
 
 `logs` is a folder under the test's tmp_path: every process writes NAME-K.out and NAME-K.err there (K the next free
 number), so a failure's whole output is on disk and its tail in the assertion message. A test never sleeps to let
@@ -130,23 +135,89 @@ class Background:
             self.proc.wait()
 
 
+class RankGroup:
+    """The processes of one job started by the launcher "ranks", used like a Background: when one rank fails the
+    others are given GRACE_S to end on their own (they normally do within a second: their next collective fails),
+    then killed, as torchrun kills a failed job's workers. Its output is every rank's, rank 0 first."""
+
+    GRACE_S = 60.0
+
+    def __init__(self, nproc: int, target: list[str], logs, env: dict | None, cwd: str, stdin=None) -> None:
+        port = free_port()
+        self.argv = [sys.executable] + target
+        self.ranks = [Background(self.argv, logs, f"rank{rank}", {
+            **(env or {}), "RANK": rank, "WORLD_SIZE": nproc, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": nproc,
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, cwd, stdin) for rank in range(nproc)]
+        self.pid = self.ranks[0].pid
+        self._failed_at: float | None = None
+
+    def poll(self) -> int | None:
+        codes = [r.poll() for r in self.ranks]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed and None in codes:
+            self._failed_at = self._failed_at or time.monotonic()
+            if time.monotonic() - self._failed_at < self.GRACE_S:
+                return None
+            self.stop()
+            codes = [r.poll() for r in self.ranks]
+        if None in codes:
+            return None
+        return next((c for c in codes if c != 0), 0)
+
+    def stdout(self) -> str:
+        return "".join(r.stdout() for r in self.ranks)
+
+    def stderr(self) -> str:
+        return "".join(r.stderr() for r in self.ranks)
+
+    def describe(self) -> str:
+        return "\n".join(f"--- rank {k}: {r.describe()}" for k, r in enumerate(self.ranks))
+
+    def signal_group(self, sig: int) -> None:
+        for r in self.ranks:
+            r.signal_group(sig)
+
+    def finish(self, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"still running after {timeout:g} s, killed: {self.describe()}")
+            time.sleep(0.05)
+        if check and code != 0:
+            raise AssertionError(self.describe())
+        if check and "terminate called" in self.stderr():  # a C++ teardown abort (tests/test_clean_exit.py)
+            raise AssertionError(f"a process aborted at teardown: {self.describe()}")
+        return subprocess.CompletedProcess(self.argv, code, self.stdout(), self.stderr())
+
+    def __enter__(self) -> "RankGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for r in self.ranks:
+            r.stop()
+
+
 def start_command(argv: list[str], logs, name: str | None = None, env: dict | None = None, cwd: str = ROOT,
                   stdin=None) -> Background:
     return Background(argv, logs, name or os.path.basename(argv[0]), env, cwd, stdin)
 
 
 def start_ranks(launcher: str, nproc: int, target: list[str], logs, env: dict | None = None,
-                cwd: str = ROOT) -> Background:
+                cwd: str = ROOT) -> Background | RankGroup:
+    if launcher == "ranks":
+        return RankGroup(nproc, target, logs, env, cwd)
     return start_command(command(launcher, nproc, target), logs, launcher, env, cwd)
 
 
 def start_each_rank(nproc: int, target: list[str], logs, env: dict | None = None, cwd: str = ROOT,
                     stdin=None) -> list[Background]:
-    """One `python target` per rank, the rendezvous in the environment (as SLURM or mpirun provide it)."""
-    port = free_port()
-    return [start_command([sys.executable] + target, logs, f"rank{rank}", cwd=cwd, stdin=stdin, env={
-        **(env or {}), "RANK": rank, "WORLD_SIZE": nproc, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": port}) for rank in range(nproc)]
+    """One `python target` per rank, the rendezvous in the environment (as SLURM or mpirun provide it), each
+    watched on its own (a RankGroup watches them as one job)."""
+    return RankGroup(nproc, target, logs, env, cwd, stdin).ranks
 
 
 def run_command(argv: list[str], logs, timeout: float = 600, check: bool = True, name: str | None = None,
@@ -157,7 +228,7 @@ def run_command(argv: list[str], logs, timeout: float = 600, check: bool = True,
 
 def run_ranks(launcher: str, nproc: int, target: list[str], logs, timeout: float = 600, check: bool = True,
               env: dict | None = None, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    return run_command(command(launcher, nproc, target), logs, timeout, check, launcher, env, cwd)
+    return start_ranks(launcher, nproc, target, logs, env, cwd).finish(timeout, check)
 
 
 def wait_for(predicate: Callable[[], bool], proc: Background | None, timeout: float, what: str,

@@ -28,10 +28,10 @@ def _overrides(preprocessed, tokenizer_path, run_dir, **extra):
 @pytest.mark.parametrize("stage", [1])  # ZeRO-2/3 (and every other layout) resume bit for bit in the matrix
 def test_resume_is_bit_identical(stage, tmp_path, preprocessed, tokenizer_path):
     straight = str(tmp_path / "straight")
-    launch("torchrun", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, straight))
+    launch("ranks", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, straight))
     split = str(tmp_path / "split")
-    launch("torchrun", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, split, train__max_steps=4))
-    launch("torchrun", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, split))
+    launch("ranks", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, split, train__max_steps=4))
+    launch("ranks", 2, f"zero{stage}.json", _overrides(preprocessed, tokenizer_path, split))
     assert [r["step"] for r in read_metrics(split)] == list(range(1, 9))
     assert losses(split) == losses(straight)  # bit-identical, not merely close
     assert read_metrics(split)[-1]["val_loss"] == read_metrics(straight)[-1]["val_loss"]
@@ -180,7 +180,7 @@ def test_reshard_across_world_sizes_and_zero_stages(tmp_path, preprocessed, toke
     launch("python", 1, "zero1.json", _overrides(preprocessed, tokenizer_path, straight, model__dropout=0.0,
                                                   train__max_steps=10, optim__decay_steps=10))
     run_dir = str(tmp_path / "chain")
-    chain = [("torchrun", 2, "zero2.json", 3), ("python", 1, "zero3.json", 5), ("torchrun", 2, "zero1.json", 8),
+    chain = [("ranks", 2, "zero2.json", 3), ("python", 1, "zero3.json", 5), ("ranks", 2, "zero1.json", 8),
              ("python", 1, "zero0.json", 10)]
     for launcher, nproc, ds, steps in chain:
         proc = launch(launcher, nproc, ds, _overrides(preprocessed, tokenizer_path, run_dir, model__dropout=0.0,
@@ -233,9 +233,9 @@ def test_reshard_a_bf16_zero0_checkpoint_from_its_fp32_masters(tmp_path, preproc
 
     common = dict(model__dropout=0.0, train__max_steps=8, optim__decay_steps=8, train__dtype="bf16")
     straight = str(tmp_path / "straight")
-    launch("torchrun", 2, "zero0.json", _overrides(preprocessed, tokenizer_path, straight, **common))
+    launch("ranks", 2, "zero0.json", _overrides(preprocessed, tokenizer_path, straight, **common))
     run_dir = str(tmp_path / "run")
-    launch("torchrun", 2, "zero0.json", _overrides(preprocessed, tokenizer_path, run_dir,
+    launch("ranks", 2, "zero0.json", _overrides(preprocessed, tokenizer_path, run_dir,
                                                    **{**common, "train__max_steps": 4}))
     ckpt = os.path.join(run_dir, "checkpoints", "global_step4")
     with open(os.path.join(ckpt, "megapile_state.json")) as f:

@@ -50,7 +50,7 @@ TARGETS = {
 
 
 def _train(run_dir: str, ranks: int, overrides: dict, preprocessed: dict, tokenizer_path: str) -> str:
-    return run_ranks("torchrun", ranks, [TRAIN] + small_run_overrides(preprocessed, tokenizer_path, run_dir,
+    return run_ranks("ranks", ranks, [TRAIN] + small_run_overrides(preprocessed, tokenizer_path, run_dir,
                                                                       **{**COMMON, **overrides}),
                      run_dir + "-logs").stdout
 

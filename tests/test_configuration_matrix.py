@@ -69,7 +69,7 @@ CELLS.append(("fp32", 0.1, "tp2pp2"))
 
 
 def _train(run_dir, overrides, nproc=2):
-    return run_ranks("torchrun", nproc, [HARNESS] + overrides, run_dir + "-logs",
+    return run_ranks("ranks", nproc, [HARNESS] + overrides, run_dir + "-logs",
                      env={"MEGAPILE_NAN_STEPS": NAN_STEP, "MEGAPILE_REPLICAS": "1"})
 
 

@@ -24,7 +24,7 @@ def small_disk(tmp_path):
 def _train(run_dir, ckpt_dir, preprocessed, tokenizer_path, **extra):
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=6, checkpoint__every=2,
                                     checkpoint__dir=ckpt_dir, **extra)
-    return run_ranks("torchrun", 2, [TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")] + overrides,
+    return run_ranks("ranks", 2, [TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json")] + overrides,
                      run_dir + "-logs", check=False)  # fails on purpose: the tests read how
 
 

@@ -155,8 +155,8 @@ def test_two_ranks_equal_one_and_bf16_is_close(hf_dir, docs_jsonl, tmp_path):
     results = {}
     for nproc, dtype in ((1, "fp32"), (2, "fp32"), (2, "bf16")):
         out = str(tmp_path / f"r{nproc}{dtype}.json")
-        # torchrun for 1 rank too: the launcher is not what differs between the results
-        run_ranks("torchrun", nproc, ["-m", "megapile.cli", "eval", "--checkpoint", hf_dir, "--data", docs_jsonl,
+        # the same launcher for 1 rank too: it is not what differs between the results
+        run_ranks("ranks", nproc, ["-m", "megapile.cli", "eval", "--checkpoint", hf_dir, "--data", docs_jsonl,
                                       "--per-component", "--seq-len", "32", "--output", out, "--dtype", dtype],
                   tmp_path / "logs", timeout=300, env=_env())
         results[nproc, dtype] = json.load(open(out))

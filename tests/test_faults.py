@@ -25,7 +25,7 @@ def _final_weights(run_dir):
 @pytest.mark.slow
 def test_kill_campaign(tmp_path, preprocessed, tokenizer_path, capsys):
     straight = str(tmp_path / "straight")
-    launch("torchrun", 2, "zero1.json", _overrides(preprocessed, tokenizer_path, straight))
+    launch("ranks", 2, "zero1.json", _overrides(preprocessed, tokenizer_path, straight))
     run_dir = str(tmp_path / "faulty")
     report = run_campaign(10, os.path.join(DS, "zero1.json"), _overrides(preprocessed, tokenizer_path, run_dir),
                           run_dir, os.path.join(run_dir, "checkpoints"), seed=1)

@@ -1,6 +1,6 @@
 """Generation: the KV cache against full recomputation, greedy decoding against transformers' generate,
 batches of prompts of different lengths against one at a time, sampling reproducible by seed, the CLI, and
-`--tensor-parallel 2` under torchrun writing what one process writes."""
+`--tensor-parallel 2` on two ranks writing what one process writes."""
 from __future__ import annotations
 
 import subprocess
@@ -157,7 +157,7 @@ def test_cli_empty_prompt_starts_a_new_document(hf_dirs, capsys):
 def _generate_over_two_ranks(hf_dir: str, args: list[str], logs) -> subprocess.CompletedProcess:
     from harness import run_ranks
 
-    return run_ranks("torchrun", 2, ["-m", "megapile.cli", "generate", "--tensor-parallel", "2", "--checkpoint", hf_dir,
+    return run_ranks("ranks", 2, ["-m", "megapile.cli", "generate", "--tensor-parallel", "2", "--checkpoint", hf_dir,
                                      *args], logs, timeout=300, check=False)
 
 
@@ -180,7 +180,7 @@ def test_tensor_parallel_generate_writes_what_one_process_writes(hf_dirs, capsys
         assert expected.count("\n") == (2 if name == "greedy" else 1) and len(expected) > 30, expected
         proc = _generate_over_two_ranks(hf_dirs["qwen2"], args + cache, tmp_path / f"logs-{name}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.endswith(expected), (name, proc.stdout[-2000:], expected)
+        assert expected in proc.stdout, (name, proc.stdout[-2000:], expected)
         assert proc.stdout.count(expected.splitlines()[0]) == 1, proc.stdout  # rank 1 printed nothing
 
 

@@ -152,7 +152,7 @@ def test_export_from_parallel_checkpoints(layout, preprocessed, tokenizer_path, 
                  "llama-tp2": ("zero1.json", {"parallel__tensor": 2, "model__arch": "llama",
                                               **ARCH_OVERRIDES["llama"]})}[layout]
     arch = "llama" if layout.startswith("llama") else "neox"
-    ckpt = _train(preprocessed, tokenizer_path, tmp_path / "run", "torchrun", 2, ds, **extra)
+    ckpt = _train(preprocessed, tokenizer_path, tmp_path / "run", "ranks", 2, ds, **extra)
     out = str(tmp_path / "hf")
     _export(ckpt, out)
     _assert_same_model(ckpt, out, arch)

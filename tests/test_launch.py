@@ -172,7 +172,8 @@ def test_slurm_cancelled_job_saves_but_is_not_requeued(slurm, tmp_path, preproce
                                                              train__max_steps=STEPS))
     _wait_for_steps(slurm, job, run_dir, 3)
     slurm.run(["scancel", job])  # SIGTERM to the batch shell and every rank, as on preemption
-    wait_for(lambda: "not requeueing" in _batch_log(tmp_path, job), None, 60, '"not requeueing" in the batch log',
+    wait_for(lambda: "this script does not requeue it" in _batch_log(tmp_path, job), None, 60,
+             '"does not requeue" in the batch log',
              detail=lambda: _batch_log(tmp_path, job), every=0.5)
     info = slurm.wait_for(job, {"CANCELLED"}, timeout=60)  # a requeued job (PENDING) never gets there
     assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", info

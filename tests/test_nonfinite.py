@@ -14,7 +14,7 @@ HARNESS = os.path.join(ROOT, "tests", "faults", "nan_train.py")
 
 
 def _run(nproc, ds, overrides, nan_steps, **env):
-    return run_ranks("torchrun" if nproc > 1 else "python", nproc,
+    return run_ranks("ranks" if nproc > 1 else "python", nproc,
                      [HARNESS, "--deepspeed_config", os.path.join(DS, ds)] + overrides,
                      run_dir_of(overrides) + "-logs", check=False, env={"MEGAPILE_NAN_STEPS": nan_steps, **env})
 

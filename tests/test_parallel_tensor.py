@@ -7,7 +7,7 @@ ones, and each weight/bias gradient equals the matching slice of the dense gradi
 split block, by AutoTP or by a pipeline stage (`pipeline.shard_block`, TP × PP), draws from a generator of each
 tensor rank's own: peers start from the same process stream yet drop different probabilities in their own heads.
 
-Run as a test (the harness starts this file under torchrun) or directly:
+Run as a test (the harness starts this file on 2 ranks) or directly:
 torchrun --nproc_per_node 2 tests/test_parallel_tensor.py
 """
 import os
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["neox", "llama"])  # llama: 2 key/value heads (one per rank), SwiGLU, no biases
 def test_tensor_parallel_layers_equal_dense(arch, tmp_path):
-    proc = run_ranks("torchrun", 2, [HERE], tmp_path / "logs", timeout=300, env={"MEGAPILE_TEST_ARCH": arch})
+    proc = run_ranks("ranks", 2, [HERE], tmp_path / "logs", timeout=300, env={"MEGAPILE_TEST_ARCH": arch})
     for part in ("qkv column", "proj row", "attention", "mlp", "block", "autotp dropout", "stage dropout"):
         assert f"rank 0 {part}: ok" in proc.stdout and f"rank 1 {part}: ok" in proc.stdout, proc.stdout
 

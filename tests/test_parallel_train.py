@@ -23,7 +23,7 @@ def reference(tmp_path_factory, preprocessed, tokenizer_path):
 
 def _run(tmp_path, preprocessed, tokenizer_path, nproc, ds_config, **overrides):
     run_dir = str(tmp_path / "run")
-    proc = launch("torchrun", nproc, ds_config, small_run_overrides(preprocessed, tokenizer_path, run_dir, **overrides))
+    proc = launch("ranks", nproc, ds_config, small_run_overrides(preprocessed, tokenizer_path, run_dir, **overrides))
     return run_dir, proc
 
 
@@ -68,7 +68,7 @@ def test_resume_is_bit_exact_and_checkpoint_consolidates(tensor, pipeline, tmp_p
     TP2 × PP2 on 4 ranks only: TP2 and PP2 alone are checked the same ways by the configuration matrix (bit-exact
     resume, full weights scoring the run's loss, resume on 1 rank) and by the layouts test."""
     def run(run_dir, **extra):
-        return launch("torchrun", tensor * pipeline, "zero1.json", small_run_overrides(
+        return launch("ranks", tensor * pipeline, "zero1.json", small_run_overrides(
             preprocessed, tokenizer_path, run_dir, parallel__tensor=tensor, parallel__pipeline=pipeline,
             optim__decay_steps=10, **extra))
 

@@ -58,10 +58,10 @@ def test_resume_from_a_damaged_checkpoint_path_names_the_problem(tmp_path, prepr
 def test_a_changed_global_batch_goes_on_at_the_saved_sample_index(tmp_path, preprocessed, tokenizer_path):
     run_dir = str(tmp_path / "run")
     ckpt = os.path.join(run_dir, "checkpoints")
-    launch("torchrun", 2, "zero1.json", small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=4,
+    launch("ranks", 2, "zero1.json", small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=4,
                                                              checkpoint__every=4))
     assert _state(ckpt, 4)["sample_index"] == 4 * 8
-    proc = launch("torchrun", 2, "zero1.json", small_run_overrides(
+    proc = launch("ranks", 2, "zero1.json", small_run_overrides(
         preprocessed, tokenizer_path, run_dir, train__max_steps=8, train__global_batch_size=16, checkpoint__every=4))
     assert "train.global_batch_size changed from 8 to 16: the next step reads global samples from 32 on" in proc.stdout
     state = _state(ckpt, 8)

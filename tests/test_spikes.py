@@ -127,7 +127,7 @@ LAYOUTS = {"fp32-zero1": dict(train__dtype="fp32", parallel__zero_stage=1),
 
 
 def _train(overrides, env=None, check=True):
-    return run_ranks("torchrun", 2, [HARNESS] + overrides, run_dir_of(overrides) + "-logs", check=check,
+    return run_ranks("ranks", 2, [HARNESS] + overrides, run_dir_of(overrides) + "-logs", check=check,
                      env={"MEGAPILE_REPLICAS": "1", **(env or {})})
 
 

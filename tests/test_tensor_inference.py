@@ -70,14 +70,14 @@ def test_eval_splits_a_tp2_checkpoint_over_two_ranks_and_scores_as_one_process(t
     from train_helpers import launch, small_run_overrides
 
     run_dir = str(tmp_path / "tp2")
-    launch("torchrun", 2, "zero1.json", small_run_overrides(preprocessed, tokenizer_path, run_dir,
+    launch("ranks", 2, "zero1.json", small_run_overrides(preprocessed, tokenizer_path, run_dir,
                                                             train__max_steps=2, parallel__tensor=2))
     ckpt = os.path.join(run_dir, "checkpoints")
     data = os.path.join(sample_corpus, "val", "*.jsonl.zst")
     results = {}
     for nproc, tp, dtype in ((1, 1, "fp32"), (2, 2, "fp32"), (2, 2, "bf16")):
         out = str(tmp_path / f"tp{tp}{dtype}.json")
-        run_ranks("torchrun", nproc, ["-m", "megapile.cli", "eval", "--checkpoint", ckpt, "--data", data, "--max-docs",
+        run_ranks("ranks", nproc, ["-m", "megapile.cli", "eval", "--checkpoint", ckpt, "--data", data, "--max-docs",
                                       "6", "--seq-len", "32", "--tensor-parallel", str(tp), "--dtype", dtype,
                                       "--output", out, "--no-progress"], tmp_path / "logs", timeout=300)
         results[tp, dtype] = json.load(open(out))[OVERALL]

@@ -41,7 +41,7 @@ def test_single_process_run_logs_and_learns(tmp_path, preprocessed, tokenizer_pa
 @pytest.mark.parametrize("stage", [0])
 def test_zero_stage_on_two_ranks_matches_one_rank(stage, tmp_path, reference, preprocessed, tokenizer_path):
     run_dir = str(tmp_path / "run")
-    launch("torchrun", 2, f"zero{stage}.json", small_run_overrides(preprocessed, tokenizer_path, run_dir))
+    launch("ranks", 2, f"zero{stage}.json", small_run_overrides(preprocessed, tokenizer_path, run_dir))
     assert_close(losses(run_dir), losses(reference), rel=1e-5)
     assert read_metrics(run_dir)[-1]["val_loss"] == pytest.approx(read_metrics(reference)[-1]["val_loss"], rel=1e-5)
 
@@ -60,11 +60,11 @@ def test_zero3_offload_runs_and_matches(tmp_path, reference, preprocessed, token
     keeps beta^step as a running product, which a restarted process recomputes with pow (DeepSpeed's own
     checkpoint does not carry it either)."""
     run_dir, resumed = str(tmp_path / "run"), str(tmp_path / "resumed")
-    launch("torchrun", 2, "zero3_offload.json", small_run_overrides(preprocessed, tokenizer_path, run_dir,
+    launch("ranks", 2, "zero3_offload.json", small_run_overrides(preprocessed, tokenizer_path, run_dir,
                                                                     checkpoint__every=5))
     assert_close(losses(run_dir), losses(reference), rel=1e-4)
     step5 = os.path.join(run_dir, "checkpoints", "global_step5")
-    launch("torchrun", 2, "zero3_offload.json", small_run_overrides(preprocessed, tokenizer_path, resumed,
+    launch("ranks", 2, "zero3_offload.json", small_run_overrides(preprocessed, tokenizer_path, resumed,
                                                                     checkpoint__resume=step5))
     assert [r["step"] for r in read_metrics(resumed)] == list(range(6, 11))
     assert_close(losses(resumed), losses(run_dir)[5:], rel=1e-6)

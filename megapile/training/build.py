@@ -29,10 +29,12 @@ from megapile.parallel.parallelize import TrainState, parallelize
 from megapile.parallel.zero_init import build_partitioned
 from megapile.reporting import console
 from megapile.reporting.metrics import MetricsLogger
-from megapile.runtime import distributed, run_lock
+from megapile.runtime import distributed, heartbeat, run_lock
+from megapile.runtime import peers as peers_
 from megapile.training.flops import peak_tflops
 from megapile.training.run_state import Run
 from megapile.training.spikes import PipelineJudge, SpikeDetector
+from megapile.training.stragglers import StragglerWatch
 
 
 def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) -> Run:
@@ -52,8 +54,12 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
     checkpoint.check_writable(ckpt_dir, env.rank)  # on every rank, so no rank waits for one that gave up
 
     _start_processes(cfg, env, device)
-    lock = run_lock.take(cfg.logging.run_dir, env)  # before this run writes there; held until Run.close()
+    peers = _peers(env, device)
+    beat = heartbeat.start(peers, env.rank, env.master_addr, env.master_port, cfg.train.heartbeat_timeout_s,
+                           heartbeat.Reporter())
+    lock = None
     try:
+        lock = run_lock.take(cfg.logging.run_dir, env)  # before this run writes there; held until Run.close()
         seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
         batches, valid_batches, components = _build_data(cfg, layout, env)
         with torch.device("meta"):  # counted on a model that takes no memory (ZeRO-3's own holds only partitions)
@@ -79,10 +85,13 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
         spikes = SpikeDetector(cfg.train.spike) if cfg.train.spike.enabled else None
         return Run(cfg, env, device, layout, state, batches, valid_batches, logger, ckpt_dir, accum, flops_per_token,
                    peak, fingerprints, components, tokenizer_files, spikes,
-                   _pipeline_judge(state, spikes, layout, accum) if spikes and state.pipelined else None, lock)
+                   _pipeline_judge(state, spikes, layout, accum) if spikes and state.pipelined else None, lock,
+                   peers, beat, _stragglers(cfg, env, peers, device, state))
     except BaseException:  # a failed start-up leaves the directory to the next run at once
         if lock is not None:
             lock.release()
+        if beat is not None:
+            beat.stop()
         raise
 
 
@@ -105,6 +114,19 @@ def _start_processes(cfg: Config, env: distributed.DistEnv, device: torch.device
     with console.library_output(cfg.logging.verbose):  # DeepSpeed's "shm comm op built" line
         distributed.init(env, backend="nccl" if device.type == "cuda" else "gloo",
                          timeout_s=cfg.train.collective_timeout_s)
+
+
+def _peers(env: distributed.DistEnv, device: torch.device) -> peers_.Peers:
+    """Every rank's host, address, pid and device, for naming a rank in an error (megapile/runtime/peers.py)."""
+    return peers_.gather(peers_.me(env.rank, env.master_addr, env.master_port, str(device)), env.world_size)
+
+
+def _stragglers(cfg: Config, env: distributed.DistEnv, peers: peers_.Peers, device: torch.device,
+                state) -> Optional[StragglerWatch]:
+    """The straggler watch (megapile/training/stragglers.py), for data-parallel forward passes of more than one rank."""
+    if env.world_size == 1 or not cfg.train.straggler_ratio or state.pipelined:
+        return None
+    return StragglerWatch(peers, env.rank, cfg.train.straggler_ratio, device)
 
 
 def _build_data(cfg: Config, layout: Layout, env: distributed.DistEnv):

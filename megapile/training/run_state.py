@@ -13,8 +13,11 @@ from megapile.parallel.layout import Layout
 from megapile.parallel.parallelize import TrainState
 from megapile.reporting.metrics import MetricsLogger
 from megapile.runtime.distributed import DistEnv
+from megapile.runtime.heartbeat import Heartbeat
+from megapile.runtime.peers import Peers
 from megapile.runtime.run_lock import RunLock
 from megapile.training.spikes import PipelineJudge, SpikeDetector, merge_ranges
+from megapile.training.stragglers import StragglerWatch
 
 
 @dataclass
@@ -55,6 +58,9 @@ class Run:
     spikes: Optional[SpikeDetector] = None  # train.spike.enabled: the loss-spike detector (megapile/training/spikes.py)
     pipeline_judge: Optional[PipelineJudge] = None  # its judge inside a pipeline's loss function
     run_lock: Optional[RunLock] = None  # rank 0's: this run's exclusive hold on logging.run_dir
+    peers: Optional[Peers] = None  # every rank's host, address and pid: who a failed collective points at
+    heartbeat: Optional[Heartbeat] = None  # names a silent rank within train.heartbeat_timeout_s (world > 1)
+    stragglers: Optional[StragglerWatch] = None  # names a rank whose forward passes lag (train.straggler_ratio)
 
     @property
     def engine(self) -> Any:

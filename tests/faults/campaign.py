@@ -181,7 +181,7 @@ def _mtime(path: str) -> float:
 
 def run_harness(overrides: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
     """One 2-rank start of tests/faults/nan_train.py (megapile/train.py with faults injected by `env`)."""
-    return run_ranks("torchrun", 2, [HARNESS] + overrides, run_dir_of(overrides) + "-logs", check=check, env=env)
+    return run_ranks("ranks", 2, [HARNESS] + overrides, run_dir_of(overrides) + "-logs", check=check, env=env)
 
 
 def kill_in_rollback(stage: str, overrides: list[str], env: dict):
