@@ -1,10 +1,12 @@
-"""Shared, session-scoped data fixtures: a tiny corpus, a tokenizer trained on it, and its .bin/.idx.
+"""Shared fixtures: session-scoped data (a tiny corpus, a tokenizer trained on it, and its .bin/.idx), and a
+module-scoped simulated cluster.
 
     sample_corpus  directory from `megapile data sample --max-mb 1.5` (train/, val/, test/)
     tokenizer_path tokenizer.json: byte-level BPE, vocab 1024, trained on sample_corpus/train
     preprocessed   {"train": prefix, "valid": prefix}: sample_corpus train and val splits
+    cluster        tests/cluster's Cluster of node1 and node2, for cross-host launcher tests
 
-Built once per test session under tmp_path_factory in a few seconds, without torch.
+The data is built once per test session under tmp_path_factory in a few seconds, without torch.
 """
 from __future__ import annotations
 
@@ -45,3 +47,19 @@ def preprocessed(sample_corpus, tokenizer_path, tmp_path_factory) -> dict:
     for split, name in (("train", "train"), ("val", "valid")):
         preprocess(os.path.join(sample_corpus, split, "*.jsonl.zst"), tokenizer_path, prefixes[name], workers=1)
     return prefixes
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two simulated hosts, node1 and node2 (tests/cluster/): own network, hostname and sshd, shared filesystem.
+    Skipped only where namespaces cannot be made (not root); a missing tool fails, since CI installs them."""
+    from cluster import Cluster, missing_tools, no_namespaces
+
+    reason = no_namespaces()
+    if reason:
+        pytest.skip(reason)
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"the simulated cluster needs {', '.join(missing)}: .ci/run installs them")
+    with Cluster(nodes=2) as simulated:
+        yield simulated

@@ -1,8 +1,14 @@
-"""A real one-node SLURM cluster for tests: its own munged, slurmctld and slurmd in a fresh temp dir.
+"""A real SLURM cluster for tests: its own munged, slurmctld and slurmd in a fresh temp dir.
 
-    with SlurmCluster(cpus=2) as cluster:
+    with SlurmCluster(cpus=2) as cluster:                  # one node, "localhost"
         job = cluster.sbatch(["slurm/train.sh", ...], cwd=ROOT)
         cluster.wait_for(job, {"COMPLETED"}, timeout=120)
+
+    with SlurmCluster(cpus=1, nodes={"node1": ip1, "node2": ip2}, on_node=...) as cluster:   # several hosts
+
+With several nodes (tests/cluster/'s simulated hosts), `on_node(name, cwd)` is the argv prefix that runs a
+command on that host: slurmctld and the client commands (sbatch, scontrol ...) run on the first node, one
+slurmd on each; munged stays here, its socket reachable from every host through the shared filesystem.
 
 Every daemon runs in the foreground as a child of this process, writes a pid file, and is stopped by that
 pid in `stop()` (after every job is cancelled), so nothing outlives the test session and a second cluster
@@ -19,6 +25,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from typing import Callable
 
 from harness import free_port, wait_for
 
@@ -40,8 +47,12 @@ class SlurmError(RuntimeError):
 
 
 class SlurmCluster:
-    def __init__(self, cpus: int = 2, start_timeout: float = 60.0) -> None:
-        self.cpus = cpus
+    def __init__(self, cpus: int = 2, start_timeout: float = 60.0, nodes: dict[str, str] | None = None,
+                 on_node: Callable[[str, str | None], list[str]] | None = None) -> None:
+        self.cpus = cpus  # per node
+        self.nodes = nodes or {"localhost": "127.0.0.1"}  # name → address; the first one is the controller
+        self.on_node = on_node or (lambda name, cwd: [])
+        self.controller = next(iter(self.nodes))
         self.start_timeout = start_timeout
         self.root = tempfile.mkdtemp(prefix="megapile-slurm-")
         os.chmod(self.root, 0o755)  # munged runs as the munge user and must reach its own subfolder
@@ -68,28 +79,29 @@ class SlurmCluster:
             raise SlurmError(MISSING_HELP.format(names=", ".join(missing)))
         self._start_munge()
         self._write_conf()
-        for name, cmd in (("slurmctld", [_which("slurmctld"), "-D", "-f", self.conf]),
-                          ("slurmd", [_which("slurmd"), "-D", "-N", "localhost", "-f", self.conf])):
-            self._spawn(name, cmd)
+        self._spawn("slurmctld", self.on_node(self.controller, None) + [_which("slurmctld"), "-D", "-f", self.conf])
+        for node in self.nodes:
+            self._spawn(f"slurmd-{node}", self.on_node(node, None) + [_which("slurmd"), "-D", "-N", node, "-f", self.conf])
         state = [""]
 
         def idle() -> bool:
             self._check_alive()  # a daemon that died fails at once, with its output
             out = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
             state[0] = out.stdout.strip()
-            return out.returncode == 0 and state[0] in ("idle", "mixed")
+            states = state[0].split()
+            return out.returncode == 0 and len(states) == len(self.nodes) and set(states) <= {"idle", "mixed"}
 
-        wait_for(idle, None, self.start_timeout, "idle SLURM node",
+        wait_for(idle, None, self.start_timeout, "idle SLURM nodes",
                  detail=lambda: f"state {state[0]!r}; logs in {self.root}:\n{self.logs()}", every=0.25)
 
     def stop(self) -> None:
-        """Cancel every job, wait for them to end, then stop slurmd, slurmctld, munged by their pid files."""
+        """Cancel every job, wait for them to end, then stop the slurmds, slurmctld, munged by their pid files."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name], check=False)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and self.run(["squeue", "-h"], check=False).stdout.strip():
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [f"slurmd-{node}" for node in self.nodes] + ["slurmctld", "munged"]:
             pid, proc = self._pid(name), self.procs.get(name)
             if proc is not None:
                 proc.terminate()
@@ -106,8 +118,10 @@ class SlurmCluster:
 
     # -- using it -----------------------------------------------------------------------------------------
     def run(self, args: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        """A client command, on the controller's node."""
         env = dict(self.env, **kw.pop("env", {}))
-        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+        prefix = self.on_node(self.controller, kw.get("cwd"))
+        proc = subprocess.run(prefix + args, env=env, capture_output=True, text=True, timeout=timeout, **kw)
         if check and proc.returncode != 0:
             raise SlurmError(f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc
@@ -144,7 +158,7 @@ class SlurmCluster:
 
     def logs(self) -> str:
         parts = []
-        for name in ("munged", "slurmctld", "slurmd"):
+        for name in ["munged", "slurmctld"] + [f"slurmd-{node}" for node in self.nodes]:
             path = os.path.join(self.root, f"{name}.log")
             if os.path.exists(path):
                 with open(path, errors="replace") as f:
@@ -177,14 +191,15 @@ class SlurmCluster:
         wait_for(socket_made, None, 20, f"munge socket {self.munge_socket}", every=0.1)
 
     def _write_conf(self) -> None:
-        for sub in ("state", "spool", "log"):
+        for sub in ["state", "log"] + [os.path.join("spool", node) for node in self.nodes]:
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         self.pid_files["slurmctld"] = os.path.join(self.root, "slurmctld.pid")
-        self.pid_files["slurmd"] = os.path.join(self.root, "slurmd.pid")
+        for node in self.nodes:  # %n: each slurmd's own name (-N), so several share one folder
+            self.pid_files[f"slurmd-{node}"] = os.path.join(self.root, f"slurmd-{node}.pid")
         user = pwd.getpwuid(os.getuid()).pw_name
         lines = [
             "ClusterName=megapile-test",
-            "SlurmctldHost=localhost(127.0.0.1)",
+            f"SlurmctldHost={self.controller}({self.nodes[self.controller]})",
             f"SlurmctldPort={free_port()}",
             f"SlurmdPort={free_port()}",
             f"SlurmUser={user}",
@@ -193,11 +208,11 @@ class SlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={self.root}/state",
-            f"SlurmdSpoolDir={self.root}/spool",
+            f"SlurmdSpoolDir={self.root}/spool/%n",
             f"SlurmctldPidFile={self.pid_files['slurmctld']}",
-            f"SlurmdPidFile={self.pid_files['slurmd']}",
+            f"SlurmdPidFile={self.root}/slurmd-%n.pid",
             f"SlurmctldLogFile={self.root}/slurmctld.log",
-            f"SlurmdLogFile={self.root}/slurmd.log",
+            f"SlurmdLogFile={self.root}/slurmd-%n.log",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -214,8 +229,8 @@ class SlurmCluster:
             "MinJobAge=300",
             "MailProg=/bin/true",
             "MpiDefault=none",
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
-            "PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
+        ] + [f"NodeName={node} NodeAddr={addr} CPUs={self.cpus} State=UNKNOWN" for node, addr in self.nodes.items()] + [
+            f"PartitionName=cpu Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         ]
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")

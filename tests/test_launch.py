@@ -82,7 +82,7 @@ def test_a_second_cluster_starts_clean_and_stops_every_daemon(slurm):
     """CI may start the fixture more than once: fresh dirs and ports, and nothing left running after stop()."""
     with SlurmCluster(cpus=1) as second:
         assert second.root != slurm.root
-        pids = [p.pid for p in second.procs.values()] + [second._pid(n) for n in ("munged", "slurmctld", "slurmd")]
+        pids = [p.pid for p in second.procs.values()] + [second._pid(n) for n in second.procs]
         job = second.run(["sbatch", "--parsable", "--wait", f"--output={second.root}/%j.out", "--wrap", "true"],
                          cwd=second.root).stdout.strip()
         assert second.job(job)["JobState"] == "COMPLETED"
