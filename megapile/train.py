@@ -41,7 +41,7 @@ from megapile.parallel.parallelize import is_pipelined
 from megapile.parallel.step_guard import after_skipped_step
 from megapile.reporting import progress
 from megapile.runtime import distributed, peers
-from megapile.runtime.process_exit import exit_now
+from megapile.runtime.process_exit import exit_now, say_error
 from megapile.runtime.signals import EXIT_CHECKPOINTED, StopFlag
 from megapile.training.build import build
 from megapile.training.run_state import Position, Run
@@ -69,16 +69,15 @@ def cli_main(args: argparse.Namespace) -> int:
         summary = train(cfg, args.deepspeed_config, env)
     except peers.PeerLost as e:
         if e.reporter is None or e.reporter.claim():  # else the heartbeat has said it and is ending the process
-            print(f"megapile: error: {e}", file=sys.stderr)
+            say_error(f"megapile: error: {e}")
         return 1
     except (ConfigError, distributed.LaunchError, TrainingError) as e:
-        print(f"megapile: error: {e}", file=sys.stderr)
+        say_error(f"megapile: error: {e}")
         return 1
     except RuntimeError as e:  # a rank lost while the run was being built
         if not distributed.collective_failed(e):
             raise
-        print(f"megapile: error: {peers.failure_line(None, 0, e, None, cfg.train.collective_timeout_s)}",
-              file=sys.stderr)
+        say_error(f"megapile: error: {peers.failure_line(None, 0, e, None, cfg.train.collective_timeout_s)}")
         return 1
     if env.is_main and summary.get("val_loss") is not None:
         print(f"final validation loss: {summary['val_loss']:.4f}")

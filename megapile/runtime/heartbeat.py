@@ -22,6 +22,7 @@ import time
 from typing import Callable, Optional
 
 from megapile.runtime.peers import Peers
+from megapile.runtime.process_exit import say_error
 
 EXIT_PEER_LOST = 1  # like any failed rank: a launcher or SLURM sees a failure, and the same command resumes
 
@@ -149,7 +150,7 @@ class Heartbeat:
 
 def _print_and_exit(line: str) -> None:
     """Not process_exit.exit_now: MPI_Finalize may wait for the lost rank; the main thread is stuck in a collective."""
-    print(line, file=sys.stderr, flush=True)
+    say_error(line)
     sys.stdout.flush()
     os._exit(EXIT_PEER_LOST)
 

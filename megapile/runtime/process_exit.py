@@ -9,9 +9,11 @@ is flushed and closed here, then the process leaves without running C++ static d
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 
 
 def exit_now(code: int) -> None:
@@ -31,3 +33,17 @@ def exit_now(code: int) -> None:
         except (OSError, ValueError):  # a closed pipe or stream: nothing left to say there
             pass
     os._exit(int(code))
+
+
+def say_error(line: str) -> None:
+    """Print a one-line error to stderr, and hand it to torchrun when it started this process: torchrun's own
+    report of the failed job (printed after ours) then shows this line as the root cause, where it would say
+    "error_file: <N/A>" and point at its docs (torch.distributed.elastic reads TORCHELASTIC_ERROR_FILE)."""
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the report only loses our line; the error itself is printed above
