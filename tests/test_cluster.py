@@ -154,24 +154,67 @@ def slurm(cluster):
         yield on_two_hosts
 
 
-@pytest.mark.slow
-def test_sbatch_on_two_hosts_matches_one_process(slurm, reference, tmp_path, preprocessed, tokenizer_path):
-    """slurm/train.sh as users submit it, one rank on each node: srun starts the rank on node2 through its slurmd,
-    MASTER_ADDR is the allocation's first host."""
+SLURM_STEPS = 20  # long enough for a signal after step 3 to stop the job well before its end
+
+
+def _sbatch_train(slurm, tmp_path, run_dir, preprocessed, tokenizer_path) -> str:
+    """slurm/train.sh as users submit it, one rank on each node; returns the job id."""
+    overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=SLURM_STEPS,
+                                    optim__decay_steps=STEPS)  # its first STEPS steps are the reference's
+    return slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+                         f"--output={tmp_path}/%x-%j.out", os.path.join(ROOT, "slurm", "train.sh"),
+                         "configs/tiny.yaml", os.path.join(DS, "zero2.json"), *overrides],
+                        cwd=ROOT, env=process_env(_env(MEGAPILE_LOG_DIR=str(tmp_path / "logs"))))
+
+
+def _slurm_log(tmp_path, job, rank=None) -> str:
+    path = tmp_path / f"megapile-{job}.out" if rank is None else tmp_path / "logs" / f"megapile-{job}" / f"rank{rank}.log"
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def sbatch_uninterrupted(slurm, tmp_path_factory, preprocessed, tokenizer_path):
+    tmp_path = tmp_path_factory.mktemp("sbatch_two_hosts")
     run_dir = str(tmp_path / "run")
-    job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-                        f"--output={tmp_path}/%x-%j.out", os.path.join(ROOT, "slurm", "train.sh"),
-                        "configs/tiny.yaml", os.path.join(DS, "zero2.json"),
-                        *_overrides(preprocessed, tokenizer_path, run_dir)],
-                       cwd=ROOT, env=process_env(_env(MEGAPILE_LOG_DIR=str(tmp_path / "logs"))))
-    info = slurm.wait_for(job, {"COMPLETED"}, timeout=RUN_S)
+    job = _sbatch_train(slurm, tmp_path, run_dir, preprocessed, tokenizer_path)
+    return {"job": job, "info": slurm.wait_for(job, {"COMPLETED"}, timeout=RUN_S), "tmp": tmp_path,
+            "run_dir": run_dir}
+
+
+@pytest.mark.slow
+def test_sbatch_on_two_hosts_matches_one_process(sbatch_uninterrupted, reference):
+    """srun starts the rank on node2 through its slurmd; MASTER_ADDR is the allocation's first host."""
+    job, info, tmp_path = sbatch_uninterrupted["job"], sbatch_uninterrupted["info"], sbatch_uninterrupted["tmp"]
     assert info["ExitCode"] == "0:0" and info["NodeList"] == "node[1-2]", info
-    with open(tmp_path / f"megapile-{job}.out") as f:
-        assert "2 node(s) × 1 process(es) = world 2, master node1:" in f.read()
+    assert "2 node(s) × 1 process(es) = world 2, master node1:" in _slurm_log(tmp_path, job)
     for rank, host in ((0, "node1"), (1, "node2")):
-        with open(tmp_path / "logs" / f"megapile-{job}" / f"rank{rank}.log") as f:
-            assert f"rank {rank}/2 on {host}" in f.read()
-    assert_close(losses(run_dir), reference, rel=1e-5)
+        assert f"rank {rank}/2 on {host}" in _slurm_log(tmp_path, job, rank)
+    assert_close(losses(sbatch_uninterrupted["run_dir"])[:STEPS], reference, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sbatch_on_two_hosts_signal_checkpoints_requeues_and_resumes_bit_for_bit(slurm, sbatch_uninterrupted, tmp_path,
+                                                                                 preprocessed, tokenizer_path):
+    """The time limit's USR1 (`--signal=B:USR1@N`) mid-run: srun forwards it to the ranks on both hosts, they save
+    to the shared filesystem and exit 75, the script requeues the job, and the job's second start (again on node1
+    and node2) resumes and finishes with every step once and the uninterrupted job's losses, bit for bit."""
+    run_dir = str(tmp_path / "run")
+    job = _sbatch_train(slurm, tmp_path, run_dir, preprocessed, tokenizer_path)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    wait_for(lambda: os.path.exists(metrics) and len(read_metrics(run_dir)) >= 3, None, RUN_S, "3 logged steps",
+             detail=lambda: f"{slurm.job(job)}", every=0.2)
+    slurm.run(["scancel", "--batch", "--signal=USR1", job])  # what SLURM sends N s before the time limit
+    info = slurm.wait_for(job, {"COMPLETED"}, timeout=RUN_S, since_restart=1)
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0" and info["NodeList"] == "node[1-2]", info
+    batch = _slurm_log(tmp_path, job)
+    assert "USR1 received" in batch and "checkpoint saved; requeueing" in batch and "restart 1," in batch
+    rank0, rank1 = _slurm_log(tmp_path, job, 0), _slurm_log(tmp_path, job, 1)
+    assert "stopped by SIGUSR1" in rank0 and "restart 1 rank 1/2 on node2" in rank1
+    resumed_at = int(rank0.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert 3 <= resumed_at < SLURM_STEPS, resumed_at
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, SLURM_STEPS + 1))
+    assert losses(run_dir) == losses(sbatch_uninterrupted["run_dir"])
 
 
 # -- faults across hosts: a node killed, a link gone silent ---------------------------------------------------

@@ -17,9 +17,11 @@ one resume of its step-3 checkpoint, and checks:
   bit-equal across those ranks; ZeRO-3 partitions everything and PP2's two stages hold different layers,
   so there nothing is replicated to compare;
 - the resume reproduces steps 4-6 bit for bit (the RNG streams and the data position are in the checkpoint);
-- every layout: the step-3 checkpoint resumed on 1 rank at ZeRO-0 trains steps 4-6 as the straight run did
-  (losses at steps 4 and 6: 1e-5 relative in fp32, 1e-3 in bf16, 2e-2 with dropout, whose per-rank streams are
-  reseeded on a new layout); tests/test_checkpoint_layouts.py covers the other source × target layouts;
+- bf16, every layout: the step-3 checkpoint resumed on 1 rank at ZeRO-0 trains steps 4-6 as the straight run did
+  (losses at steps 4 and 6: 1e-3 relative, 2e-2 with dropout, whose per-rank streams are reseeded on a new
+  layout); in fp32 tests/test_checkpoint_layouts.py does it from ZeRO-1/2/3, TP2, PP2, TP2×PP2 at 1e-5 (and
+  tests/test_checkpoint.py reshards ZeRO-0 across world sizes), with the other source
+  × target layouts;
 - the step-3 checkpoint, read as full fp32 weights into one plain process (the reshard/consolidate path),
   scores the validation batches as the run did at step 3: 1e-5 relative in fp32; bf16 evaluates with bf16
   weights, the full weights are the fp32 masters, so 2e-2.
@@ -135,15 +137,18 @@ def test_cell(precision, dropout, layout, tmp_path, preprocessed, tokenizer_path
     # step 4 tests the weights, step 6 (after the NaN step 5 is skipped there too) the moments, step count and
     # schedule of step 4's update. Without dropout the same numbers up to summation order (bf16: its rounding);
     # with it, close only: the per-rank dropout streams are reseeded on a new layout.
-    one = str(tmp_path / "one")
-    single = {k: v for k, v in settings.items() if not k.startswith("parallel__")}  # 1 rank, no TP/PP, ZeRO-0
-    _train(one, small_run_overrides(preprocessed, tokenizer_path, one, checkpoint__resume=step3,
-                                    parallel__zero_stage=0, **single), nproc=1)
-    records_one = read_metrics(one)
-    assert [r["step"] for r in records_one] == [4, 5, 6] and records_one[1]["skipped_steps"] == 1
-    rel = 2e-2 if dropout else 1e-5 if precision == "fp32" else 1e-3
-    for mine, theirs in ((records_one[0], records[3]), (records_one[2], records[5])):
-        assert mine["loss"] == pytest.approx(theirs["loss"], rel=rel), (precision, dropout, mine, theirs)
+    # fp32: tests/test_checkpoint_layouts.py resumes every sharded layout on 1 rank at 1e-5 (dropout 0), a tighter
+    # check than 2e-2 here with dropout; bf16 is only checked here.
+    if precision != "fp32":
+        one = str(tmp_path / "one")
+        single = {k: v for k, v in settings.items() if not k.startswith("parallel__")}  # 1 rank, no TP/PP, ZeRO-0
+        _train(one, small_run_overrides(preprocessed, tokenizer_path, one, checkpoint__resume=step3,
+                                        parallel__zero_stage=0, **single), nproc=1)
+        records_one = read_metrics(one)
+        assert [r["step"] for r in records_one] == [4, 5, 6] and records_one[1]["skipped_steps"] == 1
+        rel = 2e-2 if dropout else 1e-3
+        for mine, theirs in ((records_one[0], records[3]), (records_one[2], records[5])):
+            assert mine["loss"] == pytest.approx(theirs["loss"], rel=rel), (precision, dropout, mine, theirs)
 
     # the checkpoint as full fp32 weights in one plain process scores what the run scored at step 3
     val = records[2]["val_loss"]
