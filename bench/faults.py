@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,20 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
+import bench_data  # noqa: E402  (beside this script)
 from faults.campaign import run_campaign, target  # noqa: E402
 from harness import run_ranks  # noqa: E402
-
-
-def _data(work: str) -> tuple[str, str]:
-    """A small corpus, tokenizer and .bin/.idx built with the megapile CLI."""
-    run = lambda *args: subprocess.run(["megapile", *args], check=True, capture_output=True)  # noqa: E731
-    run("data", "sample", f"{work}/corpus", "--max-mb", "2")
-    run("tokenizer", "train", "--input", f"{work}/corpus/train/*.jsonl.zst", "--vocab-size", "1024",
-        "--output", f"{work}/tokenizer.json")
-    for split in ("train", "val"):
-        run("preprocess", "--input", f"{work}/corpus/{split}/*.jsonl.zst", "--tokenizer", f"{work}/tokenizer.json",
-            "--output-prefix", f"{work}/pile_{split}", "--no-progress")
-    return f"{work}/pile", f"{work}/tokenizer.json"
 
 
 def main() -> None:
@@ -41,7 +29,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="megapile_faults_")
-    prefix, tok = _data(work)
+    prefix, tok = bench_data.build(work)
     from train_helpers import small_run_overrides
 
     def overrides(run_dir):

@@ -5,12 +5,14 @@ with mpi4py choosing the master, and `sbatch --nodes 2 slurm/train.sh` on a SLUR
 Every run must give the per-step losses of one process; a run stopped after HALF steps and resumed to STEPS
 gives the losses of the uninterrupted cross-host run, bit for bit.
 """
+import glob
 import os
 import re
 import sys
 import time
 
 import pytest
+from cluster import torchrun
 from harness import ROOT, free_port, process_env, wait_for
 from slurm_cluster import SlurmCluster, missing_binaries
 from train_helpers import TRAIN, assert_close, launch, losses, read_metrics, small_run_overrides
@@ -32,9 +34,16 @@ def _env(**extra) -> dict:
 
 
 def _overrides(preprocessed, tokenizer_path, run_dir, steps=STEPS) -> list[str]:
-    """The decay is fixed at STEPS, so a run of HALF steps is the first half of one of STEPS."""
+    """The decay is fixed at STEPS, so a run of HALF steps is the first half of one of STEPS. wandb on (offline)."""
     return small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=steps,
-                               optim__decay_steps=STEPS)
+                               optim__decay_steps=STEPS, logging__wandb=True)
+
+
+def _assert_one_wandb_run(run_dir: str, starts: int) -> None:
+    """One wandb run however many starts and ranks: rank 0 alone logs, each start resumes the run's id."""
+    run_id = open(os.path.join(run_dir, "wandb_run_id")).read().strip()
+    runs = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
+    assert len(runs) == starts and all(r.endswith("-" + run_id) for r in runs), (run_id, runs)
 
 
 def _train(ds_config: str, overrides: list[str]) -> list[str]:
@@ -42,25 +51,7 @@ def _train(ds_config: str, overrides: list[str]) -> list[str]:
 
 
 def _torchrun_on_both(cluster, rendezvous, target, logs) -> dict:
-    """torchrun on node2 and node1, one rank each; both must succeed. Returns node name → completed process."""
-    started = {}
-    try:
-        for node in reversed(cluster.nodes):
-            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                    *rendezvous(node), *target]
-            started[node.name] = cluster.start(node, argv, logs, env=_env(), name=f"{node.name}-torchrun")
-        return {name: proc.finish(RUN_S) for name, proc in started.items()}
-    finally:
-        for proc in started.values():
-            proc.stop()
-
-
-def _static(port):
-    return lambda node: ["--node_rank", str(node.index - 1), "--master_addr", "node1", "--master_port", str(port)]
-
-
-def _c10d(port):
-    return lambda node: ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"node1:{port}", "--rdzv_id", "megapile"]
+    return torchrun.run_on_every_node(cluster, rendezvous, target, logs, _env(), RUN_S)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +67,7 @@ def uninterrupted(cluster, tmp_path_factory, preprocessed, tokenizer_path):
     """STEPS steps by torchrun on node1 and node2, static rendezvous at node1."""
     tmp = tmp_path_factory.mktemp("two_hosts")
     run_dir = str(tmp / "run")
-    done = _torchrun_on_both(cluster, _static(free_port()),
+    done = _torchrun_on_both(cluster, torchrun.static(free_port()),
                              _train("zero2.json", _overrides(preprocessed, tokenizer_path, run_dir)), tmp / "logs")
     return {"run_dir": run_dir, "done": done}
 
@@ -86,6 +77,7 @@ def test_torchrun_static_rendezvous_across_two_hosts_matches_one_process(uninter
     done = uninterrupted["done"]
     assert "world 2 (env)" in done["node1"].stdout
     assert_close(losses(uninterrupted["run_dir"]), reference, rel=1e-5)
+    _assert_one_wandb_run(uninterrupted["run_dir"], starts=1)
 
 
 @pytest.mark.slow
@@ -93,7 +85,7 @@ def test_torchrun_c10d_across_two_hosts_checkpoints_and_resumes_bit_for_bit(clus
                                                                            tmp_path, preprocessed, tokenizer_path):
     run_dir = str(tmp_path / "run")
     for steps in (HALF, STEPS):  # the second run resumes from the first one's checkpoint on the shared filesystem
-        done = _torchrun_on_both(cluster, _c10d(free_port()),
+        done = _torchrun_on_both(cluster, torchrun.c10d(free_port()),
                                  _train("zero2.json", _overrides(preprocessed, tokenizer_path, run_dir, steps)),
                                  tmp_path / "logs")
         if steps == HALF:
@@ -102,11 +94,23 @@ def test_torchrun_c10d_across_two_hosts_checkpoints_and_resumes_bit_for_bit(clus
     assert f"at step {HALF}" in "".join(d.stdout for d in done.values())
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, STEPS + 1))
     assert losses(run_dir) == losses(uninterrupted["run_dir"])
+    _assert_one_wandb_run(run_dir, starts=2)
+
+
+def _half_then_resumed(run, run_dir: str, uninterrupted: dict) -> list:
+    """`run(steps)` to HALF, then again to STEPS: it resumes from the HALF checkpoint on the shared filesystem,
+    and the losses are the uninterrupted (torchrun) run's on the same layout, bit for bit; one wandb run."""
+    done = [run(HALF), run(STEPS)]
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, STEPS + 1))
+    assert f"at step {HALF}" in done[1].stdout
+    assert losses(run_dir) == losses(uninterrupted["run_dir"])
+    _assert_one_wandb_run(run_dir, starts=2)
+    return done
 
 
 @pytest.mark.slow
-def test_deepspeed_hostfile_over_pdsh_from_one_host_matches_one_process(cluster, reference, tmp_path, preprocessed,
-                                                                        tokenizer_path):
+def test_deepspeed_hostfile_over_pdsh_from_one_host_matches_one_process(cluster, reference, uninterrupted, tmp_path,
+                                                                        preprocessed, tokenizer_path):
     """As docs/cluster.md says: launch/hostfile.sh writes the hostfile and .deepspeed_env, `deepspeed --hostfile`
     started on node1 reaches both nodes over ssh (pdsh); .deepspeed_env carries PATH, OMP_NUM_THREADS,
     TORCH_EXTENSIONS_DIR ... to the ranks, whose ssh sessions start with a fresh environment."""
@@ -120,26 +124,27 @@ def test_deepspeed_hostfile_over_pdsh_from_one_host_matches_one_process(cluster,
     forwarded = dict(line.split("=", 1) for line in (job / ".deepspeed_env").read_text().splitlines())
     assert forwarded["OMP_NUM_THREADS"] == "1" and forwarded["PATH"] == os.environ["PATH"]
     run_dir = str(tmp_path / "run")
-    proc = cluster.run(1, ["deepspeed", "--hostfile", "hosts", "--master_port", str(free_port()),
-                           *_train("zero2.json", _overrides(preprocessed, tokenizer_path, run_dir))],
-                       logs, timeout=RUN_S, env=_env(), cwd=str(job))
+    proc = _half_then_resumed(lambda steps: cluster.run(
+        1, ["deepspeed", "--hostfile", "hosts", "--master_port", str(free_port()),
+            *_train("zero2.json", _overrides(preprocessed, tokenizer_path, run_dir, steps))],
+        logs, timeout=RUN_S, env=_env(), cwd=str(job)), run_dir, uninterrupted)[0]
     assert "node2: " in proc.stdout and "world 2 (env)" in proc.stdout
     assert_close(losses(run_dir), reference, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_mpirun_across_two_hosts_with_mpi4py_matches_one_process(cluster, reference, tmp_path, preprocessed,
-                                                                 tokenizer_path):
+def test_mpirun_across_two_hosts_with_mpi4py_matches_one_process(cluster, reference, uninterrupted, tmp_path,
+                                                                 preprocessed, tokenizer_path):
     """`mpirun -H node1,node2` from node1, its daemon on node2 started over ssh; no MASTER_ADDR: rank 0 (on node1)
     sends its host name and a port to the other rank with mpi4py."""
     pytest.importorskip("mpi4py", reason="mpi4py: .ci/run installs it")
     run_dir = str(tmp_path / "run")
     exports = [arg for var in ("PATH", "PYTHONPATH", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "WANDB_MODE")
                for arg in ("-x", var)]
-    proc = cluster.run(1, ["mpirun", "-H", "node1,node2", "-np", "2", "--bind-to", "none", "--mca", "plm_rsh_agent",
-                           "ssh", *exports, sys.executable,
-                           *_train("zero2.json", _overrides(preprocessed, tokenizer_path, run_dir))],
-                       tmp_path / "logs", timeout=RUN_S, env=_env())
+    proc = _half_then_resumed(lambda steps: cluster.run(
+        1, ["mpirun", "-H", "node1,node2", "-np", "2", "--bind-to", "none", "--mca", "plm_rsh_agent", "ssh", *exports,
+            sys.executable, *_train("zero2.json", _overrides(preprocessed, tokenizer_path, run_dir, steps))],
+        tmp_path / "logs", timeout=RUN_S, env=_env()), run_dir, uninterrupted)[0]
     assert "world 2 (mpi)" in proc.stdout
     assert_close(losses(run_dir), reference, rel=1e-5)
 
@@ -160,7 +165,8 @@ SLURM_STEPS = 20  # long enough for a signal after step 3 to stop the job well b
 def _sbatch_train(slurm, tmp_path, run_dir, preprocessed, tokenizer_path) -> str:
     """slurm/train.sh as users submit it, one rank on each node; returns the job id."""
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=SLURM_STEPS,
-                                    optim__decay_steps=STEPS)  # its first STEPS steps are the reference's
+                                    optim__decay_steps=STEPS,  # its first STEPS steps are the reference's
+                                    logging__wandb=True)
     return slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
                          f"--output={tmp_path}/%x-%j.out", os.path.join(ROOT, "slurm", "train.sh"),
                          "configs/tiny.yaml", os.path.join(DS, "zero2.json"), *overrides],
@@ -191,6 +197,7 @@ def test_sbatch_on_two_hosts_matches_one_process(sbatch_uninterrupted, reference
     for rank, host in ((0, "node1"), (1, "node2")):
         assert f"rank {rank}/2 on {host}" in _slurm_log(tmp_path, job, rank)
     assert_close(losses(sbatch_uninterrupted["run_dir"])[:STEPS], reference, rel=1e-5)
+    _assert_one_wandb_run(sbatch_uninterrupted["run_dir"], starts=1)
 
 
 @pytest.mark.slow
@@ -215,6 +222,7 @@ def test_sbatch_on_two_hosts_signal_checkpoints_requeues_and_resumes_bit_for_bit
     assert 3 <= resumed_at < SLURM_STEPS, resumed_at
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, SLURM_STEPS + 1))
     assert losses(run_dir) == losses(sbatch_uninterrupted["run_dir"])
+    _assert_one_wandb_run(run_dir, starts=2)
 
 
 # -- faults across hosts: a node killed, a link gone silent ---------------------------------------------------
@@ -227,11 +235,8 @@ def _start_long_run(cluster, port, preprocessed, tokenizer_path, run_dir, logs) 
     schedule is the STEPS-step run's, so a resume to STEPS must give the uninterrupted run's losses."""
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=400, optim__decay_steps=STEPS,
                                     checkpoint__every=2, train__heartbeat_timeout_s=BEAT_S)
-    started = {}
-    for node in reversed(cluster.nodes):
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                *_static(port)(node), *_train("zero2.json", overrides)]
-        started[node.name] = cluster.start(node, argv, logs, env=_env(), name=f"{node.name}-torchrun")
+    started = torchrun.start_on_every_node(cluster, torchrun.static(port), _train("zero2.json", overrides), logs,
+                                           _env())
     metrics = os.path.join(run_dir, "metrics.jsonl")
     wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 3, started["node1"], RUN_S,
              "3 logged steps (training under way on both hosts)")
@@ -254,7 +259,7 @@ def _resume_matches_uninterrupted(cluster, uninterrupted, run_dir, preprocessed,
     ckpts = os.path.join(run_dir, "checkpoints")
     newest = max(s for s, _ in list_complete(ckpts))
     assert newest < STEPS, newest
-    done = _torchrun_on_both(cluster, _static(free_port()),
+    done = _torchrun_on_both(cluster, torchrun.static(free_port()),
                              _train("zero2.json", _overrides(preprocessed, tokenizer_path, run_dir)), logs)
     assert f"at step {newest}" in done["node1"].stdout
     assert losses(run_dir) == losses(uninterrupted["run_dir"])
@@ -304,3 +309,36 @@ def test_a_silent_link_is_named_within_the_heartbeat_timeout_and_the_job_resumes
     assert re.search(r"megapile: error: the launcher's store at node1:\d+ on node1 \(rank 0, pid \d+\) stopped "
                      r"answering", done["node2"].stderr), started["node2"].describe()
     _resume_matches_uninterrupted(cluster, uninterrupted, run_dir, preprocessed, tokenizer_path, tmp_path / "logs")
+
+
+@pytest.mark.slow
+def test_a_straggler_on_a_crowded_core_is_named_with_its_ratio(cluster, tmp_path, preprocessed, tokenizer_path):
+    """node1's rank has a core of its own; node2's shares its core with a busy process, so it gets about half a
+    core and its forward passes take about twice as long. The log names node2's rank with the measured ratio;
+    the heartbeat, which beats through it all, takes nobody for dead."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.fail("the straggler test needs two CPU cores (CI has them): one crowded, one not")
+    run_dir = str(tmp_path / "run")
+    overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=12, train__log_every=4,
+                                    train__heartbeat_timeout_s=BEAT_S)
+    pinned = {node.name: cpus[node.index - 1] for node in cluster.nodes}  # torchrun's rank inherits the affinity
+    hog = cluster.start(2, ["taskset", "-c", str(pinned["node2"]), sys.executable, "-c", "while True: pass"],
+                        tmp_path / "logs", name="hog")
+    try:
+        rendezvous = torchrun.static(free_port())
+        started = {node.name: cluster.start(node, ["taskset", "-c", str(pinned[node.name]), sys.executable, "-m",
+                                                   "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                                                   *rendezvous(node), *_train("zero1.json", overrides)],
+                                            tmp_path / "logs", env=_env(), name=f"{node.name}-torchrun")
+                   for node in reversed(cluster.nodes)}
+        done = {name: proc.finish(RUN_S) for name, proc in started.items()}
+    finally:
+        hog.stop()
+    named = re.findall(r"straggler: (\S+) \(rank (\d), pid \d+\) took ([\d.]+)× the other ranks' median forward time",
+                       done["node1"].stdout)
+    assert named and all(host == "node2" and rank == "1" for host, rank, _ in named), done["node1"].stdout[-3000:]
+    assert float(named[0][2]) > 1.5
+    ratios = [r["straggler_ratio"] for r in read_metrics(run_dir)]
+    assert len(ratios) == 3 and max(ratios) > 1.5, ratios
+    assert "stopped responding" not in done["node1"].stderr + done["node2"].stderr

@@ -1,10 +1,10 @@
-"""Kill campaign: 10 SIGKILLs of a random rank at random moments (start-up, mid-step, while the ranks write their
+"""Kill campaign: 8 SIGKILLs of a random rank at random moments, two in each kind of moment (start-up, mid-step, while the ranks write their
 checkpoint slices, while they seal them); restarting the same command each time finishes with exactly the uninterrupted run's losses and weights."""
 import os
 
 import pytest
 import torch
-from faults.campaign import run_campaign
+from faults.campaign import KINDS, run_campaign
 from train_helpers import DS, launch, losses, small_run_overrides
 
 from megapile.checkpoint import find_resumable
@@ -27,11 +27,13 @@ def test_kill_campaign(tmp_path, preprocessed, tokenizer_path, capsys):
     straight = str(tmp_path / "straight")
     launch("ranks", 2, "zero1.json", _overrides(preprocessed, tokenizer_path, straight))
     run_dir = str(tmp_path / "faulty")
-    report = run_campaign(10, os.path.join(DS, "zero1.json"), _overrides(preprocessed, tokenizer_path, run_dir),
+    report = run_campaign(len(KINDS) * 2, os.path.join(DS, "zero1.json"), _overrides(preprocessed, tokenizer_path, run_dir),
                           run_dir, os.path.join(run_dir, "checkpoints"), seed=1)
     with capsys.disabled():
         print("\n" + report.line())
-    assert report.injected == 10 and report.survived == 10
+    assert report.injected == 8 and report.survived == 8
+    # every kind of moment, kills inside saves (the ranks writing their slices) and seals among them
+    assert set(report.kinds) == set(KINDS), report.kinds
     assert losses(run_dir) == losses(straight)  # every step once, bit-identical
     expected = _final_weights(straight)
     actual = _final_weights(run_dir)

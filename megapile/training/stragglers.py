@@ -45,7 +45,9 @@ class StragglerWatch:
         """Share this window's times (a collective: every rank calls it at the same record); name the ranks that
         started or stopped lagging; return the largest ratio of a rank's time to the other ranks' median."""
         world = len(self.peers.peers)
-        mine = self.seconds + sum(s.elapsed_time(e) / 1000 for s, e in self.events)  # elapsed_time waits for `e`
+        if self.events:  # done long ago (backward and the step came after); elapsed_time needs them complete
+            self.events[-1][1].synchronize()
+        mine = self.seconds + sum(s.elapsed_time(e) / 1000 for s, e in self.events)
         self.seconds, self.events = 0.0, []
         times = torch.zeros(world, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         times[self.rank] = mine

@@ -28,12 +28,15 @@ class Report:
     survived: int = 0  # of those, how many the restarted job recovered from
     steps_lost: int = 0  # steps recomputed because they were done after the last checkpoint
     restarts: int = 0
-    kinds: dict = field(default_factory=dict)  # where the kills landed: "save", "step", "start"
+    kinds: dict = field(default_factory=dict)  # where the kills landed: KINDS
 
     def line(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items()))
         return (f"faults injected {self.injected} / survived {self.survived} / steps lost {self.steps_lost} "
                 f"(restarts {self.restarts}; kills during {kinds})")
+
+
+KINDS = ("save", "seal", "step", "start")  # where a kill lands: writing slices, sealing them, mid-step, start-up
 
 
 def target(ds_config: str, overrides: list[str]) -> list[str]:
@@ -101,7 +104,7 @@ def run_campaign(kills: int, ds_config: str, overrides: list[str], run_dir: str,
         with start_ranks("torchrun", 2, target(ds_config, overrides), logs) as proc:
             killed = False
             if report.injected < kills:
-                kind = rng.choice(["save", "seal", "step", "start"])
+                kind = KINDS[report.injected % len(KINDS)]  # each kind in turn: a few kills cover all of them
                 if resume_step + 6 >= last:
                     kind = "start"  # too close to the end for a later moment to be sure to come
                 if _wait_for_moment(proc, kind, rng, ckpt_dir, metrics, started, resume_step, last):
