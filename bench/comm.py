@@ -79,14 +79,11 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="megapile_comm_")
     prefix, tok = bench_data.build(work)
     data = {"train": f"{prefix}_train", "valid": f"{prefix}_val"}
-    import torch
-
     from megapile.config import ModelConfig
-    from megapile.model import GPT
+    from megapile.model import meta_gpt
 
-    with torch.device("meta"):
-        numel = GPT(ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_heads=4, max_seq_len=64,
-                                vocab_size=1024)).num_params(exclude_embedding=False)
+    numel = meta_gpt(ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_heads=4, max_seq_len=64,
+                                 vocab_size=1024)).num_params(exclude_embedding=False)
     rows = []
     with Cluster(nodes=2) as cluster:
         links = {}

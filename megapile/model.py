@@ -516,10 +516,31 @@ def uses_rotary(cfg: ModelConfig) -> bool:
     return cfg.family.positions == "rotary" and cfg.rotary_dims > 0
 
 
+class _NoInitOnMeta(torch.overrides.TorchFunctionMode):
+    """Initializers do nothing on meta tensors (they hold no values), yet run through torch._refs, whose first call
+    imports torch._dynamo: 1.1 s of a process's start-up, for nothing. Here they return at once; a real tensor
+    (never made on purpose inside `meta_gpt`) is still initialised."""
+
+    FILLS = (torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def meta_gpt(cfg: ModelConfig) -> GPT:
+    """GPT(cfg) on the meta device: its shapes and names, no memory, no random draws."""
+    with torch.device("meta"), _NoInitOnMeta():
+        return GPT(cfg)
+
+
 def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> GPT:
     """Construct on the meta device (no memory, no random draws), materialise on `device`, init."""
-    with torch.device("meta"):
-        model = GPT(cfg)
+    model = meta_gpt(cfg)
     model.to_empty(device=device)
     model.init_weights(seed)
     return model

@@ -271,7 +271,7 @@ def _record(run: Run, tally: _Tally, position: Position, grad_norm: Optional[flo
     }
     if tally.save_seconds is not None:
         record["save_seconds"], tally.save_seconds = tally.save_seconds, None
-    if run.stragglers is not None:  # the slowest rank's forward time over the median's, this window
+    if run.stragglers is not None:  # the largest ratio of a rank's forward time to the other ranks' median
         record["straggler_ratio"] = run.stragglers.check(position.step - steps + 1, position.step, run.logger.message)
     tally.intervals.append((steps, elapsed))
     tally.losses, tally.seconds = [], 0.0

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from megapile.config import ModelConfig
-from megapile.model import GPT
+from megapile.model import meta_gpt
 from megapile.models import FAMILIES, family_for_hf
 
 HF_CLASS = {name: fam.hf.hf_class for name, fam in FAMILIES.items()}  # model.arch -> transformers class
@@ -56,8 +56,7 @@ def config_from_hf(hf_config, **overrides: Any) -> ModelConfig:
 
 def _our_names(cfg: ModelConfig) -> list[str]:
     """Every parameter of GPT(cfg) but the head, which is handled alone (tied or not, named alike in HF)."""
-    with torch.device("meta"):
-        return [n for n in GPT(cfg).state_dict() if n != "head.weight"]
+    return [n for n in meta_gpt(cfg).state_dict() if n != "head.weight"]
 
 
 def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

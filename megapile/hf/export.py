@@ -36,7 +36,7 @@ from megapile.config import Config, ConfigError, ModelConfig
 from megapile.data import DataError
 from megapile.data.tokenizer import load_tokenizer
 from megapile.hf.convert import HF_CLASS, config_to_hf, load_hf_dir, state_dict_for_disk
-from megapile.model import GPT
+from megapile.model import meta_gpt
 from megapile.models import family
 from megapile.parallel.tensor_inference import build_split, cut, local_shape
 from megapile.reporting.progress import bar
@@ -98,8 +98,7 @@ def _checkpoint_info(path: str) -> tuple[ModelConfig, Optional[str], Any]:
 
 
 def _check_names(cfg: ModelConfig, found: Any, names: set[str]) -> None:
-    with torch.device("meta"):
-        expected = set(GPT(cfg).state_dict())
+    expected = set(meta_gpt(cfg).state_dict())
     if names != expected:
         missing, extra = sorted(expected - names), sorted(names - expected)
         raise ExportError(f"{found.path}: could not reassemble full weights from this layout "

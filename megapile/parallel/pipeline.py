@@ -36,7 +36,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megapile.config import Config, ModelConfig
-from megapile.model import GPT, rotary_cos_sin, uses_rotary
+from megapile.model import GPT, meta_gpt, rotary_cos_sin, uses_rotary
 from megapile.parallel.tensor import shard_block
 
 FIRST_BLOCK = 2  # layer index of blocks.0 in the pipeline's layer list
@@ -49,8 +49,7 @@ def _owned(cfg: ModelConfig, seed: int, names: list[str]) -> list[nn.Module]:
     """Fresh copies of the GPT submodules `names` (e.g. "blocks.3"), materialised on CPU and initialised
     exactly as `build_model` initialises them: `GPT.init_weights` runs on a stand-in module that holds only
     these submodules under their full names, so each parameter draws from its own (seed, name) stream."""
-    with torch.device("meta"):
-        whole = GPT(cfg)
+    whole = meta_gpt(cfg)
     holder = nn.Module()
     holder.cfg = cfg
     parts = []
@@ -216,8 +215,7 @@ def explicit_parts(blocks_per_stage: list[int]) -> list[int]:
 
 
 def _layer_param_counts(cfg: ModelConfig) -> list[int]:
-    with torch.device("meta"):
-        whole = GPT(cfg)
+    whole = meta_gpt(cfg)
     count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())  # noqa: E731
     blocks = [count(b) for b in whole.blocks.values()]
     head = count(whole.embed) if cfg.tie_embeddings else count(whole.head)

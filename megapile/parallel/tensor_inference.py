@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megapile.config import ModelConfig
-from megapile.model import GPT
+from megapile.model import GPT, meta_gpt
 
 
 class RowParallel(nn.Module):
@@ -58,8 +58,7 @@ def build_split(cfg: ModelConfig, part: Callable[[str, Optional[int]], torch.Ten
     if tensor > 1:
         check_split(cfg, tensor)
     plan = cfg.family.tensor_plan
-    with torch.device("meta"):
-        model = GPT(cfg)
+    model = meta_gpt(cfg)
     for name, _ in list(model.named_parameters()):
         dim = plan.split_dim(name) if tensor > 1 else None
         owner, _, leaf = name.rpartition(".")

@@ -98,10 +98,10 @@ class Heartbeat:
                 if self._stop.is_set():
                     return
                 return self._fail(f"megapile: error: the launcher's store at {self.where} on "
-                                  f"{self.peers.describe([0])} stopped answering for {self.timeout_s:g} s "
-                                  f"(train.heartbeat_timeout_s) at step {self.step}: that host died or is unreachable "
-                                  f"from here; every rank stops; restart the job to resume from the last checkpoint "
-                                  f"({' '.join(str(e).split())[:160]})")
+                                  f"{self.peers.describe([0])} stopped answering (its connection closed, or no reply "
+                                  f"within train.heartbeat_timeout_s={self.timeout_s:g} s) at step {self.step}: that "
+                                  f"host died or is unreachable from here; every rank stops; restart the job to resume "
+                                  f"from the last checkpoint ({' '.join(str(e).split())[:160]})")
 
     def _silent(self, last: dict[int, tuple[int, float]]) -> list[int]:
         now = time.monotonic()

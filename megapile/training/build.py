@@ -22,7 +22,7 @@ from megapile.data.samples import build_samples
 from megapile.data.tokenizer import load_tokenizer
 from megapile.evaluation import component_eval
 from megapile.hf.export import apply_init_from
-from megapile.model import GPT, build_model
+from megapile.model import GPT, build_model, meta_gpt
 from megapile.parallel.ds_config import precision_line, resolve_parallel
 from megapile.parallel.layout import Layout, pad_vocab_for_tensor
 from megapile.parallel.parallelize import TrainState, parallelize
@@ -62,8 +62,7 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
         lock = run_lock.take(cfg.logging.run_dir, env)  # before this run writes there; held until Run.close()
         seed_everything(cfg.train.seed, layout.seed_rank(env.rank))
         batches, valid_batches, components = _build_data(cfg, layout, env)
-        with torch.device("meta"):  # counted on a model that takes no memory (ZeRO-3's own holds only partitions)
-            counted = GPT(cfg.model)
+        counted = meta_gpt(cfg.model)  # counted on a model that takes no memory (ZeRO-3's own holds only partitions)
         flops_per_token = counted.flops_per_token(cfg.train.seq_len)
         n_params = counted.num_params(exclude_embedding=False)
         model = _build_model(cfg, layout, device, init_weights, ds_config)
@@ -151,8 +150,7 @@ def _build_model(cfg: Config, layout: Layout, device: torch.device, init_weights
     """The plain GPT, initialised; on the meta device for a pipeline, whose stages each build their own layers;
     with ZeRO-3, each rank building only its partitions (megapile/parallel/zero_init.py)."""
     if layout.pipeline > 1:
-        with torch.device("meta"):
-            return GPT(cfg.model)
+        return meta_gpt(cfg.model)
     if cfg.parallel.zero_stage == 3:
         return build_partitioned(cfg.model, cfg.train.seed, ds_config, device, init_weights)
     model = build_model(cfg.model, seed=cfg.train.seed, device=device)
