@@ -45,6 +45,14 @@ def test_on_one_host_the_dead_process_is_named_not_the_live_ones():
         alive.wait()
 
 
+def test_a_socket_timeout_is_not_called_the_collective_timeout():
+    peers = _table(("node1", 10), ("node2", os.getpid()))
+    text = "[gloo/transport/tcp/pair.cc:537] Read error [10.9.0.1]:14238: Connection timed out."
+    assert failure_line(peers, 1, RuntimeError(text), 4, 600).startswith(
+        "node1 (rank 0, pid 10) stopped answering (the connection to it timed out: its host is down or unreachable "
+        "from here) at step 4")
+
+
 def test_a_timeout_without_an_address_names_nobody():
     peers = _table(("node1", os.getpid()), ("node2", 20))
     line = failure_line(peers, 0, RuntimeError("Timed out waiting 15000ms for recv operation to complete"), 5, 15)

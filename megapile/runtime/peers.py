@@ -115,7 +115,10 @@ def failure_line(peers: Optional[Peers], me: int, error: BaseException, step: Op
     text = " ".join(str(error).split())
     suspects = peers.suspects(text, me) if peers is not None else []
     who = peers.describe(suspects) if suspects else "another rank"
-    if any(k in text.lower() for k in ("timed out", "timeout")):
+    lower = text.lower()
+    if "connection timed out" in lower:  # the socket's own timeout (ETIMEDOUT), not the collective's
+        what = "stopped answering (the connection to it timed out: its host is down or unreachable from here)"
+    elif "timed out" in lower or "timeout" in lower:
         what = f"did not answer within train.collective_timeout_s={collective_timeout_s:g} s"
     else:
         what = "dropped its connection (its process died or its host went down)"
