@@ -24,6 +24,7 @@ HALF = 4
 DS = os.path.join(ROOT, "ds_configs")
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 RUN_S = 300  # a bound for a hang, not a guess of the speed
+NAN_TRAIN = os.path.join(ROOT, "tests", "faults", "nan_train.py")  # megapile/train.py with faults injected
 
 
 def _env(**extra) -> dict:
@@ -314,33 +315,22 @@ def test_a_silent_link_is_named_within_the_heartbeat_timeout_and_the_job_resumes
 
 
 @pytest.mark.slow
-def test_a_straggler_on_a_crowded_core_is_named_with_its_ratio(cluster, tmp_path, preprocessed, tokenizer_path):
-    """node1's rank has a core of its own; node2's shares its core with a busy process, so it gets about half a
-    core and its forward passes take about twice as long. The log names node2's rank with the measured ratio;
-    the heartbeat, which beats through it all, takes nobody for dead."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.fail("the straggler test needs two CPU cores (CI has them): one crowded, one not")
+def test_a_straggler_is_named_with_its_ratio(cluster, tmp_path, preprocessed, tokenizer_path):
+    """node2's rank is a straggler: each of its forward passes takes 3× its own compute time (tests/faults/
+    nan_train.py, MEGAPILE_SLOW_RANK). A rank crowded off its core would be the real thing, but the scheduler runs
+    a rank just woken from a collective first, so crowding showed in its forward time anywhere from 1.2× to 2×
+    (CI saw 1.22): a test by machine load. The log names node2's rank with the measured ratio; the heartbeat, which
+    beats through it all, takes nobody for dead."""
     run_dir = str(tmp_path / "run")
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=12, train__log_every=4,
                                     train__heartbeat_timeout_s=BEAT_S)
-    pinned = {node.name: cpus[node.index - 1] for node in cluster.nodes}  # torchrun's rank inherits the affinity
-    hog = cluster.start(2, ["taskset", "-c", str(pinned["node2"]), sys.executable, "-c", "while True: pass"],
-                        tmp_path / "logs", name="hog")
-    try:
-        rendezvous = torchrun.static(free_port())
-        started = {node.name: cluster.start(node, ["taskset", "-c", str(pinned[node.name]), sys.executable, "-m",
-                                                   "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                                                   *rendezvous(node), *_train("zero1.json", overrides)],
-                                            tmp_path / "logs", env=_env(), name=f"{node.name}-torchrun")
-                   for node in reversed(cluster.nodes)}
-        done = {name: proc.finish(RUN_S) for name, proc in started.items()}
-    finally:
-        hog.stop()
+    done = torchrun.run_on_every_node(cluster, torchrun.static(free_port()),
+                                      [NAN_TRAIN, "--deepspeed_config", os.path.join(DS, "zero1.json"), *overrides],
+                                      tmp_path / "logs", _env(MEGAPILE_SLOW_RANK="1"), RUN_S)
     named = re.findall(r"straggler: (\S+) \(rank (\d), pid \d+\) took ([\d.]+)× the other ranks' median forward time",
                        done["node1"].stdout)
     assert named and all(host == "node2" and rank == "1" for host, rank, _ in named), done["node1"].stdout[-3000:]
-    assert float(named[0][2]) > 1.5
+    assert float(named[0][2]) > 2
     ratios = [r["straggler_ratio"] for r in read_metrics(run_dir)]
-    assert len(ratios) == 3 and max(ratios) > 1.5, ratios
+    assert len(ratios) == 3 and min(ratios) > 2, ratios  # every window: about 3
     assert "stopped responding" not in done["node1"].stderr + done["node2"].stderr

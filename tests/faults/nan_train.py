@@ -15,6 +15,7 @@ parallelism: on the last stage), and reports read by the tests (a test harness, 
     MEGAPILE_DAMAGE_BEFORE_ROLLBACK=global_stepN  rank 0 flips a byte of each slice file of that checkpoint just
                                before the first loss-spike rollback (bit rot that checkpoint.verify=checksum finds)
     MEGAPILE_SIGTERM_AT_STEP=N  rank 0 sends itself SIGTERM just before step N trains (a stop scheduled by progress)
+    MEGAPILE_SLOW_RANK=r       a straggler: rank r's every training forward pass sleeps twice its own compute time
 
 For each NaN or spike step, every rank prints whether its weights came out of the step exactly as they went in.
 """
@@ -22,6 +23,7 @@ import hashlib
 import os
 import signal
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -57,10 +59,16 @@ def _spiked(loss: torch.Tensor) -> torch.Tensor:
 _original_forward = model.GPT.forward
 
 
+SLOW_RANK = os.environ.get("MEGAPILE_SLOW_RANK")
+
+
 def forward(self, input_ids, targets=None):
+    start = time.perf_counter()
     out = _original_forward(self, input_ids, targets)
     if targets is not None and self.training:
         out = _spiked(_poisoned(out) if RANK == "0" else out)
+        if RANK == SLOW_RANK:  # a straggler: each forward pass takes 3× its own time, whatever the machine's speed
+            time.sleep(2 * (time.perf_counter() - start))
     return out
 
 
