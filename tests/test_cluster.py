@@ -138,7 +138,10 @@ def test_mpirun_across_two_hosts_with_mpi4py_matches_one_process(cluster, refere
                                                                  preprocessed, tokenizer_path):
     """`mpirun -H node1,node2` from node1, its daemon on node2 started over ssh; no MASTER_ADDR: rank 0 (on node1)
     sends its host name and a port to the other rank with mpi4py."""
-    pytest.importorskip("mpi4py", reason="mpi4py: .ci/run installs it")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.fail("mpi4py is not installed: .ci/run installs it (pip install mpi4py)")
     run_dir = str(tmp_path / "run")
     exports = [arg for var in ("PATH", "PYTHONPATH", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "WANDB_MODE")
                for arg in ("-x", var)]
@@ -254,6 +257,20 @@ def _finish_within(started: dict, since: float) -> dict:
     return done
 
 
+def _run_into_fault(cluster, fault, undo, preprocessed, tokenizer_path, run_dir, logs) -> tuple[dict, dict]:
+    """The long run on both hosts, `fault()` once it trains, then every host's torchrun ends within EXIT_BOUND_S;
+    `undo()` (if any) and nothing left running afterwards, whatever happened. (started, done) by node name."""
+    started = _start_long_run(cluster, free_port(), preprocessed, tokenizer_path, run_dir, logs)
+    try:
+        fault()
+        return started, _finish_within(started, time.monotonic())
+    finally:
+        if undo is not None:
+            undo()
+        for proc in started.values():
+            proc.stop()
+
+
 def _resume_matches_uninterrupted(cluster, uninterrupted, run_dir, preprocessed, tokenizer_path, logs) -> None:
     """The same command, to STEPS, on both hosts: it resumes from the newest checkpoint and the losses are the
     uninterrupted run's, bit for bit; nothing newer than that checkpoint had been committed."""
@@ -272,14 +289,8 @@ def test_a_killed_host_is_named_every_rank_exits_and_the_job_resumes(cluster, un
     """node2 loses power mid-run (every process on it SIGKILLed): node1's rank names it from the closed connection
     at once, leaves with exit code 1, and the restarted job resumes bit for bit."""
     run_dir = str(tmp_path / "run")
-    started = _start_long_run(cluster, free_port(), preprocessed, tokenizer_path, run_dir, tmp_path / "logs")
-    try:
-        cluster.kill_node(2)
-        killed_at = time.monotonic()
-        done = _finish_within(started, killed_at)
-    finally:
-        for proc in started.values():
-            proc.stop()
+    started, done = _run_into_fault(cluster, lambda: cluster.kill_node(2), None, preprocessed, tokenizer_path,
+                                    run_dir, tmp_path / "logs")
     line = re.search(r"megapile: error: node2 \(rank 1, pid \d+\) (dropped its connection \(its process died or its "
                      r"host went down\)|stopped responding) "
                      r"at step \d+", done["node1"].stderr)
@@ -296,15 +307,8 @@ def test_a_silent_link_is_named_within_the_heartbeat_timeout_and_the_job_resumes
     the heartbeat can tell node1. node1 names node2, node2 names node1; both leave within the heartbeat timeout
     (BEAT_S) plus its beat, far within the collective timeout (600 s); the restart resumes bit for bit."""
     run_dir = str(tmp_path / "run")
-    started = _start_long_run(cluster, free_port(), preprocessed, tokenizer_path, run_dir, tmp_path / "logs")
-    try:
-        cluster.cut_link(2)
-        cut_at = time.monotonic()
-        done = _finish_within(started, cut_at)
-    finally:
-        cluster.restore_link(2)
-        for proc in started.values():
-            proc.stop()
+    started, done = _run_into_fault(cluster, lambda: cluster.cut_link(2), lambda: cluster.restore_link(2),
+                                    preprocessed, tokenizer_path, run_dir, tmp_path / "logs")
     assert re.search(rf"megapile: error: node2 \(rank 1, pid \d+\) stopped responding at step \d+: no heartbeat for "
                      rf"{BEAT_S} s", done["node1"].stderr), started["node1"].describe()
     # node2 names node1: by the heartbeat (the store there stopped answering) or by its own connection to node1's
