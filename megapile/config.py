@@ -271,6 +271,9 @@ class CheckpointConfig:
     verify: str = "checksum"  # before resuming: "checksum" every file, or only "size"
     allow_data_change: bool = False  # resume onto different data/weights at the same sample index
     on_save_error: str = "continue"  # a failed periodic save (disk full): "continue" training, or "stop"
+    # checkpoint.async (a Python keyword, hence the field's name): periodic saves snapshot the slices into host
+    # memory and are written in the background (megapile/checkpoint/background.py)
+    async_: bool = field(default=False, metadata={"key": "async"})
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.keep_last", self.keep_last)
@@ -336,7 +339,23 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _keyed(self)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's key in YAML: its name, or the keyword it stands for (`async_` is `async`)."""
+    return f.metadata.get("key", f.name)
+
+
+def _keyed(obj: Any) -> Any:
+    """dataclasses.asdict, with every field under its YAML key."""
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): _keyed(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_keyed(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _keyed(v) for k, v in obj.items()}
+    return obj
 
 
 def grad_accum_steps(train: TrainConfig, dp_size: int) -> int:
@@ -407,12 +426,12 @@ def _build(cls: type, raw: Any, prefix: str, origins: _Origins) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origins.of(where)}: {where} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {_key(f): f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
             raise ConfigError(f"{origins.of(prefix + key)}: unknown key '{prefix}{key}' "
                               f"(known: {', '.join(sorted(names))})")
-    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}", origins) for key, value in raw.items()}
+    kwargs = {names[key]: _coerce(hints[names[key]], value, f"{prefix}{key}", origins) for key, value in raw.items()}
     try:
         return cls(**kwargs)
     except ConfigError as e:

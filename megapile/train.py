@@ -97,6 +97,7 @@ def train(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
             summary = loop(run, start, stop)
             if "rollback" not in summary:
                 return summary
+            manager.finish(run, why="the loss-spike rollback")  # the rollback may choose the save in flight
             start = manager.roll_back(run, summary["rollback"])  # train.spike: too many loss spikes
     except RuntimeError as e:
         healthy = not distributed.collective_failed(e)
@@ -174,10 +175,12 @@ def loop(run: Run, start: Position, stop: StopFlag) -> dict:
         # Periodic saves wait out a streak of skipped steps; the last step and a stop always save: a skipped
         # update left the weights as they were, and exit code 75 promises a checkpoint of this very step.
         periodic = bool(cfg.checkpoint.every) and done % cfg.checkpoint.every == 0 and not tally.first_bad
+        save_start = time.perf_counter()
+        committed = manager.poll(run)  # checkpoint.async: commit the background save once every rank has written
         if periodic or last or stopping:
-            save_start = time.perf_counter()
             manager.save(run, position, must_succeed=last or stopping)
-            tally.save_seconds = time.perf_counter() - save_start
+        if committed or periodic or last or stopping:  # the time saving blocked training
+            tally.save_seconds = (tally.save_seconds or 0.0) + time.perf_counter() - save_start
         if stopping:
             run.logger.message(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {done}; "
                                f"exit code {EXIT_CHECKPOINTED} (restart the same command to resume)")

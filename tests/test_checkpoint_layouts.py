@@ -26,8 +26,6 @@ from harness import run_ranks
 from safetensors.torch import save_file
 from train_helpers import ROOT, TRAIN, read_metrics, small_run_overrides
 
-from megapile.checkpoint import manifest
-from megapile.checkpoint.collective import _writer
 from megapile.checkpoint.fragments import DIR, KINDS, Piece, Stored, write_index
 
 COMMON = dict(train__max_steps=5, checkpoint__every=3, train__eval_every=100, optim__decay_steps=5,
@@ -159,23 +157,6 @@ def test_slices_read_back_on_the_same_cut_another_cut_and_whole(tmp_path):
     (tmp_path / DIR / "index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"fp32 of w \(tensor part 1\) has 16 of the 24 elements"):
         Stored(str(tmp_path)).full("w")
-
-
-def test_each_rank_seals_the_files_it_wrote(tmp_path):
-    """The manifest is made in parallel: a rank's slice files go to the rank that wrote them (its fsync flushes
-    its own writes), everything else to the smallest share so far, largest first."""
-    names = {"portable/rank00003-0.safetensors": 10, "portable/rank00001-0.safetensors": 30,
-             "portable/rank00001-1.safetensors": 5, "portable/index.json": 8, "megapile_state.json": 4,
-             "tokenizer/tokenizer.json": 50}
-    for name, size in names.items():
-        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
-        (tmp_path / name).write_bytes(b"x" * size)
-    shares = manifest.shares(str(tmp_path), manifest.files(str(tmp_path)), 4, _writer)
-    assert shares[3] == ["portable/rank00003-0.safetensors"]
-    assert shares[1] == ["portable/rank00001-0.safetensors", "portable/rank00001-1.safetensors"]
-    assert shares[0] == ["tokenizer/tokenizer.json"]  # the largest unowned file to the first empty share
-    assert shares[2] == ["portable/index.json", "megapile_state.json"]  # then the smallest share, rank 2 (0 bytes)
-    assert sorted(sum(shares, [])) == sorted(names)
 
 
 # A vocabulary like a real preset's (pythia's 50277, llama's 128256 at tensor 4 or 8): a row count that tensor 2

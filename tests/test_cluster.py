@@ -166,11 +166,11 @@ def slurm(cluster):
 SLURM_STEPS = 20  # long enough for a signal after step 3 to stop the job well before its end
 
 
-def _sbatch_train(slurm, tmp_path, run_dir, preprocessed, tokenizer_path) -> str:
+def _sbatch_train(slurm, tmp_path, run_dir, preprocessed, tokenizer_path, **extra) -> str:
     """slurm/train.sh as users submit it, one rank on each node; returns the job id."""
     overrides = small_run_overrides(preprocessed, tokenizer_path, run_dir, train__max_steps=SLURM_STEPS,
                                     optim__decay_steps=STEPS,  # its first STEPS steps are the reference's
-                                    logging__wandb=True)
+                                    logging__wandb=True, **extra)
     return slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
                          f"--output={tmp_path}/%x-%j.out", os.path.join(ROOT, "slurm", "train.sh"),
                          "configs/tiny.yaml", os.path.join(DS, "zero2.json"), *overrides],
@@ -209,9 +209,12 @@ def test_sbatch_on_two_hosts_signal_checkpoints_requeues_and_resumes_bit_for_bit
                                                                                  preprocessed, tokenizer_path):
     """The time limit's USR1 (`--signal=B:USR1@N`) mid-run: srun forwards it to the ranks on both hosts, they save
     to the shared filesystem and exit 75, the script requeues the job, and the job's second start (again on node1
-    and node2) resumes and finishes with every step once and the uninterrupted job's losses, bit for bit."""
+    and node2) resumes and finishes with every step once and the uninterrupted job's losses, bit for bit. The job
+    saves asynchronously every 2 steps (checkpoint.async): the stop waits for the save in flight, then saves its
+    own step synchronously."""
     run_dir = str(tmp_path / "run")
-    job = _sbatch_train(slurm, tmp_path, run_dir, preprocessed, tokenizer_path)
+    job = _sbatch_train(slurm, tmp_path, run_dir, preprocessed, tokenizer_path, checkpoint__every=2,
+                        checkpoint__async=True)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     wait_for(lambda: os.path.exists(metrics) and len(read_metrics(run_dir)) >= 3, None, RUN_S, "3 logged steps",
              detail=lambda: f"{slurm.job(job)}", every=0.2)

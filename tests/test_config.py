@@ -70,6 +70,18 @@ def test_wrong_type_is_named(tmp_path):
     assert "logging.wandb must be bool" in _error(tmp_path, "logging:\n  wandb: 3\n")
 
 
+def test_a_key_that_is_a_python_keyword(tmp_path):
+    """checkpoint.async is the field `async_`: read, written back and checked under its YAML key only."""
+    path = tmp_path / "c.yaml"
+    path.write_text("checkpoint:\n  async: true\n")
+    cfg = load_config(str(path))
+    assert cfg.checkpoint.async_ is True and cfg.to_dict()["checkpoint"]["async"] is True
+    assert "async_" not in cfg.to_dict()["checkpoint"]
+    assert load_config(None, ["checkpoint.async=false"]).checkpoint.async_ is False
+    assert "unknown key 'checkpoint.async_'" in _error(tmp_path, "checkpoint:\n  async_: true\n")
+    assert "checkpoint.async must be bool" in _error(tmp_path, "checkpoint:\n  async: sometimes\n")
+
+
 def test_bad_values_are_named(tmp_path):
     assert "model.hidden_size (100) must be divisible by model.num_heads (3)" in _error(
         tmp_path, "model:\n  hidden_size: 100\n  num_heads: 3\n")

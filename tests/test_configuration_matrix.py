@@ -7,6 +7,9 @@
 and one cell on 4 ranks: TP2 × PP2 (ZeRO-1), fp32, dropout 0.1 (each stage splits its blocks itself, with the
 per-rank attention-dropout stream of TP alone).
 
+The bf16 cells save asynchronously (checkpoint.async), the fp32 cells synchronously: every check below of a
+checkpoint (resume, reshard onto 1 rank, full weights) holds for both on every layout.
+
 Every cell runs through the one path of `megapile/parallel/parallelize.py`, with the DeepSpeed config generated
 from the YAML's `parallel` keys (no JSON). Each cell is one 6-step run (checkpoints every 3 steps, a NaN injected into rank 0's loss at step 5) and
 one resume of its step-3 checkpoint, and checks:
@@ -102,7 +105,7 @@ def test_cell(precision, dropout, layout, tmp_path, preprocessed, tokenizer_path
     if layout == "pp2":
         extra["parallel__zero_stage"] = 0 if precision == "fp32" else 1
     settings = dict(train__dtype=precision, model__dropout=dropout, train__max_steps=6, checkpoint__every=3,
-                    train__eval_every=3, optim__decay_steps=6, **extra)
+                    train__eval_every=3, optim__decay_steps=6, checkpoint__async=precision == "bf16", **extra)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     nproc = NPROC.get(layout, 2)
     ranks = [str(r) for r in range(nproc)]

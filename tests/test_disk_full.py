@@ -1,5 +1,7 @@
 """A save that fails (disk full) leaves the previous checkpoint and `latest` intact, is reported, and training
-continues or stops as configured; an unwritable checkpoint directory fails at start-up."""
+continues or stops as configured, with synchronous and asynchronous saves (checkpoint.async: the failed background
+write is reported at the next step, when the save would have been committed); an unwritable checkpoint directory
+fails at start-up."""
 import os
 import subprocess
 import uuid
@@ -29,9 +31,11 @@ def _train(run_dir, ckpt_dir, preprocessed, tokenizer_path, **extra):
 
 
 @pytest.mark.slow
-def test_disk_full_keeps_the_previous_checkpoint_and_continues(tmp_path, small_disk, preprocessed, tokenizer_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_disk_full_keeps_the_previous_checkpoint_and_continues(mode, tmp_path, small_disk, preprocessed,
+                                                               tokenizer_path):
     run_dir = str(tmp_path / "run")
-    proc = _train(run_dir, small_disk, preprocessed, tokenizer_path)
+    proc = _train(run_dir, small_disk, preprocessed, tokenizer_path, checkpoint__async=mode == "async")
     assert "saving global_step4 failed on rank" in proc.stdout and "No space left on device" in proc.stdout
     assert "training continues" in proc.stdout
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]  # it went on after the failed save
@@ -45,12 +49,14 @@ def test_disk_full_keeps_the_previous_checkpoint_and_continues(tmp_path, small_d
 
 
 @pytest.mark.slow
-def test_disk_full_stops_cleanly_when_asked(tmp_path, small_disk, preprocessed, tokenizer_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_disk_full_stops_cleanly_when_asked(mode, tmp_path, small_disk, preprocessed, tokenizer_path):
     run_dir = str(tmp_path / "run")
-    proc = _train(run_dir, small_disk, preprocessed, tokenizer_path, checkpoint__on_save_error="stop")
+    proc = _train(run_dir, small_disk, preprocessed, tokenizer_path, checkpoint__on_save_error="stop",
+                  checkpoint__async=mode == "async")
     assert proc.returncode != 0
     assert "megapile: error: saving global_step4 failed" in proc.stderr
-    assert [r["step"] for r in read_metrics(run_dir)][-1] == 4
+    assert [r["step"] for r in read_metrics(run_dir)][-1] == (4 if mode == "sync" else 5)
     assert find_resumable(small_disk).step == 2
 
 

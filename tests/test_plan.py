@@ -38,6 +38,20 @@ def test_model_states_by_hand():
     assert ckpt - logits == pytest.approx(16 * 2 * 2048 * 4 * 2048 + 2048 * 4 * 2048 * 34)
 
 
+def test_the_async_snapshot_in_host_memory(capsys):
+    """checkpoint.async keeps 12 bytes per parameter element a GPU writes (1/DP of what it holds) in host memory;
+    the plan's last column is that × the GPUs of a node."""
+    m = _model("pythia-1b.yaml")
+    n = total_params(m)
+    assert estimate(m, Layout(1, 1, 16, 1, 1, False), 2048).snapshot_bytes == pytest.approx(12 * n / 16, rel=1e-4)
+    assert main(["plan", "--model", os.path.join(ROOT, "configs", "pythia-1b.yaml"), "--gpus", "16",
+                 "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].endswith("async host GB/node")
+    row = next(r.split() for r in out[2:] if r.split()[:5] == ["1", "1", "16", "1", "1"])
+    assert float(row[-1]) == pytest.approx(12 * n / 16 * 8 / 1e9, abs=0.06)
+
+
 @pytest.mark.parametrize("zero", [2, 3])
 def test_close_to_deepspeeds_own_estimate(zero):
     m = _model("pythia-1b.yaml")

@@ -1,4 +1,5 @@
-"""A loss-spike rollback that meets a fault: a damaged target falls back to an older intact checkpoint, and a kill
+"""A loss-spike rollback that meets a fault (with asynchronous saves, checkpoint.async: the rollback first commits the
+save in flight; tests/test_spikes.py rolls back with synchronous ones): a damaged target falls back to an older intact checkpoint, and a kill
 at any stage of the rollback, restarted with the same command, ends exactly as the uninterrupted rollback run (one
 rollback spent, the spike's samples never trained).
 
@@ -24,7 +25,7 @@ from megapile.training.spikes import Rollback
 
 SETTINGS = dict(train__spike__enabled=True, train__spike__min_steps=4, train__spike__window=16, train__eval_every=0,
                 train__spike__rollback_steps=4, train__max_steps=12, train__dtype="fp32", parallel__zero_stage=1,
-                checkpoint__every=1, checkpoint__keep_last=20, checkpoint__verify="checksum")
+                checkpoint__every=1, checkpoint__keep_last=20, checkpoint__verify="checksum", checkpoint__async=True)
 SPIKE = {"MEGAPILE_SPIKE_SAMPLES": "64-80"}
 RECORD = {"skip_samples": [[64, 80]], "rollbacks": 1}  # spikes.json after the one rollback, nothing pending
 

@@ -1,19 +1,22 @@
 """A training run's checkpoint save and load: collective, every rank writing and sealing its own part.
 
-A save writes `global_stepN.tmp/`: every rank's slices of the fp32 masters and Adam moments (megapile/checkpoint/
-fragments.py), megapile's state (with DeepSpeed's step counters and loss scale) and the carried tokenizer. Every
-rank then fsyncs and checksums the files it wrote, in parallel, and rank 0 writes the manifest from all of them,
-renames the folder to `global_stepN/` and only then replaces `latest` (megapile/checkpoint/__init__.py describes
-the folder and why a kill at any instant leaves the previous checkpoint loadable). DeepSpeed's own checkpoint is
-not written: the slices hold everything it would (the module's weights are the masters, rounded as DeepSpeed
-rounds them after each step), and it could only be loaded on the layout that wrote it.
+A save has three parts. `stage` (collective, on the training thread): rank 0 makes `global_stepN.tmp/`, every rank
+takes its slices of the fp32 masters and Adam moments (megapile/checkpoint/fragments.py) and its RNG streams,
+rank 0 renders megapile's state (with DeepSpeed's step counters and loss scale), the slices' index and the carried
+tokenizer. `write` (no collective): every rank writes its files, fsyncs and checksums them. `commit`
+(collective): rank 0 writes the manifest from every rank's entries, renames the folder to `global_stepN/` and
+only then replaces `latest` (megapile/checkpoint/__init__.py describes the folder and why a kill at any instant
+leaves the previous checkpoint loadable). A synchronous save runs the three in a row; an asynchronous one
+(megapile/checkpoint/background.py) copies the slices at `stage`, runs `write` on a background thread and
+commits at a later step. DeepSpeed's own checkpoint is not written: the slices hold everything it would (the
+module's weights are the masters, rounded as DeepSpeed rounds them after each step), and it could only be loaded
+on the layout that wrote it.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -50,116 +53,118 @@ class Slices:
     plan: TensorPlan  # the model family's tensor-parallel plan: which parameters are split, along which dim
 
 
+@dataclass
+class Staged:
+    """A save between its snapshot (`stage`) and its commit: what this rank writes, and where."""
+
+    directory: str
+    tag: str
+    started: float  # time.perf_counter() at the snapshot
+    files: list  # this rank's slice files: [(name under portable/, {key: tensor})] (fragments.collect)
+    shared: dict[str, bytes]  # rank 0's: the state file, the slices' index and the carried files, by relative path
+
+    @property
+    def tmp(self) -> str:
+        return os.path.join(self.directory, self.tag + ".tmp")
+
+    @property
+    def final(self) -> str:
+        return os.path.join(self.directory, self.tag)
+
+
 def save(engine, directory: str, step: int, state: dict[str, Any], cfg: CheckpointConfig,
          is_main: bool, slices: Slices, files: Optional[dict[str, bytes]] = None,
          show_progress: bool = False) -> dict[str, float]:
-    """Collective: every rank writes its slices (megapile/checkpoint/fragments.py), then checksums and fsyncs its
-    share of the files; rank 0 writes the state, index and manifest and renames. Returns timing figures.
-
-    `files` ({relative path: contents}) are written by rank 0 into the checkpoint too, under the manifest.
+    """Collective: `stage`, `write` and `commit` in a row (a synchronous save). Returns timing figures.
 
     A write that fails on any rank (disk full, I/O error) fails the save on every rank with CheckpointError,
     after removing the partial `.tmp` folder; nothing that existed before is touched.
     """
+    staged = stage(engine, directory, step, state, is_main, slices, files)
+    written = write(staged, show_progress and is_main)
+    return commit(staged, written, cfg, is_main)
+
+
+def stage(engine, directory: str, step: int, state: dict[str, Any], is_main: bool, slices: Slices,
+          files: Optional[dict[str, bytes]] = None, buffers: Optional[fragments.Buffers] = None) -> Staged:
+    """Collective, on the training thread: rank 0 makes `global_stepN.tmp/`; every rank takes its slices of the fp32
+    masters and Adam moments (copied into `buffers` when given: an asynchronous save's snapshot, which training may
+    then change) and its RNG streams; rank 0 renders megapile's state, the slices' index and the carried `files`
+    ({relative path: contents}) to bytes. Nothing is written yet but the empty folder."""
     tag = f"global_step{step}"
-    tmp, final = os.path.join(directory, tag + ".tmp"), os.path.join(directory, tag)
-    start = time.perf_counter()
+    staged = Staged(directory, tag, time.perf_counter(), [], {})
     error = None
     if is_main:
         try:
             os.makedirs(directory, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-            os.makedirs(tmp)
+            shutil.rmtree(staged.tmp, ignore_errors=True)  # left by a save that was killed
+            os.makedirs(os.path.join(staged.tmp, fragments.DIR))
         except OSError as e:
             error = e
-    _raise_if_any_failed(error, tag, tmp, is_main)
-    written, step = ([], {}), 0
+    _raise_if_any_failed(error, tag, staged.tmp, is_main)
+    accessor = slices_access.holder(engine)
+    params = slices_access.held(engine, slices.layout, slices.rank, slices.num_layers, slices.plan)
+    pieces, described, staged.files = fragments.collect(accessor, params, slices.layout, slices.rank, buffers)
+    gathered = _gather((rng.capture(), (pieces, described)))
+    if is_main:
+        scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler else None
+        index = fragments.index_of([g[1] for g in gathered], slices_access.optimizer_step(accessor), scheduler,
+                                   slices.layout.as_dict())
+        staged.shared = {
+            STATE_FILE: json.dumps({**state, "rng": [g[0] for g in gathered], "engine": _engine_state(engine)}).encode(),
+            f"{fragments.DIR}/{fragments.INDEX}": json.dumps(index).encode(),
+            **(files or {}),
+        }
+    return staged
+
+
+def write(staged: Staged, show_progress: bool = False) -> tuple[dict[str, dict], Optional[OSError]]:
+    """No collective (an asynchronous save runs it on a background thread): write this rank's files into the
+    `.tmp` folder, fsync and checksum them. Returns their manifest entries, or the error that stopped it."""
     try:
-        accessor = slices_access.holder(engine)
-        params = slices_access.held(engine, slices.layout, slices.rank, slices.num_layers, slices.plan)
-        written = fragments.write(accessor, params, slices.layout, slices.rank, tmp)
-        step = slices_access.optimizer_step(accessor)
+        rels = fragments.write_files(staged.tmp, staged.files)
+        for rel, data in staged.shared.items():
+            path = os.path.join(staged.tmp, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+            rels.append(rel)
+        return manifest.seal(staged.tmp, rels, show_progress), None
     except Exception as e:  # noqa: BLE001 (safetensors reports I/O errors as its own SafetensorError)
-        error = _as_os_error(e, directory)
-    gathered = _gather((rng.capture(), written))
-    _raise_if_any_failed(error, tag, tmp, is_main)  # every rank's files are on disk past this point
+        return {}, _as_os_error(e, staged.directory)
+
+
+def commit(staged: Staged, written: tuple[dict[str, dict], Optional[OSError]], cfg: CheckpointConfig,
+           is_main: bool) -> dict[str, float]:
+    """Collective, on the training thread, once every rank's `write` has returned: rank 0 writes the manifest from
+    every rank's entries, renames the folder to `global_stepN/` and only then replaces `latest` and prunes. A
+    rank's failed write fails the save on every rank (CheckpointError; the `.tmp` folder removed)."""
+    entries, error = written
+    _raise_if_any_failed(error, staged.tag, staged.tmp, is_main)
+    gathered = _gather(entries)
     if is_main:
         try:
-            _write_shared_files(engine, tmp, {**state, "rng": [g[0] for g in gathered]}, files or {},
-                                [g[1] for g in gathered], step, slices.layout)
+            manifest.write_entries(staged.tmp, {rel: e for part in gathered for rel, e in part.items()})
+            _replace_dir(staged.tmp, staged.final)
+            manifest.fsync_dir(staged.directory)
         except OSError as e:
             error = e
-    _raise_if_any_failed(error, tag, tmp, is_main)
-    _seal(tmp, slices, is_main, show_progress)
+    _raise_if_any_failed(error, staged.tag, staged.tmp, is_main)
     figures = {}
-    if is_main:
-        try:
-            _replace_dir(tmp, final)
-            manifest.fsync_dir(directory)
-        except OSError as e:
-            error = e
-    _raise_if_any_failed(error, tag, tmp, is_main)
     if is_main:
         # The checkpoint is complete and found by a directory scan from here on; a failure to update
         # `latest` or to prune old checkpoints is reported but does not undo it.
         try:
-            _write_latest(directory, tag)
-            prune(directory, cfg)
+            _write_latest(staged.directory, staged.tag)
+            prune(staged.directory, cfg)
         except OSError as e:
-            print(f"warning: checkpoint {final} is complete, but updating latest/pruning failed: {e}", file=sys.stderr)
-        seconds = time.perf_counter() - start
-        size = manifest.total_bytes(final)
+            print(f"warning: checkpoint {staged.final} is complete, but updating latest/pruning failed: {e}",
+                  file=sys.stderr)
+        seconds = time.perf_counter() - staged.started
+        size = manifest.total_bytes(staged.final)
         figures = {"save_seconds": seconds, "save_mb": size / 1e6, "save_mb_per_s": size / 1e6 / max(seconds, 1e-9)}
     _barrier()
     return figures
-
-
-def _write_shared_files(engine, tmp: str, state: dict[str, Any], files: dict[str, bytes], written: list,
-                        optimizer_step: int, layout: Layout) -> None:
-    """Rank 0's part: megapile's state (with DeepSpeed's counters), the carried files, the slices' index."""
-    with open(os.path.join(tmp, STATE_FILE), "w") as f:
-        json.dump({**state, "engine": _engine_state(engine)}, f)
-    for rel, data in files.items():
-        os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-        with open(os.path.join(tmp, rel), "wb") as f:
-            f.write(data)
-    scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler else None
-    fragments.write_index(tmp, written, optimizer_step, scheduler, layout.as_dict())
-
-
-def _seal(tmp: str, slices: Slices, is_main: bool, show_progress: bool) -> None:
-    """Every rank fsyncs and checksums its share of the files (the ones it wrote, where the name says which), in
-    parallel; rank 0 lists and shares them out and writes the manifest from all shares. A failure fails the save
-    on every rank."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    error, entries, plan = None, {}, [None]
-    if is_main:
-        try:
-            plan = [manifest.shares(tmp, manifest.files(tmp), world, _writer)]
-        except OSError as e:
-            error = e
-    if dist.is_initialized():
-        dist.broadcast_object_list(plan, src=0)
-    try:
-        entries = manifest.seal(tmp, plan[0][slices.rank], show_progress and is_main) if plan[0] else {}
-    except OSError as e:
-        error = e
-    gathered = _gather(entries)
-    if is_main and error is None:
-        try:
-            manifest.write_entries(tmp, {rel: e for part in gathered for rel, e in part.items()})
-        except OSError as e:
-            error = e
-    _raise_if_any_failed(error, os.path.basename(tmp)[:-len(".tmp")], tmp, is_main)
-
-
-_SLICE_FILE = re.compile(rf"^{fragments.DIR}/rank(\d+)-\d+\.safetensors$")
-
-
-def _writer(rel: str) -> Optional[int]:
-    """The rank that wrote file `rel`, when its name says (its slices); None for the rest."""
-    m = _SLICE_FILE.match(rel)
-    return int(m.group(1)) if m else None
 
 
 def _as_os_error(error: Exception, directory: str) -> OSError:

@@ -54,56 +54,121 @@ class Piece:
 def write(accessor, params_held: list, layout: Layout, rank: int, directory: str) -> tuple[list[Piece], dict]:
     """Write this rank's slices (`slices.holder` and `slices.held` of its engine) under `directory`/portable/;
     return them and what this rank knows of each parameter ({name: {"shape", "split_dim", "tensor"}})."""
-    os.makedirs(os.path.join(directory, DIR), exist_ok=True)
-    pieces, params, batch, size, files = [], {}, {}, 0, 0
+    pieces, params, files = collect(accessor, params_held, layout, rank)
+    write_files(directory, files)
+    return pieces, params
+
+
+def collect(accessor, params_held: list, layout: Layout, rank: int, buffers: Optional["Buffers"] = None
+            ) -> tuple[list[Piece], dict, list[tuple[str, dict[str, torch.Tensor]]]]:
+    """This rank's slices as they will be written: (pieces, params as `write` returns them, [(file name,
+    {key: tensor})]). Without `buffers` the tensors are the optimizer's own (on the CPU in fp32, views of its
+    storage: written at once, no copy); with them, copies in host memory that training may not touch (an
+    asynchronous save's snapshot)."""
+    pieces, params, files, batch, size = [], {}, [], {}, 0
     for h, kind, start, values in _own_slices(accessor, params_held, layout, rank):
         params[h.name] = {"shape": list(h.shape), "split_dim": h.split_dim, "tensor": h.tensor}
         key = f"{kind}/{h.name}/{h.tp_rank}/{start}"
-        file = f"rank{rank:05d}-{files}.safetensors"
-        # on the CPU in fp32 the slice itself, no copy (safetensors takes non-overlapping views of one storage)
-        batch[key] = values.detach().to("cpu", torch.float32).contiguous()
+        file = f"rank{rank:05d}-{len(files)}.safetensors"
+        # safetensors takes non-overlapping views of one storage
+        batch[key] = buffers.copy(key, values) if buffers is not None else \
+            values.detach().to("cpu", torch.float32).contiguous()
         pieces.append(Piece(h.name, kind, h.tp_rank, start, start + values.numel(), file, key))
         size += values.numel() * 4
         if size >= FILE_BYTES:
-            save_file(batch, os.path.join(directory, DIR, file))
-            batch, size, files = {}, 0, files + 1
+            files.append((file, batch))
+            batch, size = {}, 0
     if batch:
-        save_file(batch, os.path.join(directory, DIR, f"rank{rank:05d}-{files}.safetensors"))
-    return pieces, params
+        files.append((f"rank{rank:05d}-{len(files)}.safetensors", batch))
+    if buffers is not None:
+        buffers.synchronize()
+    return pieces, params, files
+
+
+def write_files(directory: str, files: list[tuple[str, dict[str, torch.Tensor]]]) -> list[str]:
+    """Write `collect`'s files under `directory`/portable/; their paths relative to `directory`."""
+    os.makedirs(os.path.join(directory, DIR), exist_ok=True)
+    for file, tensors in files:
+        save_file(tensors, os.path.join(directory, DIR, file))
+    return [f"{DIR}/{file}" for file, _ in files]
+
+
+class Buffers:
+    """Host memory an asynchronous save copies this rank's slices into, kept from one save to the next (12 bytes
+    per parameter element held: the fp32 master and two moments). Pinned when the values are on a GPU, so the
+    copies run without a host sync each; `synchronize` waits for them once."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._device_copies = False
+
+    def copy(self, key: str, values: torch.Tensor) -> torch.Tensor:
+        values = values.detach().reshape(-1)
+        buffer = self.tensors.get(key)
+        if buffer is None or buffer.numel() != values.numel():
+            buffer = torch.empty(values.numel(), dtype=torch.float32, pin_memory=values.is_cuda)
+            self.tensors[key] = buffer
+        buffer.copy_(values, non_blocking=values.is_cuda)
+        self._device_copies |= values.is_cuda
+        return buffer
+
+    def synchronize(self) -> None:
+        if self._device_copies:
+            torch.cuda.synchronize()
+            self._device_copies = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * 4 for t in self.tensors.values())
 
 
 def _own_slices(accessor, params: list, layout: Layout, rank: int) -> Iterator[tuple]:
     """(parameter, kind, start, values) for each slice this rank saves."""
     for h in params:
-        span = accessor.span(h) if h.owner else None
+        span = _own_span(accessor, h, layout, rank)
         if span is None:
             continue
         start, end = span
-        if accessor.replicated:  # ZeRO-0: each data-parallel replica writes its share of the range
-            share = -(-(end - start) // layout.data)
-            d = layout.data_rank(rank)
-            start, end = start + d * share, min(end, start + (d + 1) * share)
-            if start >= end:
-                continue
         for kind in KINDS:
             values = accessor.get(h, kind)
             if values is not None:
-                offset = start - span[0]
+                offset = start - accessor.span(h)[0]
                 yield h, kind, start, values[offset:offset + end - start]
 
 
-def write_index(directory: str, gathered: list[tuple[list[Piece], dict]], step: int, scheduler: Optional[dict],
-                layout: dict) -> None:
-    """index.json from every rank's (pieces, params); rank 0 only."""
+def _own_span(accessor, h, layout: Layout, rank: int) -> Optional[tuple[int, int]]:
+    """The flat range of parameter `h` whose slices this rank writes, if any."""
+    span = accessor.span(h) if h.owner else None
+    if span is None:
+        return None
+    start, end = span
+    if accessor.replicated:  # ZeRO-0: each data-parallel replica writes its share of the range
+        share = -(-(end - start) // layout.data)
+        d = layout.data_rank(rank)
+        start, end = start + d * share, min(end, start + (d + 1) * share)
+    return (start, end) if start < end else None
+
+
+def own_elements(accessor, params: list, layout: Layout, rank: int) -> int:
+    """How many elements of each kind this rank writes (an asynchronous save copies 3 × 4 bytes of each)."""
+    return sum(end - start for h in params if (span := _own_span(accessor, h, layout, rank)) for start, end in [span])
+
+
+def index_of(gathered: list[tuple[list[Piece], dict]], step: int, scheduler: Optional[dict], layout: dict) -> dict:
+    """index.json's contents from every rank's (pieces, params); rank 0 only."""
     params, pieces = {}, {}
     for rank_pieces, rank_params in gathered:
         params.update(rank_params)
         for p in rank_pieces:
             pieces.setdefault(p.name, []).append([p.kind, p.tp_rank, p.start, p.end, p.file, p.key])
-    index = {"format": 1, "layout": layout, "optimizer_step": step, "lr_scheduler": scheduler,
-             "params": params, "pieces": pieces}
+    return {"format": 1, "layout": layout, "optimizer_step": step, "lr_scheduler": scheduler,
+            "params": params, "pieces": pieces}
+
+
+def write_index(directory: str, gathered: list[tuple[list[Piece], dict]], step: int, scheduler: Optional[dict],
+                layout: dict) -> None:
     with open(os.path.join(directory, DIR, INDEX), "w") as f:
-        json.dump(index, f)
+        json.dump(index_of(gathered, step, scheduler, layout), f)
 
 
 def read_padded_rows(name: str, saved_shape: list[int], shape: tuple[int, ...], split_dim: Optional[int], start: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import deepspeed
 import torch
@@ -287,22 +288,72 @@ def _set_aside_newer(run: Run, found: "checkpoint.Found") -> None:
 
 def save(run: Run, position: Position, must_succeed: bool = False) -> None:
     """Checkpoint `position`. A failed save raises when `must_succeed` (last step, stop signal) or when
-    checkpoint.on_save_error is "stop"; otherwise it is reported and training goes on."""
+    checkpoint.on_save_error is "stop"; otherwise it is reported and training goes on.
+
+    With checkpoint.async a periodic save is snapshotted here and written in the background (`poll` commits it at
+    a later step); a save that must succeed first waits for the one in flight, then saves synchronously: the
+    exit that follows promises a checkpoint of this very step."""
     cfg, step = run.cfg, position.step
+    finish(run, why=f"the save of step {step}")
     if any_rank([not _weights_finite(run.engine)], run.env.world_size)[0]:
         raise TrainingError(f"step {step}: the weights contain NaN or Inf; refusing to save a checkpoint over good ones")
+    slices, show = _slices(run), cfg.logging.progress
     try:
+        if run.background is not None and not must_succeed:
+            begun = time.perf_counter()
+            staged = collective.stage(run.engine, run.ckpt_dir, step, _state(run, position), run.env.is_main, slices,
+                                      run.tokenizer_files, run.background.buffers)
+            run.background.start(staged, step, time.perf_counter() - begun)
+            return
         figures = collective.save(run.engine, run.ckpt_dir, step, _state(run, position), cfg.checkpoint,
-                                  run.env.is_main, _slices(run), files=run.tokenizer_files,
-                                  show_progress=cfg.logging.progress)
+                                  run.env.is_main, slices, files=run.tokenizer_files, show_progress=show)
     except checkpoint.CheckpointError as e:
-        if must_succeed or cfg.checkpoint.on_save_error == "stop":
-            raise TrainingError(str(e)) from None
-        run.logger.message(f"error: {e}; training continues (checkpoint.on_save_error=continue)")
+        _save_failed(run, e, must_succeed)
         return
     if figures:
         run.logger.message(f"saved checkpoint {run.ckpt_dir}/global_step{step}: {figures['save_mb']:.1f} MB in "
                            f"{figures['save_seconds']:.2f} s ({figures['save_mb_per_s']:.0f} MB/s)")
+
+
+def poll(run: Run) -> bool:
+    """Once per step with checkpoint.async: commit the save in flight if every rank has written its part."""
+    if run.background is not None and run.background.in_flight and run.background.ready():
+        _commit(run)
+        return True
+    return False
+
+
+def finish(run: Run, why: str) -> None:
+    """Wait for the asynchronous save in flight, if any, and commit it (before a save, the end of training, a
+    stop or a rollback act). A wait is logged and counted."""
+    background = run.background
+    if background is None or not background.in_flight:
+        return
+    waited = background.wait()
+    if waited > 0:
+        run.logger.message(f"{why} waits {waited:.2f} s for the checkpoint of step {background.step} to finish "
+                           f"writing in the background (wait {background.waits}, {background.waited_seconds:.2f} s "
+                           "in all; a larger checkpoint.every or faster storage avoids them)")
+    _commit(run)  # every rank has waited for its own write: the commit's collectives find all of them done
+
+
+def _commit(run: Run) -> None:
+    staged, written = run.background.take()
+    try:
+        figures = collective.commit(staged, written, run.cfg.checkpoint, run.env.is_main)
+    except checkpoint.CheckpointError as e:
+        _save_failed(run, e, must_succeed=False)
+        return
+    if figures:
+        run.logger.message(f"saved checkpoint {staged.final}: {figures['save_mb']:.1f} MB, training blocked "
+                           f"{run.background.snapshot_seconds:.2f} s by the snapshot, written in the background and "
+                           f"committed {figures['save_seconds']:.2f} s after it")
+
+
+def _save_failed(run: Run, error: "checkpoint.CheckpointError", must_succeed: bool) -> None:
+    if must_succeed or run.cfg.checkpoint.on_save_error == "stop":
+        raise TrainingError(str(error)) from None
+    run.logger.message(f"error: {error}; training continues (checkpoint.on_save_error=continue)")
 
 
 def _state(run: Run, position: Position) -> dict:

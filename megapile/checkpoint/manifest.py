@@ -49,26 +49,6 @@ def seal(directory: str, rels: list[str], show_progress: bool = False) -> dict[s
     return {rel: {"size": os.path.getsize(path), "crc32": crc} for rel, path, crc in zip(rels, paths, _crc_all(paths))}
 
 
-def shares(directory: str, rels: list[str], world: int, writer) -> list[list[str]]:
-    """Split `rels` between `world` ranks to seal: a file goes to the rank `writer(rel)` names (the one that wrote
-    it, whose fsync flushes its own cache), the others to whichever share is smallest so far, by bytes."""
-    out: list[list[str]] = [[] for _ in range(world)]
-    load = [0] * world
-    unowned = []
-    for rel in rels:
-        rank = writer(rel)
-        if rank is not None and 0 <= rank < world:
-            out[rank].append(rel)
-            load[rank] += os.path.getsize(os.path.join(directory, rel))
-        else:
-            unowned.append(rel)
-    for rel in sorted(unowned, key=lambda r: -os.path.getsize(os.path.join(directory, r))):
-        rank = min(range(world), key=lambda r: load[r])
-        out[rank].append(rel)
-        load[rank] += os.path.getsize(os.path.join(directory, rel))
-    return out
-
-
 def write_entries(directory: str, entries: dict[str, dict]) -> dict:
     """manifest.json (fsynced) listing `entries`; written last, so its presence means the files are complete."""
     manifest = {"format": 1, "files": dict(sorted(entries.items()))}

@@ -16,6 +16,9 @@ Memory per GPU = model states + activations, in bytes, for bf16 mixed precision 
   layer's working set during its recomputation. With a pipeline, the first stage keeps PP micro-batches
   in flight (1F1B). The last stage adds the fp32 logits of one micro-batch, s·b·V/TP × 4.
 - Fits when total × 1.1 (allocator fragmentation) + 1.5 GB (CUDA context, NCCL buffers) ≤ GPU memory.
+- Host memory for `checkpoint.async` (megapile/checkpoint/background.py), per node: each GPU's snapshot is the
+  part of the fp32 masters and Adam moments it writes, 12 bytes per parameter element, 1/DP of what it holds
+  whole (ZeRO shards them; ZeRO-0's replicas each write a 1/DP share), times the GPUs of a node.
 
 Only layouts that training accepts are listed (in bf16): the same rule, `parallel.layout.layout_refusal`, decides
 both (e.g. tensor parallelism takes ZeRO-1/2, a pipeline ZeRO-1 in bf16, both together ZeRO-1 only).
@@ -27,6 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+from megapile.checkpoint.background import SNAPSHOT_BYTES_PER_ELEMENT
 from megapile.config import ConfigError, ModelConfig, load_config
 from megapile.parallel.layout import layout_refusal
 
@@ -55,6 +59,11 @@ class Estimate:
     @property
     def total_bytes(self) -> float:
         return (self.states_bytes + self.activation_bytes) * _FRAGMENTATION + _CONTEXT_BYTES
+
+    @property
+    def snapshot_bytes(self) -> float:
+        """Host memory one GPU's asynchronous-checkpoint snapshot takes (checkpoint.async)."""
+        return SNAPSHOT_BYTES_PER_ELEMENT * self.params_per_gpu / self.layout.dp
 
     def fits(self, gpu_memory_gb: float) -> bool:
         return self.total_bytes <= gpu_memory_gb * GB
@@ -179,7 +188,8 @@ def cli_main(args: argparse.Namespace) -> int:
     print(f"{args.model}: {total_params(m) / 1e9:.2f}B parameters, seq {seq}, global batch "
           f"{cfg.train.global_batch_size}, {args.gpus} GPUs x {args.gpu_memory:g} GB")
     print(f"{'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'micro':>5} {'act.ckpt':>8} {'params/GPU*':>11} "
-          f"{'states GB':>9} {'activ. GB':>9} {'total GB':>8} {'fits':>4} {'DeepSpeed states GB':>19}")
+          f"{'states GB':>9} {'activ. GB':>9} {'total GB':>8} {'fits':>4} {'DeepSpeed states GB':>19} "
+          f"{'async host GB/node':>18}")
     shown = 0
     for e in rows:
         fits = e.fits(args.gpu_memory)
@@ -188,7 +198,8 @@ def cli_main(args: argparse.Namespace) -> int:
         lay, ds = e.layout, deepspeed_estimate_gb(m, e.layout)
         print(f"{lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.zero:>4} {lay.micro:>5} {'yes' if lay.checkpointing else 'no':>8} "
               f"{e.params_per_gpu / 1e9:>10.2f}B {e.states_bytes / GB:>9.1f} {e.activation_bytes / GB:>9.1f} "
-              f"{e.total_bytes / GB:>8.1f} {'yes' if fits else 'no':>4} {'' if ds is None else f'{ds:.1f}':>19}")
+              f"{e.total_bytes / GB:>8.1f} {'yes' if fits else 'no':>4} {'' if ds is None else f'{ds:.1f}':>19} "
+              f"{e.snapshot_bytes * min(args.gpus_per_node, args.gpus) / GB:>18.1f}")
         shown += 1
     print("* parameters one GPU holds before ZeRO shards them (its pipeline stage's layers / TP)")
     if not shown:

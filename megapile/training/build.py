@@ -10,10 +10,12 @@ import math
 import os
 from typing import Optional
 
+import psutil
 import torch
 import yaml
 
 from megapile import checkpoint
+from megapile.checkpoint import background, fragments, slices
 from megapile.checkpoint.rng import seed_everything
 from megapile.config import Config, ConfigError, DatasetSpec
 from megapile.data import DataError
@@ -23,6 +25,7 @@ from megapile.data.tokenizer import load_tokenizer
 from megapile.evaluation import component_eval
 from megapile.hf.export import apply_init_from
 from megapile.model import GPT, build_model, meta_gpt
+from megapile.parallel.collectives import any_rank
 from megapile.parallel.ds_config import precision_line, resolve_parallel
 from megapile.parallel.layout import Layout, pad_vocab_for_tensor
 from megapile.parallel.parallelize import TrainState, parallelize
@@ -80,18 +83,34 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
             f"{cfg.train.global_batch_size}, seq {cfg.train.seq_len}, {layout.describe()}; "
             f"MFU against {peak:.2f} TFLOP/s ({peak_source})"
         )
+        if cfg.checkpoint.async_:
+            _check_snapshot_memory(cfg, env, layout, state, peers)
         fingerprints = {"tokenizer": tokenizer_print, "train_data": batches.stream.fingerprint}
         spikes = SpikeDetector(cfg.train.spike) if cfg.train.spike.enabled else None
         return Run(cfg, env, device, layout, state, batches, valid_batches, logger, ckpt_dir, accum, flops_per_token,
                    peak, fingerprints, components, tokenizer_files, spikes,
                    _pipeline_judge(state, spikes, layout, accum) if spikes and state.pipelined else None, lock,
-                   peers, beat, _stragglers(cfg, env, peers, device, state))
+                   peers, beat, _stragglers(cfg, env, peers, device, state),
+                   background.Background(env.world_size) if cfg.checkpoint.async_ else None)
     except BaseException:  # a failed start-up leaves the directory to the next run at once
         if lock is not None:
             lock.release()
         if beat is not None:
             beat.stop()
         raise
+
+
+def _check_snapshot_memory(cfg: Config, env: distributed.DistEnv, layout: Layout, state: TrainState,
+                           peers: peers_.Peers) -> None:
+    """checkpoint.async keeps a snapshot of each rank's slices in host memory: refused in one line, on every rank
+    alike, where this host's ranks would not fit it (megapile/checkpoint/background.py)."""
+    held = slices.held(state.engine, layout, env.rank, cfg.model.num_layers, cfg.model.family.tensor_plan)
+    elements = fragments.own_elements(slices.holder(state.engine), held, layout, env.rank)
+    here = sum(p.host == peers[env.rank].host for p in peers.peers)
+    why = background.refusal(elements * background.SNAPSHOT_BYTES_PER_ELEMENT, here, psutil.virtual_memory().available)
+    if any_rank([why is not None], env.world_size)[0]:
+        raise ConfigError(why or "checkpoint.async: another host's ranks have too little host memory for the "
+                          "snapshot; set checkpoint.async=false")
 
 
 def _pipeline_judge(state: TrainState, spikes: SpikeDetector, layout: Layout, accum: int) -> PipelineJudge:

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 
+from megapile.checkpoint.background import Background
 from megapile.checkpoint.state_file import RunState
 from megapile.config import Config
 from megapile.data.loader import Batches
@@ -61,6 +62,7 @@ class Run:
     peers: Optional[Peers] = None  # every rank's host, address and pid: who a failed collective points at
     heartbeat: Optional[Heartbeat] = None  # names a silent rank within train.heartbeat_timeout_s (world > 1)
     stragglers: Optional[StragglerWatch] = None  # names a rank whose forward passes lag (train.straggler_ratio)
+    background: Optional[Background] = None  # checkpoint.async: the save being written in the background
 
     @property
     def engine(self) -> Any:

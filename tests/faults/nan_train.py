@@ -16,6 +16,11 @@ parallelism: on the last stage), and reports read by the tests (a test harness, 
                                before the first loss-spike rollback (bit rot that checkpoint.verify=checksum finds)
     MEGAPILE_SIGTERM_AT_STEP=N  rank 0 sends itself SIGTERM just before step N trains (a stop scheduled by progress)
     MEGAPILE_SLOW_RANK=r       a straggler: rank r's every training forward pass sleeps twice its own compute time
+    MEGAPILE_KILL_IN_SAVE=stage:n:r  rank r SIGKILLs itself inside the n-th save of this process (checkpoint.async),
+                               a moment defined by progress: "snapshot" (the .tmp folder made and the slices copied,
+                               nothing written), "write" (in the background thread: the slices written, not
+                               sealed), "written" (every write done, the commit not begun), "commit" (the manifest
+                               written, the folder not yet renamed: rank 0 only)
 
 For each NaN or spike step, every rank prints whether its weights came out of the step exactly as they went in.
 """
@@ -31,7 +36,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from megapile import model, train  # noqa: E402
-from megapile.checkpoint import manager  # noqa: E402
+from megapile.checkpoint import collective, fragments, manager, manifest  # noqa: E402
 from megapile.parallel import pipeline  # noqa: E402
 from megapile.runtime.process_exit import exit_now  # noqa: E402
 
@@ -175,6 +180,32 @@ def loop(run, start, stop):
     return summary
 
 
+KILL_IN_SAVE = os.environ.get("MEGAPILE_KILL_IN_SAVE", "::").split(":")
+_saves = {}  # calls so far of each hooked save stage in this process
+
+
+def _hook_save(module, name, stage, before=False):
+    """Kill this rank at the n-th call of module.`name` (before or after it) when MEGAPILE_KILL_IN_SAVE names `stage`."""
+    original = getattr(module, name)
+    kill_stage, nth, rank = KILL_IN_SAVE
+
+    def die():
+        if kill_stage == stage and RANK == rank and _saves.setdefault(stage, 0) == int(nth):
+            _say(f"rank {RANK} killed in save {nth} at {stage}")
+            os.kill(os.getpid(), signal.SIGKILL)  # no handler, no clean-up (from the writer thread too)
+
+    def hooked(*args, **kwargs):
+        _saves[stage] = _saves.get(stage, 0) + (1 if before else 0)
+        if before:
+            die()
+        out = original(*args, **kwargs)
+        if not before:
+            _saves[stage] = _saves.get(stage, 0) + 1
+            die()
+        return out
+    setattr(module, name, hooked)
+
+
 model.GPT.forward = forward
 pipeline.lm_loss = lm_loss
 train.train_step = train_step
@@ -183,4 +214,8 @@ manager.roll_back = roll_back
 _hook("_write_spike_record", before="before-record", after="recorded")  # its first call writes the decision
 _hook("_load", after="loaded")
 _hook("_set_aside_newer", after="set-aside")
+_hook_save(fragments, "collect", "snapshot")
+_hook_save(fragments, "write_files", "write")
+_hook_save(collective, "commit", "written", before=True)
+_hook_save(manifest, "write_entries", "commit")
 exit_now(train.main())  # as megapile/train.py ends
