@@ -2,7 +2,10 @@
 moments, restarting each time; prints faults injected / survived / steps lost and whether the finished run
 equals the uninterrupted one bit for bit.
 
-    python bench/faults.py --kills 50 --steps 400
+    python bench/faults.py --kills 50 --steps 400 [--async]
+
+--async saves with checkpoint.async: the "save" and "seal" kills then land in the background write (the .tmp
+folder exists from the snapshot to the commit) while training steps go on.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--steps", type=int, default=400)  # long enough that K kills land before the end
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--async", dest="async_", action="store_true", help="checkpoint.async=true")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="megapile_faults_")
     prefix, tok = bench_data.build(work)
@@ -35,7 +39,7 @@ def main() -> None:
     def overrides(run_dir):
         return small_run_overrides({"train": f"{prefix}_train", "valid": f"{prefix}_val"}, tok, run_dir,
                                    train__max_steps=args.steps, checkpoint__every=2, optim__decay_steps=args.steps,
-                                   model__dropout=0.1)
+                                   model__dropout=0.1, checkpoint__async=args.async_)
 
     ds = os.path.join(ROOT, "ds_configs", "zero1.json")
     straight = os.path.join(work, "straight")

@@ -139,6 +139,47 @@ def _final_weights(run_dir):
     return read_full_weights(found.path, found.state.zero_stage)
 
 
+class _Replica:
+    """A one-rank ZeRO-0 optimizer as `fragments.collect` sees it: its values are the live tensors."""
+
+    replicated = True
+
+    def __init__(self, values):
+        self.values = values
+
+    def span(self, h):
+        return 0, h.numel
+
+    def get(self, h, kind):
+        return self.values[h.name, kind]
+
+
+def test_a_snapshot_is_a_copy_that_training_cannot_change(tmp_path):
+    """What the background thread writes is the values at the snapshot, however the optimizer changes them after;
+    the next snapshot reuses the same buffers."""
+    from megapile.checkpoint.fragments import DIR, KINDS, Buffers, Stored, collect, write_files, write_index
+    from megapile.checkpoint.slices import Held
+    from megapile.parallel.layout import Layout
+
+    live = {("w", kind): torch.arange(12, dtype=torch.float32) + i for i, kind in enumerate(KINDS)}
+    held = [Held("w", torch.nn.Parameter(torch.zeros(3, 4)), (3, 4), None, 0, 1, True)]
+    buffers = Buffers()
+    pieces, params, files = collect(_Replica(live), held, Layout(1, 1, 1, 1), 0, buffers)
+    first = {k: v.data_ptr() for k, v in buffers.tensors.items()}
+    for value in live.values():
+        value.mul_(-1)  # the next optimizer step, while the snapshot is being written
+    write_files(str(tmp_path), files)
+    write_index(str(tmp_path), [(pieces, params)], 1, None, {"tensor": 1})
+    stored = Stored(str(tmp_path))
+    for i, kind in enumerate(KINDS):
+        assert torch.equal(stored.full("w", kind).reshape(-1), torch.arange(12, dtype=torch.float32) + i)
+    assert buffers.nbytes == 3 * 12 * 4
+    collect(_Replica(live), held, Layout(1, 1, 1, 1), 0, buffers)
+    assert {k: v.data_ptr() for k, v in buffers.tensors.items()} == first  # the same memory, refilled
+    assert torch.equal(buffers.tensors["fp32/w/0/0"], -torch.arange(12, dtype=torch.float32))
+    assert os.path.isdir(tmp_path / DIR)
+
+
 def test_the_snapshot_must_fit_in_host_memory():
     assert background.refusal(10**9, 2, 8 * 10**9) is None
     line = background.refusal(4 * 10**9, 2, 8 * 10**9)
