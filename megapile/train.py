@@ -267,6 +267,8 @@ def _record(run: Run, tally: _Tally, position: Position, grad_norm: Optional[flo
         "tokens_seen": position.tokens_seen,
         "skipped_steps": tally.skipped,
         **({"spikes_skipped": tally.spikes} if run.spikes is not None else {}),
+        # checkpoint.async: save steps (and ends) that had to wait for the previous save's background write
+        **({"save_waits": run.background.waits} if run.background is not None else {}),
         **_loss_scale_fields(run, tally),
         "elapsed_seconds": wall,
         "eta_seconds": wall / (position.step - start_step) * (cfg.max_steps - position.step),
