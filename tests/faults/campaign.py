@@ -2,7 +2,7 @@
 and check that the finished run equals an uninterrupted one bit for bit (per-step losses and final weights).
 `kill_in_rollback` kills at each stage of a loss-spike rollback instead, through tests/faults/nan_train.py.
 
-Used by tests/test_faults.py (K=10), tests/test_rollback_faults.py and bench/faults.py (K=50).
+Used by tests/test_faults.py (K=4), tests/test_rollback_faults.py, tests/test_async_checkpoint.py (its Report) and bench/faults.py (K=50).
 """
 from __future__ import annotations
 
