@@ -37,7 +37,7 @@ export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(cd "$RESULTS" && pwd)/torch_extensions}
 if [ "$SMOKE" = 1 ]; then
     PRESETS=(tiny); STEPS=${STEPS:-2}; LOG_EVERY=1; DEVICE=cpu; DTYPE=fp32; BENCH_STEPS=(--steps 2 --warmup 1)
-    MEM=(--preset tiny --device cpu --dtype fp32 --steps 1)
+    MEM=(--preset tiny --device cpu --dtype fp32 --steps 1 --options default checkpoint_all)  # two of them: the flow
 else
     PRESETS=(pythia-160m pythia-1b); STEPS=${STEPS:-30}; LOG_EVERY=5; DEVICE=cuda; DTYPE=bf16
     BENCH_STEPS=(--steps 8 --warmup 3); MEM=(--preset pythia-160m --device cuda --dtype bf16 --steps 3)
