@@ -172,7 +172,8 @@ def blocked_per_save(name: str, args, directory: str) -> dict:
             out["during"].append(_step(engine, vocab))
         out["writes"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        collective.commit(*saver.take(), cfg.checkpoint, True)
+        collective.commit(*saver.take(), cfg.checkpoint, True, prune_now=False)
+        saver.prune(directory, cfg.checkpoint)  # as megapile/checkpoint/manager.py: on a thread
         out["commit"].append(time.perf_counter() - t)
     writer = _WriterProcess()
     for _ in range(args.repeats):
@@ -185,6 +186,7 @@ def blocked_per_save(name: str, args, directory: str) -> dict:
         while not writer.done():
             out["process_during"].append(_step(engine, vocab))
         t = time.perf_counter()
+        saver.join_pruner()
         collective.commit(staged, writer.result, cfg.checkpoint, True)
         out["process_blocked"].append(blocked + time.perf_counter() - t)
     writer.close()
@@ -197,14 +199,17 @@ def blocking(args) -> None:
     rows = {name: blocked_per_save(name, args, os.path.join(args.dir, name)) for name in args.shapes.split(",")}
     print(f"blocked per save, 1 rank, ZeRO-1 fp32, seq {SEQ} micro 1; best of {args.repeats} saves, median step")
     print(f"{'shape':>6} {'params':>7} {'ckpt MB':>8} {'step s':>7} {'sync s':>7} {'async s':>8} {'/ sync':>7} "
-          f"{'/ step':>7} {'write s':>8} {'steps in it':>11} {'slowdown':>9} {'process s':>9} {'slowdown':>9}")
+          f"{'/ step':>7} {'snapshot':>8} {'commit':>7} {'write s':>8} {'steps in it':>11} {'slowdown':>9} "
+          f"{'process s':>9} {'slowdown':>9}")
     for name, r in rows.items():
         sync = min(r["sync"])
-        blocked = min(s + c for s, c in zip(r["snapshot"], r["commit"]))
+        best = min(range(len(r["snapshot"])), key=lambda i: r["snapshot"][i] + r["commit"][i])
+        blocked = r["snapshot"][best] + r["commit"][best]
         slow = statistics.median(r["during"]) / r["step"] if r["during"] else float("nan")
         slow_p = statistics.median(r["process_during"]) / r["step"] if r["process_during"] else float("nan")
         print(f"{name:>6} {r['params'] / 1e6:6.1f}M {r['mb']:8.1f} {r['step']:7.3f} {sync:7.3f} {blocked:8.3f} "
-              f"{blocked / sync:7.1%} {blocked / r['step']:7.2f} {min(r['writes']):8.2f} {len(r['during']):11d} "
+              f"{blocked / sync:7.1%} {blocked / r['step']:7.2f} {r['snapshot'][best]:8.3f} {r['commit'][best]:7.3f} "
+              f"{min(r['writes']):8.2f} {len(r['during']):11d} "
               f"{slow:8.2f}x {min(r['process_blocked']):9.3f} {slow_p:8.2f}x")
     print("async s: snapshot + commit (the loop's whole cost); write s: snapshot to every rank's write done; "
           "slowdown: median step time while the write is in flight / without (thread; then the process writer)")

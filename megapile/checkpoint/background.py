@@ -19,11 +19,12 @@ the thread costs training while it writes.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Optional
 
-from megapile.checkpoint import collective, fragments
+from megapile.checkpoint import collective, fragments, prune
 from megapile.parallel.collectives import any_rank
 
 SNAPSHOT_BYTES_PER_ELEMENT = 12  # the fp32 master and Adam's two moments, in host memory
@@ -40,6 +41,7 @@ class Background:
         self.snapshot_seconds = 0.0  # how long its snapshot blocked training
         self._thread: Optional[threading.Thread] = None
         self._result: Optional[tuple] = None  # collective.write's (entries, error), once done
+        self._pruner: Optional[threading.Thread] = None  # rank 0's: deleting checkpoints beyond checkpoint.keep_last
         self.waits = 0  # save steps (and ends) that found a save still writing
         self.waited_seconds = 0.0
 
@@ -50,6 +52,7 @@ class Background:
     def start(self, staged: collective.Staged, step: int, snapshot_seconds: float) -> None:
         """Write `staged` (made with `self.buffers`) on a background thread."""
         assert self.staged is None, "one asynchronous save at a time"
+        self.join_pruner()
         self.staged, self.step, self.snapshot_seconds, self._result = staged, step, snapshot_seconds, None
         self._thread = threading.Thread(target=self._write, name=f"megapile-save-{staged.tag}", daemon=True)
         self._thread.start()  # daemon: a process that ends abandons the write; the .tmp folder is never resumed
@@ -72,12 +75,32 @@ class Background:
         self.waited_seconds += waited
         return waited
 
+    def prune(self, directory: str, cfg) -> None:
+        """Rank 0, after a commit: delete the checkpoints beyond checkpoint.keep_last on a thread (gigabytes of
+        rmtree). A kill midway leaves an older checkpoint partly deleted, which a resume's manifest check skips;
+        the newest, just committed, is never among them."""
+        self.join_pruner()
+        self._pruner = threading.Thread(target=_prune, args=(directory, cfg), name="megapile-prune", daemon=True)
+        self._pruner.start()
+
+    def join_pruner(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
+
     def take(self) -> tuple[collective.Staged, tuple]:
         """The finished save to commit, and its write's result; nothing is in flight afterwards."""
         assert self._thread is not None and not self._thread.is_alive()
         staged, result = self.staged, self._result
         self.staged, self._thread, self._result = None, None, None
         return staged, result
+
+
+def _prune(directory: str, cfg) -> None:
+    try:
+        prune(directory, cfg)
+    except OSError as e:
+        print(f"warning: pruning old checkpoints in {directory} failed: {e}", file=sys.stderr)
 
 
 def refusal(snapshot_bytes: int, ranks_on_host: int, available_bytes: int) -> Optional[str]:

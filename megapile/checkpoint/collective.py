@@ -135,10 +135,11 @@ def write(staged: Staged, show_progress: bool = False) -> tuple[dict[str, dict],
 
 
 def commit(staged: Staged, written: tuple[dict[str, dict], Optional[OSError]], cfg: CheckpointConfig,
-           is_main: bool) -> dict[str, float]:
+           is_main: bool, prune_now: bool = True) -> dict[str, float]:
     """Collective, on the training thread, once every rank's `write` has returned: rank 0 writes the manifest from
-    every rank's entries, renames the folder to `global_stepN/` and only then replaces `latest` and prunes. A
-    rank's failed write fails the save on every rank (CheckpointError; the `.tmp` folder removed)."""
+    every rank's entries, renames the folder to `global_stepN/` and only then replaces `latest` and prunes (unless
+    not `prune_now`: the caller prunes, e.g. on a background thread). A rank's failed write fails the save on
+    every rank (CheckpointError; the `.tmp` folder removed)."""
     entries, error = written
     _raise_if_any_failed(error, staged.tag, staged.tmp, is_main)
     gathered = _gather(entries)
@@ -156,7 +157,8 @@ def commit(staged: Staged, written: tuple[dict[str, dict], Optional[OSError]], c
         # `latest` or to prune old checkpoints is reported but does not undo it.
         try:
             _write_latest(staged.directory, staged.tag)
-            prune(staged.directory, cfg)
+            if prune_now:
+                prune(staged.directory, cfg)
         except OSError as e:
             print(f"warning: checkpoint {staged.final} is complete, but updating latest/pruning failed: {e}",
                   file=sys.stderr)

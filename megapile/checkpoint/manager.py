@@ -324,10 +324,13 @@ def poll(run: Run) -> bool:
 
 
 def finish(run: Run, why: str) -> None:
-    """Wait for the asynchronous save in flight, if any, and commit it (before a save, the end of training, a
-    stop or a rollback act). A wait is logged and counted."""
+    """Wait for the asynchronous save in flight, if any, commit it and let its pruning end (before a save, the
+    end of training, a stop or a rollback act). A wait for a write is logged and counted."""
     background = run.background
-    if background is None or not background.in_flight:
+    if background is None:
+        return
+    if not background.in_flight:
+        background.join_pruner()  # no rmtree beside a save's own pruning or a rollback's moves
         return
     waited = background.wait()
     if waited > 0:
@@ -335,15 +338,18 @@ def finish(run: Run, why: str) -> None:
                            f"writing in the background (wait {background.waits}, {background.waited_seconds:.2f} s "
                            "in all; a larger checkpoint.every or faster storage avoids them)")
     _commit(run)  # every rank has waited for its own write: the commit's collectives find all of them done
+    background.join_pruner()
 
 
 def _commit(run: Run) -> None:
     staged, written = run.background.take()
     try:
-        figures = collective.commit(staged, written, run.cfg.checkpoint, run.env.is_main)
+        figures = collective.commit(staged, written, run.cfg.checkpoint, run.env.is_main, prune_now=False)
     except checkpoint.CheckpointError as e:
         _save_failed(run, e, must_succeed=False)
         return
+    if run.env.is_main:
+        run.background.prune(run.ckpt_dir, run.cfg.checkpoint)
     if figures:
         run.logger.message(f"saved checkpoint {staged.final}: {figures['save_mb']:.1f} MB, training blocked "
                            f"{run.background.snapshot_seconds:.2f} s by the snapshot, written in the background and "
