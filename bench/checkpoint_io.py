@@ -6,9 +6,10 @@ reshard takes, side by side in one run.
 1. Blocked per save, one process, ZeRO-1, fp32, at each shape (configs/tiny.yaml with a 1024-token vocabulary,
    configs/pythia-160m.yaml; sequence 128, micro-batch 1 so a CPU step takes about a second). Synchronous: the
    whole save (slices, state, tokenizer-sized files, fsyncs, CRC32 manifest, rename) blocks the loop.
-   Asynchronous (checkpoint.async, megapile/checkpoint/background.py): the snapshot into host buffers and the
-   commit block it; the write runs on a background thread while training steps go on, timed against the same
-   steps with no write in flight. The same background write from a persistent writer process (the buffers in
+   Asynchronous (checkpoint.async, megapile/checkpoint/background.py): the snapshot (what to copy, and the
+   RNG and state) and the commit block it; the copy into host buffers and the write run on a background thread
+   while training steps go on (the next optimizer step waits for the copy), timed against the same steps with no
+   write in flight. The same background write from a persistent writer process (the buffers in
    shared memory) is measured beside the thread, the choice megapile/checkpoint/background.py explains.
    Then the disk: raw sequential write (fsync) and read speed against the save and the two loads (same layout, and
    the slices as any layout reads them).
@@ -160,7 +161,7 @@ def blocked_per_save(name: str, args, directory: str) -> dict:
         t = time.perf_counter()
         _save(engine, cfg, layout, directory, step, 0)
         out["sync"].append(time.perf_counter() - t)
-    saver = background.Background(1)
+    saver = background.Background(1, engine.optimizer)  # the slices copied while the next steps run
     for _ in range(args.repeats):
         step += 1
         t = time.perf_counter()
@@ -181,6 +182,7 @@ def blocked_per_save(name: str, args, directory: str) -> dict:
         t = time.perf_counter()
         staged = collective.stage(engine, directory, step, _state(cfg, layout, engine, step), True,
                                   _slices(cfg, layout), buffers=saver.buffers)
+        saver.buffers.fill()  # the process writes the buffers: copied here, on the training thread (blocked)
         writer.start(staged)
         blocked = time.perf_counter() - t
         while not writer.done():

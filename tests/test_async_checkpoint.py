@@ -2,7 +2,9 @@
 
 One 2-rank ZeRO-1 bf16 run with dropout, saving every 2 steps, is trained twice, with checkpoint.async off and on:
 the losses are the same bit for bit and so are the checkpoints' files (slices, index, state but for the key
-itself): the snapshot is the state of the save step, whatever training does while it is written. A resume of an
+itself): the snapshot is the state of the save step, whatever training does while it is written, even with each
+snapshot's copy held back until the next optimizer step asks for it (tests/faults/nan_train.py
+MEGAPILE_LATE_SNAPSHOT). A resume of an
 asynchronous checkpoint goes on bit for bit; `megapile ckpt verify` passes it.
 
 The kill campaign on the asynchronous path (tests/faults/nan_train.py MEGAPILE_KILL_IN_SAVE): one start killed at
@@ -55,7 +57,9 @@ def straight(tmp_path_factory, preprocessed, tokenizer_path):
     dirs = {}
     for mode in (False, True):
         dirs[mode] = str(tmp_path_factory.mktemp("async" if mode else "sync") / "run")
-        dirs["output"] = _run(dirs[mode], preprocessed, tokenizer_path, checkpoint__async=mode).stdout
+        # the deferred copy of each snapshot as late as it may be: inside the next step, before its optimizer step
+        dirs["output"] = _run(dirs[mode], preprocessed, tokenizer_path, checkpoint__async=mode,
+                              env={"MEGAPILE_LATE_SNAPSHOT": "1"} if mode else None).stdout
     return dirs
 
 
@@ -178,6 +182,16 @@ def test_a_snapshot_is_a_copy_that_training_cannot_change(tmp_path):
     assert {k: v.data_ptr() for k, v in buffers.tensors.items()} == first  # the same memory, refilled
     assert torch.equal(buffers.tensors["fp32/w/0/0"], -torch.arange(12, dtype=torch.float32))
     assert os.path.isdir(tmp_path / DIR)
+
+    # deferred (checkpoint.async on CPU): nothing is copied until `fill`, the writer thread's first act, which the
+    # optimizer's next step waits for; what it copies is then safe from that step
+    deferred = Buffers(defer_cpu=True)
+    _, _, files = collect(_Replica(live), held, Layout(1, 1, 1, 1), 0, deferred)
+    assert deferred._pending and not torch.equal(files[0][1]["fp32/w/0/0"], live["w", "fp32"])
+    deferred.fill()
+    expected = live["w", "fp32"].clone()
+    live["w", "fp32"].add_(100)
+    assert torch.equal(files[0][1]["fp32/w/0/0"], expected) and not deferred._pending
 
 
 def test_the_snapshot_must_fit_in_host_memory():

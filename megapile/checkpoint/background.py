@@ -1,14 +1,17 @@
 """Asynchronous checkpoints (`checkpoint.async: true`): training goes on while the files are written.
 
-At a save step every rank copies its slices of the fp32 masters and Adam moments into host buffers kept from one
-save to the next (`fragments.Buffers`: 12 bytes per parameter element the rank holds) with its RNG streams and
-megapile's state (`collective.stage`, collective, on the training thread). A background thread then writes,
-fsyncs and checksums this rank's files (`collective.write`, no collective). The commit (manifest, rename,
-`latest`, pruning: `collective.commit`) is a collective on the training thread at the first step after every
-rank's write is done: one small all-reduce per step asks (`ready`), in the same order as training's own
-collectives, never from the thread. Until the commit the folder is `global_stepN.tmp/`, which a resume ignores,
-so a kill at any instant (snapshot, write, between write and commit, commit) leaves the newest committed
-checkpoint loadable, as a synchronous save does.
+At a save step every rank takes its slices of the fp32 masters and Adam moments, with its RNG streams and
+megapile's state (`collective.stage`, collective, on the training thread), into host buffers kept from one save
+to the next (`fragments.Buffers`: 12 bytes per parameter element the rank holds). A background thread copies the
+slices into the buffers (from a GPU the training thread copies them at once, into pinned memory), then writes,
+fsyncs and checksums this rank's files (`collective.write`, no collective). The copy overlaps the next step's
+forward and backward, which do not touch the masters and moments; the optimizer's step waits for it (a step
+pre-hook on the torch optimizer under DeepSpeed's, the only place they change). The commit (manifest, rename,
+`latest`: `collective.commit`) is a collective on the training thread at the first step after every rank's
+write is done: one small all-reduce per step asks (`ready`), in the same order as training's own collectives,
+never from the thread; pruning old checkpoints then runs on a thread of rank 0. Until the commit the folder is
+`global_stepN.tmp/`, which a resume ignores, so a kill at any instant (snapshot, write, between write and commit,
+commit) leaves the newest committed checkpoint loadable, as a synchronous save does.
 
 At most one save is in flight: a save step that finds the previous one still writing waits for it (logged and
 counted), and so do the last step, a stop signal and a loss-spike rollback (megapile/checkpoint/manager.py).
@@ -25,6 +28,8 @@ import threading
 import time
 from typing import Optional
 
+import torch
+
 from megapile.checkpoint import collective, fragments, prune
 from megapile.parallel.collectives import any_rank
 
@@ -34,9 +39,15 @@ SNAPSHOT_BYTES_PER_ELEMENT = 12  # the fp32 master and Adam's two moments, in ho
 class Background:
     """This rank's in-flight asynchronous save, if any, and the buffers its snapshots reuse."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, optimizer=None) -> None:
+        """`optimizer`: the engine's (DeepSpeed's) optimizer; its torch optimizer's step waits for a deferred copy.
+        Without one the copies are made at the snapshot, on the training thread."""
         self.world_size = world_size
-        self.buffers = fragments.Buffers()
+        self.buffers = fragments.Buffers(defer_cpu=optimizer is not None)
+        self._copied = threading.Event()  # the in-flight save's slices are in the buffers
+        self._copied.set()
+        if optimizer is not None:
+            torch_optimizer(optimizer).register_step_pre_hook(lambda *_: self.wait_copied())
         self.staged: Optional[collective.Staged] = None
         self.step = 0  # the in-flight save's step
         self.snapshot_seconds = 0.0  # how long its snapshot blocked training
@@ -55,11 +66,20 @@ class Background:
         assert self.staged is None, "one asynchronous save at a time"
         self.join_pruner()
         self.staged, self.step, self.snapshot_seconds, self._result = staged, step, snapshot_seconds, None
+        self._copied.clear()
         self._thread = threading.Thread(target=self._write, name=f"megapile-save-{staged.tag}", daemon=True)
         self._thread.start()  # daemon: a process that ends abandons the write; the .tmp folder is never resumed
 
     def _write(self) -> None:
+        try:
+            self.buffers.fill()
+        finally:
+            self._copied.set()  # a failed copy is the write's error below; the step must not wait forever
         self._result = collective.write(self.staged)
+
+    def wait_copied(self) -> None:
+        """Before the optimizer changes the masters and moments: the in-flight snapshot is copied."""
+        self._copied.wait()
 
     def ready(self) -> bool:
         """Collective: every rank's write of the in-flight save has returned (one all-reduce)."""
@@ -95,6 +115,16 @@ class Background:
         staged, result = self.staged, self._result
         self.staged, self._thread, self._result = None, None, None
         return staged, result
+
+
+def torch_optimizer(optimizer):
+    """The torch optimizer that DeepSpeed's (ZeRO's, bf16's) wraps, whose step alone changes the fp32 masters and
+    Adam's moments; the optimizer itself when DeepSpeed steps a torch optimizer directly (ZeRO-0, fp32)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"checkpoint.async: no torch optimizer under {type(optimizer).__name__}")
+    return optimizer
 
 
 def _prune(directory: str, cfg) -> None:

@@ -96,10 +96,13 @@ def write_files(directory: str, files: list[tuple[str, dict[str, torch.Tensor]]]
 class Buffers:
     """Host memory an asynchronous save copies this rank's slices into, kept from one save to the next (12 bytes
     per parameter element held: the fp32 master and two moments). Pinned when the values are on a GPU, so the
-    copies run without a host sync each; `synchronize` waits for them once."""
+    copies run without a host sync each; `synchronize` waits for them once. With `defer_cpu`, copies from CPU
+    tensors are only recorded, and made by `fill` (the writer thread, while the next forward and backward run)."""
 
-    def __init__(self) -> None:
+    def __init__(self, defer_cpu: bool = False) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.defer_cpu = defer_cpu
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, the optimizer's values) to copy
         self._device_copies = False
 
     def copy(self, key: str, values: torch.Tensor) -> torch.Tensor:
@@ -108,14 +111,23 @@ class Buffers:
         if buffer is None or buffer.numel() != values.numel():
             buffer = torch.empty(values.numel(), dtype=torch.float32, pin_memory=values.is_cuda)
             self.tensors[key] = buffer
-        buffer.copy_(values, non_blocking=values.is_cuda)
-        self._device_copies |= values.is_cuda
+        if self.defer_cpu and not values.is_cuda:
+            self._pending.append((buffer, values))
+        else:
+            buffer.copy_(values, non_blocking=values.is_cuda)
+            self._device_copies |= values.is_cuda
         return buffer
 
     def synchronize(self) -> None:
         if self._device_copies:
             torch.cuda.synchronize()
             self._device_copies = False
+
+    def fill(self) -> None:
+        """Make the deferred copies (the values must not change until this returns: the optimizer step waits)."""
+        for buffer, values in self._pending:
+            buffer.copy_(values)
+        self._pending = []
 
     @property
     def nbytes(self) -> int:

@@ -91,7 +91,7 @@ def build(cfg: Config, ds_config_path: Optional[str], env: distributed.DistEnv) 
                    peak, fingerprints, components, tokenizer_files, spikes,
                    _pipeline_judge(state, spikes, layout, accum) if spikes and state.pipelined else None, lock,
                    peers, beat, _stragglers(cfg, env, peers, device, state),
-                   background.Background(env.world_size) if cfg.checkpoint.async_ else None)
+                   background.Background(env.world_size, state.engine.optimizer) if cfg.checkpoint.async_ else None)
     except BaseException:  # a failed start-up leaves the directory to the next run at once
         if lock is not None:
             lock.release()

@@ -21,6 +21,8 @@ parallelism: on the last stage), and reports read by the tests (a test harness, 
                                nothing written), "write" (in the background thread: the slices written, not
                                sealed), "written" (every write done, the commit not begun), "commit" (the manifest
                                written, the folder not yet renamed: rank 0 only)
+    MEGAPILE_LATE_SNAPSHOT=1   checkpoint.async's deferred copy of the slices waits until the training thread needs
+                               it (its next optimizer step, or the end of the save): the latest moment it may happen
 
 For each NaN or spike step, every rank prints whether its weights came out of the step exactly as they went in.
 """
@@ -28,6 +30,7 @@ import hashlib
 import os
 import signal
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +39,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from megapile import model, train  # noqa: E402
-from megapile.checkpoint import collective, fragments, manager, manifest  # noqa: E402
+from megapile.checkpoint import background, collective, fragments, manager, manifest  # noqa: E402
 from megapile.parallel import pipeline  # noqa: E402
 from megapile.runtime.process_exit import exit_now  # noqa: E402
 
@@ -214,6 +217,38 @@ manager.roll_back = roll_back
 _hook("_write_spike_record", before="before-record", after="recorded")  # its first call writes the decision
 _hook("_load", after="loaded")
 _hook("_set_aside_newer", after="set-aside")
+def _late_snapshot():
+    """Hold each deferred copy until the training thread waits for it: if the optimizer's step did not wait, it
+    would change the masters and moments before they are copied, and the checkpoint would hold the next step's."""
+    asked = threading.Event()
+    fill, start = fragments.Buffers.fill, background.Background.start
+    wait_copied, wait = background.Background.wait_copied, background.Background.wait
+
+    def late_fill(self):
+        if self._pending:
+            asked.wait(timeout=30)  # a bound for a missing wait, which then fails the test on the bytes written
+        fill(self)
+
+    def starting(self, *args):
+        asked.clear()  # this step's own optimizer step came before the save
+        start(self, *args)
+
+    def asking(self):
+        asked.set()
+        return wait_copied(self)
+
+    def asking_wait(self):
+        asked.set()
+        return wait(self)
+
+    fragments.Buffers.fill = late_fill
+    background.Background.start = starting
+    background.Background.wait_copied = asking
+    background.Background.wait = asking_wait
+
+
+if os.environ.get("MEGAPILE_LATE_SNAPSHOT") == "1":
+    _late_snapshot()
 _hook_save(fragments, "collect", "snapshot")
 _hook_save(fragments, "write_files", "write")
 _hook_save(collective, "commit", "written", before=True)
