@@ -18,7 +18,7 @@ counted), and so do the last step, a stop signal and a loss-spike rollback (mega
 
 A thread, not a writer process: the buffers are then plain memory (no shared-memory segment to size, leak or
 clean after a kill) and a failed write is an exception in this process. bench/checkpoint_io.py measures both:
-on a 2-core CPU the thread slows the steps beside it 1.3-1.9x (its Python work contends for the interpreter
+on a 2-core CPU the thread slows the steps beside it 1.2-1.9x (its Python work contends for the interpreter
 lock), a process does not; a process writer is the next step (docs/performance.md, checkpoint I/O).
 """
 from __future__ import annotations
