@@ -128,6 +128,24 @@ def test_a_stop_waits_for_the_save_in_flight(tmp_path, preprocessed, tokenizer_p
     assert four and five and four.start() < five.start(), proc.stdout[-3000:]
 
 
+@pytest.mark.slow
+def test_a_save_that_finds_the_previous_one_writing_waits_for_it(straight, tmp_path, preprocessed, tokenizer_path):
+    """Each background write held until the training thread waits for it (MEGAPILE_HOLD_WRITE): the save of step 4
+    finds step 2's still writing and waits, the last step 6 finds step 4's; both waits logged and counted
+    (`save_waits` in the metrics, the logged line's running count), every checkpoint complete, the losses the
+    synchronous run's."""
+    run_dir = str(tmp_path / "run")
+    proc = _run(run_dir, preprocessed, tokenizer_path, checkpoint__async=True, train__max_steps=6,
+                optim__decay_steps=STEPS, env={"MEGAPILE_HOLD_WRITE": "1"})
+    for save, previous, n in ((4, 2, 1), (6, 4, 2)):
+        assert re.search(rf"the save of step {save} waits [\d.]+ s for the checkpoint of step {previous} to finish "
+                         rf"writing in the background \(wait {n}, ", proc.stdout), proc.stdout[-3000:]
+    # counted in each record as of its step (a record comes before its step's save): step 4's wait from step 5 on
+    assert [r["save_waits"] for r in read_metrics(run_dir)] == [0, 0, 0, 0, 1, 1]
+    assert _steps(run_dir) == [6, 4, 2]
+    assert losses(run_dir) == losses(straight[False])[:6]
+
+
 def _steps(run_dir):
     found = []
     ckpts = os.path.join(run_dir, "checkpoints")

@@ -21,6 +21,9 @@ parallelism: on the last stage), and reports read by the tests (a test harness, 
                                nothing written), "write" (in the background thread: the slices written, not
                                sealed), "written" (every write done, the commit not begun), "commit" (the manifest
                                written, the folder not yet renamed: rank 0 only)
+    MEGAPILE_HOLD_WRITE=1      checkpoint.async's background write of each save waits until the training thread
+                               waits for it (the next save, the end, a stop or a rollback): every save finds the
+                               previous one still writing, whatever the machine's speed
     MEGAPILE_LATE_SNAPSHOT=1   checkpoint.async's deferred copy of the slices waits until the training thread needs
                                it (its next optimizer step, or the end of the save): the latest moment it may happen
 
@@ -247,8 +250,29 @@ def _late_snapshot():
     background.Background.wait = asking_wait
 
 
+def _hold_write():
+    """Each background write starts only once the training thread waits for it (Background.wait)."""
+    asked = threading.Event()
+    write, wait = collective.write, background.Background.wait
+
+    def held(staged, *args):
+        if threading.current_thread() is not threading.main_thread():  # not a synchronous save's own write
+            asked.wait(timeout=120)  # a bound for a hang: the training thread always waits for it in the end
+            asked.clear()
+        return write(staged, *args)
+
+    def asking_wait(self):
+        asked.set()
+        return wait(self)
+
+    collective.write = held
+    background.Background.wait = asking_wait
+
+
 if os.environ.get("MEGAPILE_LATE_SNAPSHOT") == "1":
     _late_snapshot()
+if os.environ.get("MEGAPILE_HOLD_WRITE") == "1":
+    _hold_write()
 _hook_save(fragments, "collect", "snapshot")
 _hook_save(fragments, "write_files", "write")
 _hook_save(collective, "commit", "written", before=True)
