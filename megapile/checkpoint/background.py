@@ -39,15 +39,13 @@ SNAPSHOT_BYTES_PER_ELEMENT = 12  # the fp32 master and Adam's two moments, in ho
 class Background:
     """This rank's in-flight asynchronous save, if any, and the buffers its snapshots reuse."""
 
-    def __init__(self, world_size: int, optimizer=None) -> None:
-        """`optimizer`: the engine's (DeepSpeed's) optimizer; its torch optimizer's step waits for a deferred copy.
-        Without one the copies are made at the snapshot, on the training thread."""
+    def __init__(self, world_size: int, optimizer) -> None:
+        """`optimizer`: the engine's (DeepSpeed's) optimizer; its torch optimizer's step waits for a deferred copy."""
         self.world_size = world_size
-        self.buffers = fragments.Buffers(defer_cpu=optimizer is not None)
+        self.buffers = fragments.Buffers(defer_cpu=True)
         self._copied = threading.Event()  # the in-flight save's slices are in the buffers
         self._copied.set()
-        if optimizer is not None:
-            torch_optimizer(optimizer).register_step_pre_hook(lambda *_: self.wait_copied())
+        torch_optimizer(optimizer).register_step_pre_hook(lambda *_: self.wait_copied())
         self.staged: Optional[collective.Staged] = None
         self.step = 0  # the in-flight save's step
         self.snapshot_seconds = 0.0  # how long its snapshot blocked training
@@ -86,13 +84,14 @@ class Background:
         unfinished = self._thread is not None and self._thread.is_alive()
         return not any_rank([unfinished], self.world_size)[0]
 
-    def wait(self) -> float:
-        """Block until this rank's write has returned; the seconds it took (counted as a wait when > 0)."""
+    def wait(self) -> Optional[float]:
+        """Block until this rank's write has returned: the seconds it took, counted as a wait; None when it had."""
+        if self._thread is None or not self._thread.is_alive():
+            return None
         start = time.perf_counter()
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join()
-            self.waits += 1
+        self._thread.join()
         waited = time.perf_counter() - start
+        self.waits += 1
         self.waited_seconds += waited
         return waited
 

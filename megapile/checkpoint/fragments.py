@@ -137,20 +137,20 @@ class Buffers:
 def _own_slices(accessor, params: list, layout: Layout, rank: int) -> Iterator[tuple]:
     """(parameter, kind, start, values) for each slice this rank saves."""
     for h in params:
-        span = _own_span(accessor, h, layout, rank)
-        if span is None:
+        span = accessor.span(h) if h.owner else None
+        own = _own_range(accessor, span, layout, rank)
+        if own is None:
             continue
-        start, end = span
+        start, end = own
         for kind in KINDS:
             values = accessor.get(h, kind)
             if values is not None:
-                offset = start - accessor.span(h)[0]
+                offset = start - span[0]
                 yield h, kind, start, values[offset:offset + end - start]
 
 
-def _own_span(accessor, h, layout: Layout, rank: int) -> Optional[tuple[int, int]]:
-    """The flat range of parameter `h` whose slices this rank writes, if any."""
-    span = accessor.span(h) if h.owner else None
+def _own_range(accessor, span: Optional[tuple[int, int]], layout: Layout, rank: int) -> Optional[tuple[int, int]]:
+    """The part of a parameter's held range `span` (None: not held or not owned) whose slices this rank writes."""
     if span is None:
         return None
     start, end = span
@@ -163,7 +163,9 @@ def _own_span(accessor, h, layout: Layout, rank: int) -> Optional[tuple[int, int
 
 def own_elements(accessor, params: list, layout: Layout, rank: int) -> int:
     """How many elements of each kind this rank writes (an asynchronous save copies 3 × 4 bytes of each)."""
-    return sum(end - start for h in params if (span := _own_span(accessor, h, layout, rank)) for start, end in [span])
+    return sum(end - start for h in params
+               if (own := _own_range(accessor, accessor.span(h) if h.owner else None, layout, rank))
+               for start, end in [own])
 
 
 def index_of(gathered: list[tuple[list[Piece], dict]], step: int, scheduler: Optional[dict], layout: dict) -> dict:

@@ -333,7 +333,7 @@ def finish(run: Run, why: str) -> None:
         background.join_pruner()  # no rmtree beside a save's own pruning or a rollback's moves
         return
     waited = background.wait()
-    if waited > 0:
+    if waited is not None:
         run.logger.message(f"{why} waits {waited:.2f} s for the checkpoint of step {background.step} to finish "
                            f"writing in the background (wait {background.waits}, {background.waited_seconds:.2f} s "
                            "in all; a larger checkpoint.every or faster storage avoids them)")
